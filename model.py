@@ -1,0 +1,381 @@
+"""
+The networks of Adversarial Flow Models (AFM, arXiv 2511.22475): a DiT generator, a DiT
+discriminator, the deep (weight-repeated) generator and the DiT classifier used for guidance.
+
+All four are plain DiTs (Peebles & Xie 2023, "Scalable Diffusion Models with Transformers"):
+patch embedding + fixed 2-D sin-cos positions, a stack of adaLN-Zero transformer blocks
+conditioned on `c = label embedding (+ timestep embeddings)`, and a head. The AFM variants
+(AFM_SPEC section 8) only change what goes into `c` and what the head reads:
+
+    Generator      c = y (+ t_src) (+ t_tgt)   head: adaLN final layer -> patches -> image
+    Discriminator  c = y (+ t)                 head: learned token -> LayerNorm -> Linear -> 1 logit
+    Classifier     c = t                       head: learned token -> LayerNorm -> Linear -> classes
+    deep Generator blocks run `repeat` times, repetition r conditioned on y + t(1 - r/repeat)
+
+Parameter names and shapes are the release's (which are DiT's), so the authors' checkpoints
+(`xl2_1nfe_guided_FID2.38.pth`, `xl2_56layer_1nfe_guided_FID2.08.pth`, `classifier.pth`, ...)
+load with `load_state_dict(sd, strict=True)`.
+
+    python model.py          # parameter counts and forward GFLOPs of every registry entry
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# --------------------------------------------------------------------------------------
+# Registry of sizes: `--model` everywhere. DiT's S/B/L/XL, AFM's M (AFM_SPEC section 8),
+# and a tiny T for the built-in 8x8 digits on a laptop CPU.
+# --------------------------------------------------------------------------------------
+
+_sizes = {  # name: (depth, hidden_size, num_heads)
+    "T": (3, 64, 4),
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "M": (16, 1024, 16),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+models = {
+    f"{name}/{p}": dict(depth=d, hidden_size=h, num_heads=n, patch_size=p)
+    for name, (d, h, n) in _sizes.items() for p in ((1, 2, 4) if name == "T" else (2, 4, 8))
+}
+
+
+# --------------------------------------------------------------------------------------
+# Fixed embeddings
+# --------------------------------------------------------------------------------------
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    """DiT's sinusoidal timestep features: [cos(t f_i), sin(t f_i)], f_i = max_period^(-i/half).
+    `t` is what the embedder receives, i.e. already multiplied by 1000 (DiT's scale)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]  # (N, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, dim)
+
+
+def pos_embed_sincos(dim, grid_size):
+    """Fixed 2-D sin-cos positions (MAE / DiT): the first half of the channels encodes the
+    column, the second half the row; each half is [sin(p w_i), cos(p w_i)], w_i = 10000^(-i/(dim/4)).
+    Computed in float64 like the numpy original. Returns (grid_size**2, dim), row-major tokens."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,)
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    row, col = torch.meshgrid(coords, coords, indexing="ij")  # token k = (row k // g, col k % g)
+
+    def embed_1d(pos):
+        out = pos.reshape(-1, 1) * omega[None]  # (T, dim/4)
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)  # (T, dim/2)
+
+    return torch.cat([embed_1d(col), embed_1d(row)], dim=1)  # (T, dim)
+
+
+# --------------------------------------------------------------------------------------
+# Building blocks (names follow DiT / timm so that state dicts match)
+# --------------------------------------------------------------------------------------
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> tokens, as one strided convolution."""
+
+    def __init__(self, patch_size, in_channels, hidden_size):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # (N, C, H, W) -> (N, T, D)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of a scalar timestep -> MLP -> hidden_size vector."""
+
+    def __init__(self, hidden_size, frequency_embedding_size=256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t):
+        return self.mlp(timestep_embedding(t, self.frequency_embedding_size))  # (N, D)
+
+
+class LabelEmbedder(nn.Module):
+    """Class label -> vector. With class dropout (for classifier-free guidance, unused by AFM's
+    recipes but present in some configs) an extra row `num_classes` is the null label."""
+
+    def __init__(self, num_classes, hidden_size, dropout_prob):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+        self.num_classes, self.dropout_prob = num_classes, dropout_prob
+
+    def forward(self, y):
+        if self.training and self.dropout_prob > 0:
+            drop = torch.rand(y.shape[0], device=y.device) < self.dropout_prob
+            y = torch.where(drop, self.num_classes, y)
+        return self.embedding_table(y)  # (N, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        N, T, D = x.shape
+        qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (N, heads, T, D/heads)
+        return self.proj(x.transpose(1, 2).reshape(N, T, D))  # (N, T, D)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))  # DiT uses the tanh GELU
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: the condition c regresses shift/scale/gate for both sub-layers; gates
+    start at zero (see `init_weights`), so every block starts as the identity."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x, c):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)  # 6 x (N, D)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
+        x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x  # (N, T, D)
+
+
+class FinalLayer(nn.Module):
+    """Generator head: adaLN-modulated LayerNorm, then a linear map of each token to a patch."""
+
+    def __init__(self, hidden_size, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, T, p*p*C)
+
+
+def token_head(hidden_size, out_features, bias):
+    """Discriminator / classifier head on the learned token: LayerNorm (no affine) -> Linear.
+    As an nn.Sequential so the keys are the release's `final_layer.1.weight` (and `.bias`)."""
+    return nn.Sequential(nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6),
+                         nn.Linear(hidden_size, out_features, bias=bias))
+
+
+# --------------------------------------------------------------------------------------
+# The shared trunk
+# --------------------------------------------------------------------------------------
+
+
+class DiT(nn.Module):
+    """Patch embedding + positions + adaLN-Zero blocks, with the embedders each variant needs.
+    Subclasses add their head and define forward. `grad_checkpointing = True` recomputes each
+    block's activations in the backward pass (the 112-layer generator needs it on one GPU)."""
+
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
+                 mlp_ratio=4.0, class_dropout_prob=0.0, num_classes=1000, learn_sigma=False, *,
+                 t_embedder=True, y_embedder=True):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        self.in_channels, self.patch_size, self.num_classes = in_channels, patch_size, num_classes
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.grad_checkpointing = False
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size) if t_embedder else None
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if y_embedder else None
+        grid = input_size // patch_size
+        # A parameter, not a buffer, because DiT saves it in its state dict; it is never trained.
+        self.pos_embed = nn.Parameter(pos_embed_sincos(hidden_size, grid).float()[None], requires_grad=False)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """DiT's initialization: xavier-uniform linears with zero bias, N(0, 0.02) embeddings,
+        zero adaLN regressions (adaLN-Zero). Heads added by subclasses initialize themselves."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        if self.t_embedder is not None:
+            nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+
+    def run_blocks(self, x, c):
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, c, use_reentrant=False)
+            else:
+                x = block(x, c)
+        return x  # (N, T, D)
+
+    def prepend_token(self, token, x):
+        return torch.cat([token.view(1, 1, -1).expand(x.shape[0], 1, -1), x], dim=1)  # (N, T+1, D)
+
+    def unpatchify(self, x):
+        N, T, _ = x.shape
+        p, C, g = self.patch_size, self.out_channels, int(T ** 0.5)
+        x = x.reshape(N, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (N, C, g, p, g, p)
+        return x.reshape(N, C, g * p, g * p)  # (N, C, H, W)
+
+
+class Generator(DiT):
+    """G(x_src, y, t_src, t_tgt) -> output shaped like x (x-prediction or velocity, per recipe).
+
+    Timesteps are in [0, 1] and enter DiT's embedder multiplied by 1000 (AFM_SPEC section 4).
+    `use_t_src` keeps DiT's `t_embedder` for t_src (needed for multi-step), `use_t_tgt` adds a
+    second embedder `t_tgt_embedder` (any-step). A 1-NFE generator has neither: c = label only.
+
+    `repeat > 1` is the release's GeneratorDeep: the block stack runs `repeat` times with the
+    same weights (XL/2 x2 = 56 layers, x4 = 112); repetition r is conditioned on
+    y + t_embedder(1000 * (1 - r / repeat)), and the final layer on y alone. It keeps
+    `t_embedder` for that schedule and ignores t_src / t_tgt.
+    """
+
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
+                 mlp_ratio=4.0, class_dropout_prob=0.0, num_classes=1000, learn_sigma=False,
+                 use_t_src=False, use_t_tgt=False, repeat=1):
+        if repeat > 1 and (use_t_src or use_t_tgt):
+            raise ValueError("the deep generator (repeat > 1) is a 1-NFE model: use_t_src/use_t_tgt must be False")
+        super().__init__(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
+                         class_dropout_prob, num_classes, learn_sigma, t_embedder=use_t_src or repeat > 1)
+        self.repeat = repeat
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        for lin in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):  # zero output at init
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        self.t_tgt_embedder = None
+        if use_t_tgt:  # added after DiT's init, as in the release: default bias init, N(0, 0.02) weights
+            self.t_tgt_embedder = TimestepEmbedder(hidden_size)
+            nn.init.normal_(self.t_tgt_embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(self.t_tgt_embedder.mlp[2].weight, std=0.02)
+
+    def forward(self, x, y, t_src=None, t_tgt=None):
+        h = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        c = self.y_embedder(y)  # (N, D)
+        if self.repeat > 1:
+            for r in range(self.repeat):
+                t = torch.full((x.shape[0],), 1 - r / self.repeat, device=x.device, dtype=c.dtype)
+                h = self.run_blocks(h, c + self.t_embedder(t * 1000))
+        else:
+            if self.t_embedder is not None:
+                c = c + self.t_embedder(t_src * 1000)
+            if self.t_tgt_embedder is not None:
+                c = c + self.t_tgt_embedder(t_tgt * 1000)
+            h = self.run_blocks(h, c)
+        return self.unpatchify(self.final_layer(h, c))  # (N, C, H, W)
+
+
+class Discriminator(DiT):
+    """D(x, y, t) -> (N,) logits. A learned token `dis_embed` is prepended to the patch tokens
+    (without a position); its final state, through LayerNorm and a bias-free Linear, is the
+    logit. `use_t` conditions on the timestep of x (multi-step recipes)."""
+
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
+                 mlp_ratio=4.0, class_dropout_prob=0.0, num_classes=1000, learn_sigma=False, use_t=False):
+        super().__init__(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
+                         class_dropout_prob, num_classes, learn_sigma, t_embedder=use_t)
+        self.dis_embed = nn.Parameter(torch.randn(hidden_size) * 0.02)
+        self.final_layer = token_head(hidden_size, 1, bias=False)
+
+    def forward(self, x, y, t=None):
+        h = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        c = self.y_embedder(y)  # (N, D)
+        if self.t_embedder is not None:
+            c = c + self.t_embedder(t * 1000)
+        h = self.run_blocks(self.prepend_token(self.dis_embed, h), c)  # (N, T+1, D)
+        return self.final_layer(h[:, 0]).view(-1)  # (N,)
+
+
+class Classifier(DiT):
+    """C(x_t, t) -> (N, num_classes) logits, for classifier guidance (AFM_SPEC section 7).
+    Conditioned on the timestep only (no label embedder); reads a learned token `cls_embed`."""
+
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
+                 mlp_ratio=4.0, class_dropout_prob=0.0, num_classes=1000, learn_sigma=False):
+        super().__init__(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
+                         class_dropout_prob, num_classes, learn_sigma, y_embedder=False)
+        self.cls_embed = nn.Parameter(torch.randn(hidden_size) * 0.02)
+        self.final_layer = token_head(hidden_size, num_classes, bias=True)
+
+    def forward(self, x, t):
+        h = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        h = self.run_blocks(self.prepend_token(self.cls_embed, h), self.t_embedder(t * 1000))  # (N, T+1, D)
+        return self.final_layer(h[:, 0])  # (N, num_classes)
+
+
+# --------------------------------------------------------------------------------------
+# `python model.py`: parameter counts, forward GFLOPs and shape checks for the registry
+# --------------------------------------------------------------------------------------
+
+
+def default_input(name):
+    """The usual input of a registry entry: SD-VAE latents of ImageNet-256, or the 8x8 digits."""
+    return (1, 8) if name.startswith("T/") else (4, 32)
+
+
+def forward_flops(model, *inputs):
+    """FLOPs of one forward pass (2 per multiply-add; DiT's paper reports multiply-adds)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(*inputs)
+    return counter.get_total_flops()
+
+
+def main():
+    torch.manual_seed(0)
+    print(f"{'model':6} {'input':>9} {'G params':>13} {'G+t params':>13} {'D params':>13} {'G GFLOPs':>10}")
+    for name, cfg in models.items():
+        c, s = default_input(name)
+        if s % cfg["patch_size"]:
+            continue
+        kw = dict(cfg, input_size=s, in_channels=c, num_classes=10 if name.startswith("T/") else 1000)
+        with torch.device("meta"):  # shapes and counts only: no memory, no init time
+            x, y, t = torch.randn(2, c, s, s), torch.randint(0, kw["num_classes"], (2,)), torch.rand(2)
+            G, Gt, D = Generator(**kw), Generator(**kw, use_t_src=True), Discriminator(**kw)
+        assert G(x, y, t, t).shape == x.shape and Gt(x, y, t, t).shape == x.shape and D(x, y, t).shape == (2,)
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        gflops = forward_flops(G, x[:1], y[:1], t[:1], t[:1]) / 1e9
+        print(f"{name:6} {f'{c}x{s}x{s}':>9} {count(G):>13,} {count(Gt):>13,} {count(D):>13,} {gflops:>10.4g}")
+    print("G: 1-NFE generator (no timestep embedder); G+t: with t_src (DiT's layout); "
+          "FLOPs count 2 per multiply-add; pos_embed (fixed) is included in the parameter counts.")
+
+
+if __name__ == "__main__":
+    main()

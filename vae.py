@@ -1,0 +1,401 @@
+"""The frozen SD-VAE (sd-vae-ft-mse) between pixels and latents, in plain PyTorch.
+
+AFM trains on SD-VAE latents x 0.18215 (paper section 4.1; spec section 11): 256x256x3 images in
+[-1, 1] become 32x32x4 latents. This file is diffusers' AutoencoderKL (encoder, decoder,
+quant_conv, post_quant_conv) with diffusers' current parameter names, so weights load without
+diffusers. `load_vae` reads .safetensors (parsed here, no safetensors package), .bin, .pt, .pth
+and .ckpt files in any of the three layouts the published VAEs ship in:
+  - diffusers current: `...attentions.0.to_q/to_k/to_v/to_out.0`          (what state_dict() gives)
+  - diffusers legacy:  `...attentions.0.query/key/value/proj_attn`        (sd-vae-ft-mse .bin)
+  - LDM / CompVis:     `encoder.down.0.block.0...`, `mid.attn_1.q` (1x1 convs), `decoder.up.N`
+                       (vae-ft-mse-840000-ema-pruned.ckpt, or a full SD checkpoint's
+                       `first_stage_model.*`)
+
+    python vae.py                                          # self-check: shapes, parameter count
+    python vae.py --ckpt vae-ft-mse-840000-ema-pruned.safetensors --image cat.png   # reconstruct
+
+Callers apply the scaling: `z = mean * SCALE` to encode, `decode(z / SCALE)` to decode.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import struct
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SCALE = 0.18215  # SD-VAE latent scaling factor (scaling_factor in sd-vae-ft-mse's config): latents ~ unit std
+
+
+# --------------------------------------------------------------------------------------
+# Blocks (diffusers' ResnetBlock2D, Downsample2D / Upsample2D, Attention, mid block)
+# --------------------------------------------------------------------------------------
+
+
+def _norm(c, groups):
+    return nn.GroupNorm(groups, c, eps=1e-6)  # eps 1e-6 everywhere (torch's 1e-5 drifts by ~1e-4)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cin, cout, groups):
+        super().__init__()
+        self.norm1, self.conv1 = _norm(cin, groups), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = _norm(cout, groups), nn.Conv2d(cout, cout, 3, padding=1)
+        if cin != cout:  # 1x1 projection only where the width changes (diffusers: conv_shortcut)
+            self.conv_shortcut = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (self.conv_shortcut(x) if hasattr(self, "conv_shortcut") else x) + h
+
+
+class Resample(nn.Module):
+    """2x down (stride-2 conv) or 2x up (nearest neighbour, then conv); diffusers' Downsample2D / Upsample2D."""
+
+    def __init__(self, c, down):
+        super().__init__()
+        self.down = down
+        self.conv = nn.Conv2d(c, c, 3, stride=2 if down else 1, padding=0 if down else 1)
+
+    def forward(self, x):
+        if self.down:
+            # Asymmetric padding: one zero row/column on the right and bottom only, then a stride-2
+            # conv without padding. That is what LDM trained with; padding=1 on all sides would
+            # shift the sampling grid by one pixel and the weights would no longer fit.
+            return self.conv(F.pad(x, (0, 1, 0, 1)))  # (N, C, H/2, W/2)
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (N, C, 2H, 2W)
+
+
+class Attention(nn.Module):
+    """One head of width C over all H*W positions, residual; softmax scale 1/sqrt(C)."""
+
+    def __init__(self, c, groups):
+        super().__init__()
+        self.group_norm = _norm(c, groups)
+        self.to_q, self.to_k, self.to_v = nn.Linear(c, c), nn.Linear(c, c), nn.Linear(c, c)
+        self.to_out = nn.ModuleList([nn.Linear(c, c)])  # a list because diffusers' is [Linear, Dropout]: key `to_out.0`
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        t = self.group_norm(x).flatten(2).transpose(1, 2)  # (N, HW, C)
+        q, k, v = (proj(t).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # (N, 1, HW, C)
+        o = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # (N, HW, C); default scale is 1/sqrt(C)
+        return x + self.to_out[0](o).transpose(1, 2).reshape(n, c, h, w)  # (N, C, H, W)
+
+
+class Stage(nn.Module):
+    """A resolution level: n resnets, then an optional 2x resampler (DownEncoderBlock2D / UpDecoderBlock2D)."""
+
+    def __init__(self, cin, cout, n, groups, resample=None):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(cin if i == 0 else cout, cout, groups) for i in range(n)])
+        # lists of one module, as in diffusers: that is where the `.0.` in `downsamplers.0.conv` comes from
+        if resample == "down":
+            self.downsamplers = nn.ModuleList([Resample(cout, down=True)])
+        elif resample == "up":
+            self.upsamplers = nn.ModuleList([Resample(cout, down=False)])
+
+    def forward(self, x):
+        for r in self.resnets:
+            x = r(x)
+        for s in getattr(self, "downsamplers", getattr(self, "upsamplers", [])):
+            x = s(x)
+        return x
+
+
+class MidBlock(nn.Module):
+    def __init__(self, c, groups):
+        super().__init__()
+        self.attentions = nn.ModuleList([Attention(c, groups)])
+        self.resnets = nn.ModuleList([ResnetBlock(c, c, groups), ResnetBlock(c, c, groups)])
+
+    def forward(self, x):
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+# --------------------------------------------------------------------------------------
+# Encoder, decoder, AutoencoderKL
+# --------------------------------------------------------------------------------------
+
+
+class Encoder(nn.Module):
+    def __init__(self, cin, latent, chans, layers, groups):
+        super().__init__()
+        self.conv_in = nn.Conv2d(cin, chans[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList([  # no downsample after the last level: factor 2^(levels-1)
+            Stage(chans[max(i - 1, 0)], c, layers, groups, "down" if i < len(chans) - 1 else None)
+            for i, c in enumerate(chans)])
+        self.mid_block = MidBlock(chans[-1], groups)
+        self.conv_norm_out = _norm(chans[-1], groups)
+        self.conv_out = nn.Conv2d(chans[-1], 2 * latent, 3, padding=1)  # mean and logvar
+
+    def forward(self, x):
+        h = self.conv_in(x)  # (N, C0, H, W)
+        for blk in self.down_blocks:
+            h = blk(h)
+        h = self.mid_block(h)  # (N, C_last, H/f, W/f)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))  # (N, 2*latent, H/f, W/f)
+
+
+class Decoder(nn.Module):
+    def __init__(self, latent, cout, chans, layers, groups):
+        super().__init__()
+        rev = chans[::-1]  # the decoder runs the levels in reverse, widest first
+        self.conv_in = nn.Conv2d(latent, rev[0], 3, padding=1)
+        self.mid_block = MidBlock(rev[0], groups)
+        self.up_blocks = nn.ModuleList([  # one resnet more per level than the encoder has
+            Stage(rev[max(i - 1, 0)], c, layers + 1, groups, "up" if i < len(rev) - 1 else None)
+            for i, c in enumerate(rev)])
+        self.conv_norm_out = _norm(rev[-1], groups)
+        self.conv_out = nn.Conv2d(rev[-1], cout, 3, padding=1)
+
+    def forward(self, z):
+        h = self.mid_block(self.conv_in(z))  # (N, C_last, h, w)
+        for blk in self.up_blocks:
+            h = blk(h)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))  # (N, out_channels, h*f, w*f)
+
+
+class AutoencoderKL(nn.Module):
+    def __init__(self, in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                 layers_per_block=2, norm_num_groups=32):
+        super().__init__()  # defaults = sd-vae-ft-mse's config
+        chans = tuple(block_out_channels)
+        self.encoder = Encoder(in_channels, latent_channels, chans, layers_per_block, norm_num_groups)
+        self.decoder = Decoder(latent_channels, out_channels, chans, layers_per_block, norm_num_groups)
+        self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
+
+    def encode(self, x):
+        """(N, 3, H, W) in [-1, 1] -> posterior mean and logvar, each (N, 4, H/8, W/8), unscaled."""
+        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamps the same way
+
+    def decode(self, z):
+        """(N, 4, h, w) unscaled latent -> (N, 3, 8h, 8w), roughly in [-1, 1] (not clamped)."""
+        return self.decoder(self.post_quant_conv(z))
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """Accepts all three layouts (see convert_state_dict); a mismatch raises one line."""
+        sd = convert_state_dict(state_dict)
+        if strict:
+            own = self.state_dict()
+            missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+            shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+                      for k in own if k in sd and sd[k].shape != own[k].shape]
+            if missing or unexpected or shapes:
+                def few(keys):  # a count and the first three: the error stays one readable line
+                    return f"{len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                raise RuntimeError(
+                    "AutoencoderKL.load_state_dict: keys do not match this config in any known layout "
+                    "(diffusers current/legacy, LDM, optionally under first_stage_model.): "
+                    f"unexpected {few(unexpected)}; missing {few(missing)}; shape mismatches {few(shapes)}")
+        return super().load_state_dict(sd, strict=strict, assign=assign)
+
+
+# --------------------------------------------------------------------------------------
+# Key layouts: legacy diffusers and LDM -> current diffusers
+# --------------------------------------------------------------------------------------
+
+# Renames applied in order to every key; keys already in the current layout match none of them,
+# so converting twice is harmless. Legacy diffusers (AttentionBlock, diffusers < 0.14) differs only
+# in the four attention projections. LDM names everything differently but the tensors are the same:
+#   encoder.down.I.block.J / .downsample  -> encoder.down_blocks.I.resnets.J / .downsamplers.0
+#   {enc,dec}.mid.block_1, attn_1, block_2 -> mid_block.resnets.0, attentions.0, resnets.1
+#   attn_1.norm, q, k, v, proj_out         -> group_norm, to_q, to_k, to_v, to_out.0
+#   nin_shortcut, norm_out                 -> conv_shortcut, conv_norm_out
+# (decoder.up.I is handled in convert_state_dict: its numbering runs the other way.)
+_RENAMES = [
+    (r"\.attentions\.0\.query\.", ".attentions.0.to_q."),
+    (r"\.attentions\.0\.key\.", ".attentions.0.to_k."),
+    (r"\.attentions\.0\.value\.", ".attentions.0.to_v."),
+    (r"\.attentions\.0\.proj_attn\.", ".attentions.0.to_out.0."),
+    (r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets."),
+    (r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0."),
+    (r"\.mid\.block_1\.", ".mid_block.resnets.0."),
+    (r"\.mid\.block_2\.", ".mid_block.resnets.1."),
+    (r"\.mid\.attn_1\.norm\.", ".mid_block.attentions.0.group_norm."),
+    (r"\.mid\.attn_1\.(q|k|v)\.", r".mid_block.attentions.0.to_\1."),
+    (r"\.mid\.attn_1\.proj_out\.", ".mid_block.attentions.0.to_out.0."),
+    (r"\.nin_shortcut\.", ".conv_shortcut."),
+    (r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out."),
+]
+_PREFIX = "first_stage_model."  # the VAE inside a full LDM / SD checkpoint
+
+
+def convert_state_dict(sd):
+    """A state dict in any known layout -> diffusers' current layout (our own state_dict() keys).
+
+    A full SD checkpoint keeps only its `first_stage_model.*` keys. `loss.*` (LPIPS and
+    discriminator weights) and `model_ema.*` (decay, num_updates) are dropped: LDM's VAE training
+    checkpoints, vae-ft-mse-840000-ema-pruned.ckpt included, carry them beside the autoencoder.
+    """
+    if any(k.startswith(_PREFIX) for k in sd):
+        sd = {k[len(_PREFIX):]: v for k, v in sd.items() if k.startswith(_PREFIX)}
+    sd = {k: v for k, v in sd.items() if not k.startswith(("loss.", "model_ema."))}
+    # LDM numbers decoder levels by resolution, highest first (decoder.up.0 runs last);
+    # diffusers numbers them in execution order, so up.I -> up_blocks.(n - 1 - I).
+    n_up = 1 + max((int(m[1]) for k in sd if (m := re.match(r"decoder\.up\.(\d+)\.", k))), default=-1)
+
+    def up(m):
+        return f"decoder.up_blocks.{n_up - 1 - int(m[1])}." + ("resnets." if m[2] == "block" else "upsamplers.0.")
+
+    out = {}
+    for key, v in sd.items():
+        new = re.sub(r"^decoder\.up\.(\d+)\.(block|upsample)\.", up, key)
+        for pattern, repl in _RENAMES:
+            new = re.sub(pattern, repl, new)
+        if re.search(r"attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$", new) and v.ndim == 4:
+            v = v[:, :, 0, 0]  # LDM's projections are 1x1 convs: (C, C, 1, 1) -> Linear's (C, C)
+        out[new] = v
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Files: safetensors without the package, torch pickles, config from the keys
+# --------------------------------------------------------------------------------------
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+              "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def load_safetensors(path):
+    """The safetensors format: u64 little-endian header size N, N bytes of JSON
+    {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}, then raw
+    little-endian tensor bytes, offsets counted from the end of the header."""
+    if sys.byteorder != "little":
+        raise RuntimeError("load_safetensors: big-endian hosts are not supported")
+    with open(path, "rb") as f:
+        data = bytearray(f.read())  # writable, so torch.frombuffer can share it without copying
+    if len(data) < 8:
+        raise ValueError(f"{len(data)} bytes, shorter than the 8-byte header size")
+    (n,) = struct.unpack("<Q", data[:8])
+    if 8 + n > len(data):
+        raise ValueError(f"header size {n} runs past the end of the file ({len(data)} bytes)")
+    header = json.loads(data[8:8 + n].decode("utf-8"))
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _ST_DTYPES:
+            raise ValueError(f"tensor {name!r} has unsupported dtype {info['dtype']}")
+        dtype, shape, (begin, end) = _ST_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+        numel = math.prod(shape)
+        if end - begin != numel * torch.empty((), dtype=dtype).element_size() or 8 + n + end > len(data):
+            raise ValueError(f"tensor {name!r}: bytes [{begin}, {end}) do not fit {info['dtype']} {shape}")
+        out[name] = (torch.frombuffer(data, dtype=dtype, count=numel, offset=8 + n + begin).reshape(shape)
+                     if numel else torch.empty(shape, dtype=dtype))
+    return out
+
+
+def _infer_config(sd):
+    """AutoencoderKL kwargs from a current-layout state dict (norm_num_groups is not in the weights)."""
+    def count(pattern):
+        return 1 + max(int(m[1]) for k in sd if (m := re.match(pattern, k)))
+    levels = count(r"encoder\.down_blocks\.(\d+)\.")
+    return dict(in_channels=sd["encoder.conv_in.weight"].shape[1],
+                out_channels=sd["decoder.conv_out.weight"].shape[0],
+                latent_channels=sd["post_quant_conv.weight"].shape[0],
+                layers_per_block=count(r"encoder\.down_blocks\.0\.resnets\.(\d+)\."),
+                block_out_channels=tuple(sd[f"encoder.down_blocks.{i}.resnets.0.conv2.weight"].shape[0]
+                                         for i in range(levels)))
+
+
+def load_vae(path, device="cpu", dtype=torch.float32, norm_num_groups=32):
+    """Frozen AutoencoderKL (eval, requires_grad False) from a .safetensors/.bin/.pt/.pth/.ckpt file.
+
+    The config (widths, levels, resnets per level, channels) is read from the weights' shapes, so any
+    AutoencoderKL-shaped VAE loads; norm_num_groups cannot be, and is 32 in every SD VAE. Pickles
+    load with weights_only=True: a .ckpt that pickles other objects fails (convert it to safetensors).
+    """
+    expected = "an AutoencoderKL checkpoint (.safetensors, .bin, .pt, .pth or .ckpt)"
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"load_vae: no such file {path!r}; expected {expected}")
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext == ".safetensors":
+            sd = load_safetensors(path)
+        elif ext in (".bin", ".pt", ".pth", ".ckpt"):
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd  # Lightning .ckpt wraps it
+        else:
+            raise ValueError(f"unknown extension {ext!r}")
+        if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+            raise ValueError("not a dict of tensors")
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise RuntimeError(f"load_vae: cannot read {path!r} as {expected}: {type(e).__name__}: {msg}") from None
+    sd = convert_state_dict(sd)
+    try:
+        config = _infer_config(sd)
+    except (KeyError, ValueError):  # unknown keys: the default config, so the error below names them
+        config = {}
+    with torch.device("meta"):  # no random init of 84M weights that are overwritten anyway
+        vae = AutoencoderKL(**config, norm_num_groups=norm_num_groups)
+    try:
+        vae.load_state_dict(sd, assign=True)  # assign: the loaded tensors replace the meta ones
+    except RuntimeError as e:
+        raise RuntimeError(f"load_vae: {path!r}: {e}") from None
+    return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------
+# Self-check and image reconstruction
+# --------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def main(args):
+    torch.manual_seed(0)
+    small = AutoencoderKL(block_out_channels=(32, 32, 64, 64), layers_per_block=1).eval()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    mean, logvar = small.encode(x)
+    assert mean.shape == logvar.shape == (2, 4, 8, 8), mean.shape
+    assert small.decode(mean).shape == x.shape
+    again = AutoencoderKL(block_out_channels=(32, 32, 64, 64), layers_per_block=1).eval()
+    again.load_state_dict(small.state_dict())
+    assert torch.equal(again.encode(x)[0], mean)
+    with torch.device("meta"):  # the full sd-vae-ft-mse config, without allocating its weights
+        n = sum(p.numel() for p in AutoencoderKL().parameters())
+    print(f"self-check ok: (2, 3, 64, 64) -> latent {tuple(mean.shape)} -> {tuple(x.shape)}; "
+          f"sd-vae-ft-mse parameters: {n:,} (diffusers: 83,653,863)")
+    assert n == 83_653_863
+    if args.ckpt is None:
+        return
+    from PIL import Image
+    import numpy as np
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    vae = load_vae(args.ckpt, device)
+    img = Image.open(args.image).convert("RGB")
+    img = img.crop((0, 0, img.width // 8 * 8, img.height // 8 * 8))  # the VAE needs sides divisible by 8
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(device)  # (1, 3, H, W)
+    mean, logvar = vae.encode(x)
+    rec = vae.decode(mean).clamp(-1, 1)
+    psnr = 10 * math.log10(4 / float((rec - x).pow(2).mean()))  # peak-to-peak 2 in [-1, 1]
+    out = args.out or os.path.splitext(args.image)[0] + "_recon.png"
+    Image.fromarray(rec[0].add(1).mul(127.5).round().byte().permute(1, 2, 0).cpu().numpy()).save(out)
+    print(f"{args.image} -> latent {tuple(mean.shape)} (std x SCALE {float(mean.std()) * SCALE:.3f}) -> {out}, "
+          f"PSNR {psnr:.2f} dB")
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description="SD-VAE self-check; with --ckpt and --image, reconstruct an image.")
+    p.add_argument("--ckpt", default=None, help="VAE weights (.safetensors/.bin/.pt/.pth/.ckpt)")
+    p.add_argument("--image", default=None, help="image to encode and decode (needs --ckpt)")
+    p.add_argument("--out", default=None, help="where to write the reconstruction (default: IMAGE_recon.png)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    args = p.parse_args()
+    if (args.ckpt is None) != (args.image is None):
+        p.error("--ckpt and --image go together")
+    return args
+
+
+if __name__ == "__main__":
+    main(parse_args())
