@@ -1,0 +1,512 @@
+"""Images -> numbers: FID, sFID, Inception Score, precision and recall as the ADM evaluation suite computes them
+(Dhariwal & Nichol 2021, guided-diffusion `evaluations/evaluator.py`), in PyTorch. The AFM paper reports FID-50K
+with this suite on ImageNet 256 (AFM_SPEC section 12).
+
+The network is the 2015-12-05 TensorFlow Inception graph (torch-fidelity's / pytorch-fid's converted weights, same
+key names). Inputs go through TF1's bilinear resize to 299 without half-pixel centers and `(x - 128) / 128`, as in
+the TensorFlow graph ADM runs; a faithful port reproduces its FID to ~0.002. Other resizes (PyTorch bilinear as in
+pytorch-fid, PIL bicubic as in clean-fid) give different numbers.
+
+    python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz              # FID, sFID, IS, precision, recall
+    python fid.py samples.npz ref.npz --inception weights.pth --batch-size 250 --device cuda
+    python fid.py --make-ref FOLDER_OR_NPZ --out ref.npz                     # a reference batch in ADM's format
+    python fid.py --bench                                                     # Inception images/s on this device
+
+Weights: `--inception PATH`, else `$AFM_CACHE` (default ~/.cache/afm/) holding torch-fidelity's
+weights-inception-2015-12-05-6726825d.pth or pytorch-fid's pt_inception-2015-12-05-6726825d.pth, else downloaded
+there from torch-fidelity's GitHub release. Sample files: `arr_0` uint8 (N, H, W, 3), shuffled (the Inception Score
+is taken over 5,000-sample chunks in file order; class-sorted files score far lower). Image folders: PNG/JPEG files,
+any nesting, sorted by path, all of one size (nothing is resized or cropped here: prepare them like the samples).
+"""
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from scipy import linalg
+from tqdm import tqdm
+
+URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+WEIGHT_NAMES = ("weights-inception-2015-12-05-6726825d.pth", "pt_inception-2015-12-05-6726825d.pth")
+POOL3, SPATIAL = 2048, 17 * 17 * 7  # feature sizes of FID and sFID (ADM's pool_3 and mixed_6/conv[..., :7])
+
+# --------------------------------------------------------------------------------------
+# The 2015-12-05 Inception graph (block layout of torchvision, patched like pytorch-fid to match TensorFlow)
+# --------------------------------------------------------------------------------------
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """Inference-only BatchNorm with TF's eps 1e-3. Holds only the four tensors of torch-fidelity's weight file;
+    a `num_batches_tracked` (pytorch-fid's file, or a plain nn.BatchNorm2d state dict) is dropped on load."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
+        self.register_buffer("running_mean", torch.zeros(c))
+        self.register_buffer("running_var", torch.ones(c))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        state_dict.pop(prefix + "num_batches_tracked", None)  # a copy: the caller's dict is untouched
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, 1e-3)
+
+
+class BasicConv2d(nn.Module):
+    def __init__(self, cin, cout, **kw):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, bias=False, **kw)
+        self.bn = FrozenBatchNorm2d(cout)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def avg_pool(x):  # TF's average pool leaves the zero padding out of the mean
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):  # Mixed_5b..5d, 35x35
+    def __init__(self, cin, pool_features):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, 64, kernel_size=1)
+        self.branch5x5_1 = BasicConv2d(cin, 48, kernel_size=1)
+        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
+        self.branch_pool = BasicConv2d(cin, pool_features, kernel_size=1)
+
+    def forward(self, x):
+        b5 = self.branch5x5_2(self.branch5x5_1(x))
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch1x1(x), b5, b3, self.branch_pool(avg_pool(x))], 1)
+
+
+class InceptionB(nn.Module):  # Mixed_6a, 35x35 -> 17x17
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(cin, 384, kernel_size=3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch3x3(x), b3, F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionC(nn.Module):  # Mixed_6b..6e, 17x17; returns (output, branch1x1 output)
+    def __init__(self, cin, c7):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, 192, kernel_size=1)
+        self.branch7x7_1 = BasicConv2d(cin, c7, kernel_size=1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7_3 = BasicConv2d(c7, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = BasicConv2d(cin, c7, kernel_size=1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
+
+    def forward(self, x):
+        b1 = self.branch1x1(x)  # (N, 192, 17, 17); in Mixed_6d this is TF's mixed_6/conv, the sFID features
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        bd = x
+        for i in range(1, 6):
+            bd = getattr(self, f"branch7x7dbl_{i}")(bd)
+        return torch.cat([b1, b7, bd, self.branch_pool(avg_pool(x))], 1), b1
+
+
+class InceptionD(nn.Module):  # Mixed_7a, 17x17 -> 8x8
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3_1 = BasicConv2d(cin, 192, kernel_size=1)
+        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(cin, 192, kernel_size=1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        b3 = self.branch3x3_2(self.branch3x3_1(x))
+        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        return torch.cat([b3, b7, F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionE(nn.Module):  # Mixed_7b, 7c, 8x8
+    def __init__(self, cin, pool):
+        super().__init__()
+        self.pool = pool
+        self.branch1x1 = BasicConv2d(cin, 320, kernel_size=1)
+        self.branch3x3_1 = BasicConv2d(cin, 384, kernel_size=1)
+        self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(cin, 448, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
+
+    def forward(self, x):
+        b3 = self.branch3x3_1(x)
+        bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        # The FID graph's quirk: Mixed_7c pools with max, not average (pytorch-fid's FIDInceptionE_2)
+        pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.pool == "max" else avg_pool(x)
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
+                          self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd), self.branch_pool(pooled)], 1)
+
+
+def resize_tf1(x, size=299):
+    """TF1 `resize_bilinear(align_corners=False, half_pixel_centers=False)` of float (N, C, H, W): output pixel i
+    samples input coordinate i * in/out (no half-pixel offset), coordinates in float32 as in TF and torch-fidelity."""
+    def taps(n_in):
+        src = torch.arange(size, dtype=torch.float32, device=x.device) * torch.tensor(n_in / size, dtype=torch.float32)
+        lo = src.long()
+        return lo, (lo + 1).clamp_max(n_in - 1), src - lo.float()
+    y0, y1, dy = taps(x.shape[2])
+    x0, x1, dx = taps(x.shape[3])
+    top, bot = x[:, :, y0], x[:, :, y1]  # (N, C, size, W)
+    top = top[..., x0] + (top[..., x1] - top[..., x0]) * dx  # (N, C, size, size)
+    bot = bot[..., x0] + (bot[..., x1] - bot[..., x0]) * dx
+    return top + (bot - top) * dy[:, None]
+
+
+class InceptionV3(nn.Module):
+    """uint8 (N, 3, H, W) -> (pool3 (N, 2048), spatial (N, 2023), logits (N, 1008)), as ADM's TF graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
+        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = InceptionA(192, 32), InceptionA(256, 64), InceptionA(288, 64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b, self.Mixed_6c = InceptionC(768, 128), InceptionC(768, 160)
+        self.Mixed_6d, self.Mixed_6e = InceptionC(768, 160), InceptionC(768, 192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b, self.Mixed_7c = InceptionE(1280, "avg"), InceptionE(2048, "max")
+        self.fc = nn.Linear(POOL3, 1008)  # 1008 classes of the 2015 graph; the bias is unused (ADM's logits)
+
+    def body(self, x):
+        """Normalized float (N, 3, 299, 299) -> (pool3, spatial, logits)."""
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # (N, 64, 147, 147)
+        x = F.max_pool2d(x, 3, stride=2)  # (N, 64, 73, 73)
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))  # (N, 192, 71, 71)
+        x = F.max_pool2d(x, 3, stride=2)  # (N, 192, 35, 35)
+        x = self.Mixed_6a(self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x))))  # (N, 768, 17, 17)
+        x = self.Mixed_6c(self.Mixed_6b(x)[0])[0]
+        x, conv = self.Mixed_6d(x)  # conv: (N, 192, 17, 17), after BN and ReLU
+        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(self.Mixed_6e(x)[0])))  # (N, 2048, 8, 8)
+        pool3 = F.adaptive_avg_pool2d(x, 1).flatten(1)  # (N, 2048)
+        spatial = conv.permute(0, 2, 3, 1)[..., :7].reshape(len(x), -1)  # (N, 2023): TF's NHWC order
+        return pool3, spatial, pool3 @ self.fc.weight.T  # logits (N, 1008), no bias as in ADM's softmax graph
+
+    def forward(self, images):
+        x = resize_tf1(images.float())  # (N, 3, 299, 299); applied even at 299, where it is the identity
+        return self.body((x - 128) / 128)
+
+
+def load_inception(path=None, device="cpu"):
+    """The pretrained Inception in eval mode, fp32, no grad. Looks in $AFM_CACHE (~/.cache/afm) when no path."""
+    if path is None:
+        cache = os.path.expanduser(os.environ.get("AFM_CACHE", "~/.cache/afm"))
+        found = [p for p in (os.path.join(cache, n) for n in WEIGHT_NAMES) if os.path.isfile(p)]
+        path = found[0] if found else os.path.join(cache, WEIGHT_NAMES[0])
+        if not found:
+            try:
+                os.makedirs(cache, exist_ok=True)
+                torch.hub.download_url_to_file(URL, path)
+            except Exception as e:
+                raise FileNotFoundError(f"no Inception weights in {cache}/ and the download of {URL} failed "
+                                        f"({type(e).__name__}); put the file there or pass --inception PATH") from None
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    with torch.device("meta"):  # no random init: every tensor comes from the file
+        model = InceptionV3()
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, assign=True)  # fp16 ok
+    return model.to(device).eval().requires_grad_(False)
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """TF32 off while measuring: training scripts turn it on, and on an H200 it moved Inception features by 3-13% of
+    their largest value (fp32: 1e-4, as on the CPU)."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+# --------------------------------------------------------------------------------------
+# Features and reference batches
+# --------------------------------------------------------------------------------------
+
+
+def compute_features(model, images, batch_size=250, device=None, progress=True):
+    """uint8 NHWC images (one array, or an iterable of numpy/torch batches) -> dict of float32 numpy arrays
+    pool3 (N, 2048), spatial (N, 2023), logits (N, 1008), in input order."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model = model.to(device)
+    single = isinstance(images, (np.ndarray, torch.Tensor))  # one array: split into batches below
+    out = {"pool3": [], "spatial": [], "logits": []}
+    with torch.inference_mode(), exact_fp32(), tqdm(total=len(images) if single else None, unit="img",
+                                                    desc="Inception", disable=not progress) as bar:
+        for batch in [images] if single else images:
+            batch = torch.as_tensor(batch)
+            if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
+                raise ValueError(f"expected uint8 (N, H, W, 3) image batches, got {batch.dtype} {tuple(batch.shape)}")
+            for chunk in batch.split(batch_size):
+                feats = model(chunk.to(device).permute(0, 3, 1, 2))  # (n, 3, H, W) in
+                for key, f in zip(out, feats):
+                    out[key].append(f.float().cpu().numpy())
+                bar.update(len(chunk))
+    return {k: np.concatenate(v) if v else np.zeros((0, d), np.float32)
+            for (k, v), d in zip(out.items(), (POOL3, SPATIAL, 1008))}
+
+
+def _read_npz(path):
+    """An ADM npz: `arr_0` uint8 (N, H, W, 3) images and/or all of the statistics mu, sigma, mu_s, sigma_s."""
+    stat_shapes = {"mu": (POOL3,), "sigma": (POOL3, POOL3), "mu_s": (SPATIAL,), "sigma_s": (SPATIAL, SPATIAL)}
+    try:
+        with np.load(path, allow_pickle=False) as f:  # a bare .npy array has no `with`: also an error
+            files = f.files
+            data = {k: f[k] for k in files if k == "arr_0" or k in stat_shapes}
+    except Exception:
+        raise ValueError(f"{path}: {'not a readable .npz file' if os.path.exists(path) else 'no such file'}") from None
+    n_stats = len(data) - ("arr_0" in data)
+    if n_stats not in (0, 4) or not data:
+        raise ValueError(f"{path}: expected 'arr_0' (uint8 images N,H,W,3) and/or all of mu, sigma, mu_s, sigma_s; "
+                         f"found keys {sorted(files)}")
+    for k, shape in stat_shapes.items():
+        if k in data and (data[k].shape != shape or data[k].dtype.kind != "f"):
+            raise ValueError(f"{path}: '{k}' should be float {shape}, got {data[k].dtype} {data[k].shape}")
+    a = data.get("arr_0")
+    if a is not None and (a.dtype != np.uint8 or a.ndim != 4 or a.shape[-1] != 3):
+        raise ValueError(f"{path}: 'arr_0' should be uint8 images (N, H, W, 3), got {a.dtype} {a.shape}")
+    return data
+
+
+def read_images(path):
+    """uint8 (N, H, W, 3) from an npz's `arr_0` or from a folder of PNG/JPEG files (sorted paths, one size)."""
+    if not os.path.isdir(path):
+        data = _read_npz(path)
+        if "arr_0" not in data:
+            raise ValueError(f"{path}: expected images in 'arr_0' (uint8 N,H,W,3); found only statistics")
+        return data["arr_0"]
+    files = sorted(os.path.join(d, n) for d, _, names in os.walk(path) for n in names
+                   if n.lower().endswith((".png", ".jpg", ".jpeg")))
+    if not files:
+        raise ValueError(f"{path}: no PNG/JPEG images in this folder")
+    images = []
+    for p in tqdm(files, unit="img", desc="reading"):
+        with Image.open(p) as im:
+            images.append(np.asarray(im.convert("RGB")))
+        if images[-1].shape != images[0].shape:
+            raise ValueError(f"{p}: size {images[-1].shape[:2]} differs from {files[0]}'s {images[0].shape[:2]}; "
+                             f"all images must have one size (resize or crop them first)")
+    return np.stack(images)  # (N, H, W, 3)
+
+
+def feature_stats(features):
+    """ADM's statistics in float64: np.mean(axis=0) and the unbiased np.cov(rowvar=False)."""
+    p, s = features["pool3"].astype(np.float64), features["spatial"].astype(np.float64)
+    return dict(mu=p.mean(axis=0), sigma=np.cov(p, rowvar=False), mu_s=s.mean(axis=0), sigma_s=np.cov(s, rowvar=False))
+
+
+def reference_stats(path, model=None, batch_size=250, device=None):
+    """A reference batch (ADM npz with mu/sigma/mu_s/sigma_s and/or arr_0, a samples npz, or an image folder) ->
+    dict(mu, sigma, mu_s, sigma_s, pool3). Stored statistics win, as in ADM; pool3 (for precision/recall) comes from
+    the images in arr_0, and is None without them."""
+    data = {"arr_0": read_images(path)} if os.path.isdir(path) else _read_npz(path)
+    ref = {k: data[k].astype(np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s") if k in data}
+    ref["pool3"] = None
+    if "arr_0" in data:
+        if model is None:
+            model = load_inception(device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        feats = compute_features(model, data["arr_0"], batch_size, device)
+        ref["pool3"] = feats["pool3"]
+        if "mu" not in ref:
+            ref.update(feature_stats(feats))
+    return ref
+
+
+# --------------------------------------------------------------------------------------
+# Metrics (ADM's evaluator.py)
+# --------------------------------------------------------------------------------------
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """|mu1 - mu2|^2 + tr(s1 + s2 - 2 sqrtm(s1 s2)), exactly as ADM / pytorch-fid (scipy's sqrtm)."""
+    mu1, mu2, sigma1, sigma2 = np.atleast_1d(mu1), np.atleast_1d(mu2), np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    assert mu1.shape == mu2.shape and sigma1.shape == sigma2.shape, "statistics of different dimensions"
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():  # the product is close to singular: regularize and retry
+        warnings.warn(f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates")
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):  # rounding leaves a small imaginary part; a large one means broken statistics
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"Imaginary component {np.max(np.abs(covmean.imag))}")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def inception_score(logits, split_size=5000):
+    """exp(E KL(p(y|x) || p(y))) per chunk of split_size in file order, averaged; float32 like ADM's TF softmax."""
+    preds = torch.softmax(torch.as_tensor(logits, dtype=torch.float32), 1).numpy()  # (N, 1008)
+    scores = []
+    for i in range(0, len(preds), split_size):
+        part = preds[i:i + split_size]
+        kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))
+        scores.append(np.exp(np.mean(np.sum(kl, 1))))
+    return float(np.mean(scores))
+
+
+def _sqdist(u, v):
+    """Squared distances with every step rounded to u's dtype, as TF computes them (products summed in fp32)."""
+    nu, nv = (u * u).float().sum(1).to(u.dtype), (v * v).float().sum(1).to(v.dtype)  # (n,), (m,)
+    return torch.clamp(nu[:, None] - 2 * (u.float() @ v.float().T).to(u.dtype) + nv[None], min=0)  # (n, m)
+
+
+def _distances(u, v):
+    """ADM's DistanceBlock: fp16 distances (what the published numbers used), fp32 if any is not finite."""
+    d = _sqdist(u.half(), v.half())
+    return (d if torch.isfinite(d).all() else _sqdist(u, v)).float()
+
+
+def precision_recall(ref_pool3, sample_pool3, k=3, batch_size=10000, device=None):
+    """Improved precision/recall (Kynkaanniemi et al. 2019) as ADM's ManifoldEstimator: a point is covered when it
+    lies within the k-th nearest-neighbour radius of some point of the other set. No percentile clamping."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ref, sam = (torch.as_tensor(np.asarray(f, np.float32), device=device) for f in (ref_pool3, sample_pool3))
+    if min(len(ref), len(sam)) <= k:
+        raise ValueError(f"precision/recall needs more than k={k} points per set, got {len(ref)} and {len(sam)}")
+
+    def radii(f):  # squared distance to the k-th neighbour; the row's smallest entry is the point itself
+        return torch.cat([torch.cat([_distances(f[i:i + batch_size], f[j:j + batch_size])
+                                     for j in range(0, len(f), batch_size)], 1).kthvalue(k + 1, 1).values
+                          for i in range(0, len(f), batch_size)])  # (N,)
+
+    with exact_fp32():
+        r_ref, r_sam = radii(ref), radii(sam)
+        ref_in = torch.zeros(len(ref), dtype=torch.bool, device=device)
+        sam_in = torch.zeros(len(sam), dtype=torch.bool, device=device)
+        for i in range(0, len(ref), batch_size):
+            for j in range(0, len(sam), batch_size):
+                d = _distances(ref[i:i + batch_size], sam[j:j + batch_size])  # (b_ref, b_sam)
+                ref_in[i:i + batch_size] |= (d <= r_sam[None, j:j + batch_size]).any(1)
+                sam_in[j:j + batch_size] |= (d <= r_ref[i:i + batch_size, None]).any(0)
+    return sam_in.sum().item() / len(sam), ref_in.sum().item() / len(ref)  # precision, recall
+
+
+def evaluate(features, ref, device=None):
+    """Sample features (compute_features) against a reference (reference_stats) -> dict(fid, sfid,
+    inception_score, precision, recall); precision/recall are None when the reference has no pool3."""
+    s = feature_stats(features)
+    out = dict(fid=frechet_distance(s["mu"], s["sigma"], ref["mu"], ref["sigma"]),
+               sfid=frechet_distance(s["mu_s"], s["sigma_s"], ref["mu_s"], ref["sigma_s"]),
+               inception_score=inception_score(features["logits"]), precision=None, recall=None)
+    if ref.get("pool3") is not None:
+        out["precision"], out["recall"] = precision_recall(ref["pool3"], features["pool3"], device=device)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------
+
+
+def bench(args, device):
+    """Inception images/s at 256 px (ImageNet samples); on a GPU also the wall time of a full FID-50K."""
+    model, bs = InceptionV3().to(device).eval(), args.batch_size  # random weights: the speed is the same,
+    torch.set_flush_denormal(True)  # once their vanishing activations are kept out of slow denormal CPU arithmetic
+    x = torch.randint(0, 256, (bs, 3, 256, 256), dtype=torch.uint8, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.inference_mode(), exact_fp32():
+        model(x), sync()  # warm-up (cuDNN autotuning, allocator)
+        n, t0 = 0, time.time()
+        while n < 5 and (n == 0 or time.time() - t0 < 20):
+            model(x), sync()
+            n += 1
+    rate = n * bs / (time.time() - t0)
+    print(f"Inception fp32 on {device}: {rate:.1f} images/s (batch {bs}, 256x256 uint8 -> 299)")
+    if device.type == "cuda":  # the other parts of a FID-50K (50k samples, 10k reference images), timed at 10k
+        rng = np.random.default_rng(0)
+        f = {k: rng.random((10000, d), dtype=np.float32) for k, d in (("pool3", POOL3), ("spatial", SPATIAL))}
+        t0 = time.time()
+        feature_stats(f)
+        t_stats = 5 * (time.time() - t0)  # linear in N
+        precision_recall(f["pool3"], f["pool3"], device=device), sync()  # warm-up
+        t0 = time.time()
+        precision_recall(f["pool3"], f["pool3"], device=device)
+        t_pr = 31 / 3 * (time.time() - t0)  # 3 distance blocks of 10k x 10k here, 50k^2 + 10k^2 + 10k*50k = 31 there
+        c, t0 = np.cov(f["pool3"][:4096], rowvar=False), time.time()
+        frechet_distance(np.zeros(POOL3), c, np.ones(POOL3), c)
+        t_fd = 2 * (time.time() - t0)  # FID and sFID
+        t_inc = 60000 / rate
+        print(f"FID-50K estimate: {t_inc:.0f} s Inception + {t_stats:.0f} s statistics + {t_pr:.1f} s precision/recall "
+              f"+ {t_fd:.0f} s sqrtm = {(t_inc + t_stats + t_pr + t_fd) / 60:.1f} min, plus reading the npz files")
+
+
+def main(args):
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        if args.bench:
+            return bench(args, device)
+        if args.make_ref:
+            images = read_images(args.make_ref)
+            feats = compute_features(load_inception(args.inception, device), images, args.batch_size)
+            tmp = args.out + ".tmp.npz"  # written whole, then renamed: a crash never leaves half a file
+            np.savez(tmp, **feature_stats(feats), arr_0=images)
+            os.replace(tmp, args.out)
+            print(f"wrote {args.out}: mu, sigma, mu_s, sigma_s and arr_0 {images.shape} from {args.make_ref}")
+            return
+        images = read_images(args.samples)  # a bad file fails here, before any Inception work
+        model = load_inception(args.inception, device)
+        ref = reference_stats(args.ref, model, args.batch_size)
+        m = evaluate(compute_features(model, images, args.batch_size), ref, device)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"fid.py: error: {e}")
+    print(f"Inception Score: {m['inception_score']:.4f}\nFID: {m['fid']:.4f}\nsFID: {m['sfid']:.4f}")
+    if m["precision"] is None:
+        print("Precision/Recall: skipped (the reference has no arr_0 images)")
+    else:
+        print(f"Precision: {m['precision']:.4f}\nRecall: {m['recall']:.4f}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="ADM-suite FID, sFID, IS, precision/recall.",
+                                epilog="e.g. python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz")
+    p.add_argument("samples", nargs="?", help="npz with arr_0 uint8 (N, H, W, 3), or an image folder")
+    p.add_argument("ref", nargs="?", help="ADM reference batch npz (mu, sigma, mu_s, sigma_s, arr_0) or folder")
+    p.add_argument("--inception", help="weights file (default: $AFM_CACHE or ~/.cache/afm, else download)")
+    p.add_argument("--batch-size", type=int, default=250, help="Inception batch size")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--make-ref", metavar="FOLDER_OR_NPZ", help="write a reference batch from these images")
+    p.add_argument("--out", help="output npz for --make-ref")
+    p.add_argument("--bench", action="store_true", help="time Inception on this device")
+    args = p.parse_args(argv)
+    if args.make_ref and not args.out:
+        p.error("--make-ref needs --out ref.npz")
+    if not (args.bench or args.make_ref or (args.samples and args.ref)):
+        p.error("give samples.npz and ref.npz, or --make-ref, or --bench")
+    return args
+
+
+if __name__ == "__main__":
+    main(parse_args())
