@@ -448,3 +448,98 @@ def test_1d_toy_learns_the_monotone_map():
     print(f"1-D toy: misassigned {misassigned:.2%}, W1 {w1:.4f} (start {w1_start:.3f}, floor {floor:.4f})")
     assert misassigned < 0.03
     assert w1 < 0.08 and w1 < w1_start / 5
+
+
+# --------------------------------------------------------------------------------------
+# train.py: the loop (resume, signals, non-finite losses, torchrun)
+# --------------------------------------------------------------------------------------
+
+_TRAIN_FLAGS = ["--log-every", "2", "--sample-every", "0", "--ckpt-every", "4", "--workers", "0"]
+
+
+def _train(tmp, *flags, check=True, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--results-dir", str(tmp), *_TRAIN_FLAGS,
+                        *flags], capture_output=True, text=True, env=env, cwd=HERE, **kw)
+    if check:
+        assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def _load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _log(run):
+    with open(os.path.join(run, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+import json  # noqa: E402
+
+
+def test_resume_is_bitwise_exact(tmp_path):
+    """Interrupted at step 4 and resumed, a run ends with the same weights, optimizer states,
+    gradient-normalization state and logged losses as the uninterrupted run."""
+    _train(tmp_path / "a", "--max-steps", "8")
+    _train(tmp_path / "b", "--max-steps", "4")
+    run_b = tmp_path / "b" / "000-T-2"
+    _train(tmp_path / "b", "--resume", str(run_b), "--max-steps", "8")
+    a, b = _load(tmp_path / "a" / "000-T-2" / "checkpoints" / "0000008.pt"), _load(run_b / "checkpoints" / "0000008.pt")
+    for key in ("model", "ema", "dis", "gradnorm"):
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+    for key in ("opt_g", "opt_d"):
+        for i, st in a[key]["state"].items():
+            for k, v in st.items():
+                assert torch.equal(v, b[key]["state"][i][k]), (key, i, k)
+    assert a["gradnorm"]["square_avg"] > 0 and a["step"] == b["step"] == 8
+    assert _log(tmp_path / "a" / "000-T-2") == [
+        {**r, "it_per_s": x["it_per_s"]} for r, x in zip(_log(run_b), _log(tmp_path / "a" / "000-T-2"))]
+
+
+def test_sigint_saves_and_resumes(tmp_path):
+    import signal as _signal
+    import time as _time
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), "--results-dir", str(tmp_path),
+                          *_TRAIN_FLAGS, "--max-steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, env=env, cwd=HERE)
+    run = tmp_path / "000-T-2"
+    deadline = _time.time() + 120
+    while not (run / "log.jsonl").exists() and _time.time() < deadline:
+        _time.sleep(0.2)
+    p.send_signal(_signal.SIGINT)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, out
+    assert "stopped by signal" in out
+    ckpts = sorted((run / "checkpoints").glob("*.pt"))
+    step = _load(ckpts[-1])["step"]
+    assert step >= 2 and not list((run / "checkpoints").glob("*.tmp"))
+    _train(tmp_path, "--resume", str(run), "--max-steps", str(step + 2))
+    assert _load(run / "checkpoints" / f"{step + 2:07d}.pt")["step"] == step + 2
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    _train(tmp_path, "--max-steps", "4")
+    run = tmp_path / "000-T-2"
+    good = _load(run / "checkpoints" / "0000004.pt")
+    # gp-eps 0 makes the finite-difference R1 0 * inf = nan from the first D step on.
+    r = _train(tmp_path, "--resume", str(run), "--max-steps", "8", "--gp-eps", "0", check=False)
+    assert r.returncode == 1 and "non-finite loss at step 4" in r.stdout, r.stdout + r.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["0000004.pt"]
+    assert torch.equal(_load(run / "checkpoints" / "0000004.pt")["model"]["pos_embed"], good["model"]["pos_embed"])
+
+
+def test_torchrun_two_processes_gloo(tmp_path):
+    """Two CPU processes (gloo): the global batch is split, DDP keeps the replicas equal and the
+    checkpoint holds both ranks' RNG states."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(HERE, "train.py"), "--results-dir", str(tmp_path), *_TRAIN_FLAGS,
+                        "--max-steps", "4"], capture_output=True, text=True, env=env, cwd=HERE, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    ck = _load(tmp_path / "000-T-2" / "checkpoints" / "0000004.pt")
+    assert len(ck["rng"]) == 2 and not torch.equal(ck["rng"][0]["cpu"], ck["rng"][1]["cpu"])
+    assert ck["data_position"] == 4 * 16  # 32 examples per step, split over 2 ranks
+    assert "2 process(es)" in r.stdout

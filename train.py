@@ -448,15 +448,21 @@ def resolve_defaults(args):
 def load_data(args, device):
     """Dataset, and what the networks see: pixels, or SD-VAE latents (cached or encoded here)."""
     from dataset import build_dataset
-    data = build_dataset(args.data, args.image_size, args.vae)
+    try:
+        data = build_dataset(args.data, args.image_size, args.vae)
+    except (ValueError, FileNotFoundError) as e:  # one line, naming the flag
+        raise SystemExit(f"--data {args.data}: {e}")
     vae = None
     if args.vae:
         from vae import load_vae
         vae = load_vae(args.vae, device)
     C, H, _ = data.shape
     encode = data.space == "pixel" and vae is not None  # image folder + VAE: encode on the fly
-    if encode:
-        C, H = vae.latent_channels if hasattr(vae, "latent_channels") else 4, H // 8
+    if encode:  # the latent shape, read off one encoding (any VAE depth)
+        with torch.no_grad():
+            C, H = vae.encode(torch.zeros(1, C, H, H, device=device))[0].shape[1:3]
+    if getattr(data, "skipped", 0):
+        print0(f"{data.skipped} unreadable image(s) skipped so far (warned above)")
     return data, vae, encode, C, H
 
 
@@ -597,12 +603,12 @@ def main(args):
         with amp:
             x = generate(ema, grid_z, grid_y, args.sample_steps or (1 if args.steps == "any" else args.steps),
                          args.pred)
-        if C == 4 and vae is not None:
+        if vae is not None and (encode or data.space == "latent"):
             x = vae_decode(vae, x, device)
         if x.shape[1] in (1, 3):
             save_grid(x, os.path.join(run_dir, f"samples_{step:07d}.png"), nrow=10, upscale=max(1, 64 // x.shape[-1]))
 
-    logs, t0, first_bad, window = {}, time.time(), None, 0
+    logs, t0, window = {}, time.time(), 0
     non_finite = torch.zeros((), device=device)  # no host sync per step: checked at log time
     while step < args.max_steps:
         d_step = step % (1 + args.ttur) < args.ttur  # ttur D steps, then one G step
@@ -622,7 +628,7 @@ def main(args):
         opt.zero_grad(set_to_none=True)
         if not d_step:  # EMA after each generator update
             ema_update(ema, G, args.ema)
-        non_finite = torch.maximum(non_finite, (~torch.isfinite(loss.detach())).float() * (step + 1))
+        non_finite = torch.where((non_finite == 0) & ~torch.isfinite(loss.detach()), step + 1, non_finite)
         for k, v in out.items():  # (sum, count): D-step and G-step terms are averaged separately
             total, count = logs.get(k, (0.0, 0))
             logs[k] = (total + v.detach().float(), count + 1)
@@ -635,13 +641,19 @@ def main(args):
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             stop["signal"] = stop["signal"] or (signal.SIGTERM if flag.item() else None)
         if must_check or stop["signal"]:
-            bad = all_mean({"bad": non_finite}, device)["bad"]
-            if bad:
-                print0(f"non-finite loss at step {int(bad) - 1} (or earlier in the last {window} steps); stopping. "
-                       f"The last good checkpoint in {run_dir}/checkpoints is unaffected.")
+            first_bad = int(non_finite)  # 1 + the first step with a non-finite loss on this rank, or 0
+            flag = torch.tensor([float(first_bad > 0)], device=device)
+            if dist.is_initialized():
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item():
+                where = f"at step {first_bad - 1}" if first_bad else "on another rank"
+                print(f"[rank {rank}] non-finite loss {where}; stopping. The last good checkpoint in "
+                      f"{run_dir}/checkpoints is unaffected.", flush=True)
                 raise SystemExit(1)
         if step % args.log_every == 0:
             means = all_mean({k: total / count for k, (total, count) in logs.items()}, device)
+            if hasattr(data, "skipped"):  # unreadable images met so far, all ranks together
+                means["skipped_images"] = all_mean({"s": data.skipped}, device)["s"] * world
             dt = time.time() - t0
             print0(f"step {step:07d} | " + " ".join(f"{k} {v:.4g}" for k, v in means.items()) +
                    f" | {window / dt:.2f} it/s")

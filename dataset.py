@@ -1,0 +1,450 @@
+"""
+Data for Adversarial Flow Models (AFM_SPEC section 11): images or cached VAE latents in, (x, y)
+examples out, through one entry point `build_dataset(data, image_size, vae_path)`:
+
+    "digits"      the built-in 8x8 digits (digits.npz: UCI optdigits as packaged by scikit-learn,
+                  CC BY 4.0), in memory, for CPU runs of the whole pipeline.
+    image folder  ImageNet train layout (DIR/<class>/<image>, labels = sorted folder names): ADM's
+                  center crop, random horizontal flip p=0.5, RGB in [-1, 1]; train.py encodes them.
+                  Unreadable files are skipped with a warning and counted in `.skipped`.
+    latent cache  a folder written by `dataset.py cache` (it has a meta.json): each image and its
+                  mirror encoded once, the posterior's mean and std kept in fp16. Every time an
+                  example is read it draws a flip and a fresh (mean + std * randn) * 0.18215, since
+                  the release samples the posterior (not its mean) each time it encodes an image.
+
+    python dataset.py                                                  # self-check: digits stats
+    python dataset.py cache --data /data/imagenet/train --vae sd-vae-ft-mse.pt --out cache/in256
+    torchrun --nproc_per_node=8 dataset.py cache --data ... --vae ... --out ...  # split over ranks
+    python dataset.py bench                  # raw images vs cache: tiny random VAE, synthetic JPEGs
+    python dataset.py bench --data /data/imagenet/train --vae sd-vae-ft-mse.pt
+
+Cache layout: meta.json (VAE identity, image size, latent shape, classes, counts, skipped files)
+and shard_00000.pt, ... (torch.save of plain tensors): mean, std fp16 (n, 2, C, h, w) with [:, 0]
+the image and [:, 1] its mirror, label and index (into the sorted file list) int64 (n,), and the
+unreadable files of that shard. An interrupted run resumes when rerun: finished shards are kept.
+"""
+
+import argparse
+import hashlib
+import itertools
+import json
+import math
+import os
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+from vae import SCALE, AutoencoderKL, load_vae
+
+DIGITS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.npz")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")  # ADM's list + bmp, any case
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # PIL on bad files
+SHARD = "shard_{:05d}.pt"
+
+# --------------------------------------------------------------------------------------
+# Image folder with ADM's preprocessing (guided-diffusion's center_crop_arr, as the release)
+# --------------------------------------------------------------------------------------
+
+
+def center_crop_arr(img: Image.Image, size: int) -> np.ndarray:
+    # Halve with a box filter while the short side stays >= 2 * size, so the one bicubic step
+    # below never shrinks by 2x or more (aliasing). Sides round down, as ADM: odd sizes match.
+    while min(img.size) >= 2 * size:
+        img = img.resize((img.width // 2, img.height // 2), resample=Image.BOX)
+    s = size / min(img.size)  # short side -> size; the long side is Python-round()ed, as ADM
+    img = img.resize((round(img.width * s), round(img.height * s)), resample=Image.BICUBIC)
+    arr = np.asarray(img)  # (H, W, 3) uint8
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top : top + size, left : left + size]  # (size, size, 3)
+
+
+def list_images(root):
+    """(files, labels, class_names) of an ImageNet-layout folder, sorted; one-line errors."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"data folder not found: {root}")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and e.name[0] != ".")
+    if not classes:
+        raise ValueError(f"no class sub-folders in {root} (expected {root}/<class>/<image>)")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        for path, subdirs, names in os.walk(os.path.join(root, name)):
+            subdirs.sort()
+            hits = [os.path.join(path, f) for f in sorted(names) if f.lower().endswith(IMAGE_EXTS)]
+            files += hits
+            labels += [label] * len(hits)
+    if not files:
+        raise ValueError(f"no images ({' '.join(IMAGE_EXTS)}) in the class folders of {root}")
+    return files, labels, classes
+
+
+class ImageFolder(Dataset):
+    space = "pixel"
+
+    def __init__(self, root, image_size=256, flip=True):
+        self.root, self.image_size, self.flip = root, image_size, flip
+        self.files, self.labels, self.class_names = list_images(root)
+        self.num_classes, self.shape = len(self.class_names), (3, image_size, image_size)
+        # A flag per file in shared memory: DataLoader workers (fork or spawn) mark unreadable
+        # files here, so the training process sees `skipped` and nobody re-reads a bad file.
+        self.bad = torch.zeros(len(self.files), dtype=torch.uint8).share_memory_()
+
+    @property
+    def skipped(self):
+        return int(self.bad.sum())
+
+    @property
+    def skipped_files(self):
+        return [self.files[i] for i in self.bad.nonzero().flatten().tolist()]
+
+    def __len__(self):
+        return len(self.files)
+
+    def load(self, i):
+        """ADM crop of file i, RGB uint8 (S, S, 3); None if unreadable (warned once, counted)."""
+        if self.bad[i]:
+            return None
+        try:
+            with Image.open(self.files[i]) as img:
+                return center_crop_arr(img.convert("RGB"), self.image_size)
+        except UNREADABLE as e:
+            warnings.warn(f"skipping unreadable image {self.files[i]}: {e}")
+            self.bad[i] = 1
+            return None
+
+    def __getitem__(self, i):
+        # An unreadable file is replaced by the next readable one, so batches keep their size.
+        for j in (k % len(self) for k in range(i, i + len(self))):
+            if (arr := self.load(j)) is not None:
+                break
+        else:
+            raise RuntimeError(f"no readable image in {self.root}")
+        if self.flip and torch.rand(()) < 0.5:  # ADM and the release: horizontal flip, p = 0.5
+            arr = arr[:, ::-1]
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1, self.labels[j]
+
+
+# --------------------------------------------------------------------------------------
+# Digits, latent cache, build_dataset. Every dataset has num_classes, shape (C, H, W) of x,
+# space ("pixel" | "latent"), class_names and skipped (unreadable files left out).
+# --------------------------------------------------------------------------------------
+
+
+class Digits(Dataset):
+    """1797 8x8 digits, ink 0..16 -> [-1, 1]. No flip: mirrored handwriting is another glyph."""
+
+    space, num_classes, shape, skipped = "pixel", 10, (1, 8, 8), 0
+    class_names = [str(d) for d in range(10)]
+
+    def __init__(self, path=DIGITS):
+        d = np.load(path)
+        x = torch.from_numpy(d["images"]).float()[:, None] / 8 - 1  # (N, 1, 8, 8)
+        self.tensors = (x, torch.from_numpy(d["labels"]).long())  # index whole batches at once
+
+    def __len__(self):
+        return len(self.tensors[1])
+
+    def __getitem__(self, i):
+        return self.tensors[0][i], self.tensors[1][i]
+
+
+def vae_identity(path):
+    """Name, size, sha256 of the first and last 4 MiB: cheap, and it tells apart VAEs that differ
+    only in the decoder (stored last), as sd-vae-ft-ema and sd-vae-ft-mse do."""
+    size, h = os.path.getsize(path), hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(4 << 20))
+        f.seek(max(4 << 20, size - (4 << 20)))
+        h.update(f.read())
+    return {"file": os.path.basename(path), "size": size, "sha256_head_tail": h.hexdigest()}
+
+
+def check_cache(cache_dir, vae_path=None, image_size=None):
+    """The cache's meta.json; a one-line error if it was made with another VAE or resolution.
+    The VAE is compared by content (size and hash), so a renamed copy is accepted."""
+    path = os.path.join(cache_dir, "meta.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{cache_dir} is not a latent cache (no meta.json)")
+    with open(path) as f:
+        meta = json.load(f)
+    old, key = meta["vae"], ("size", "sha256_head_tail")
+    if vae_path is not None and [old[k] for k in key] != [vae_identity(vae_path)[k] for k in key]:
+        raise ValueError(f"latent cache {cache_dir} was made with VAE {old['file']} ({old['size']} "
+                         f"bytes), not {vae_path}: rebuild it, or pass the VAE it was made with")
+    if image_size is not None and image_size != meta["image_size"]:
+        raise ValueError(f"latent cache {cache_dir} holds {meta['image_size']}px images, not "
+                         f"{image_size}px: rebuild it with --image-size {image_size}")
+    return meta
+
+
+class LatentCache(Dataset):
+    space = "latent"
+
+    def __init__(self, root):
+        m = self.meta = check_cache(root)
+        if not m["complete"]:
+            raise ValueError(f"latent cache {root} is incomplete: rerun the command that made it")
+        self.root, self.shape = root, tuple(m["latent_shape"])
+        self.num_classes, self.class_names = m["num_classes"], m["class_names"]
+        self.skipped, self.skipped_files = len(m["skipped"]), m["skipped"]
+        self.offsets = np.cumsum([0] + m["shard_counts"])  # shard k: examples offsets[k]..[k+1]-1
+        self.shards = {}  # memory-mapped on first use, by each DataLoader worker for itself
+
+    def __getstate__(self):
+        return {**self.__dict__, "shards": {}}
+
+    def __len__(self):
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        if k not in self.shards:
+            path = os.path.join(self.root, SHARD.format(k))
+            self.shards[k] = torch.load(path, mmap=True, weights_only=True)
+        s, j = self.shards[k], i - int(self.offsets[k])
+        # The release flips, encodes and samples the posterior each time it reads an image: same
+        # law here. Draw the orientation, then the noise (in this order: the tests replay it).
+        f = int(torch.randint(2, ()))
+        mean, std = s["mean"][j, f].float(), s["std"][j, f].float()  # (C, h, w)
+        return (mean + std * torch.randn(self.shape)) * SCALE, int(s["label"][j])
+
+
+def build_dataset(data: str, image_size: int = 256, vae_path: str | None = None) -> Dataset:
+    if data == "digits":
+        return Digits()
+    if os.path.isfile(os.path.join(data, "meta.json")):
+        check_cache(data, vae_path, image_size)
+        return LatentCache(data)
+    return ImageFolder(data, image_size)
+
+
+# --------------------------------------------------------------------------------------
+# Cache writer: shard k holds files [k * shard_size, (k + 1) * shard_size) of the sorted
+# list (minus unreadable ones), so a rerun knows what is done; rank r writes k = r mod world.
+# --------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_moments(vae, x):
+    """Posterior mean and std of uint8 (N, 3, S, S) crops and their mirrors: (N, 2, C, h, w)."""
+    x = x.float() / 127.5 - 1
+    x = torch.cat([x, x.flip(-1)])  # (2N, 3, S, S): images, then mirrors
+    with torch.autocast("cuda", torch.bfloat16, enabled=x.is_cuda):  # bf16 VAE as the release
+        mean, logvar = vae.encode(x)  # (2N, C, h, w) each
+    mean, std = mean.float(), torch.exp(0.5 * logvar.float())
+    return [t.unflatten(0, (2, -1)).transpose(0, 1) for t in (mean, std)]  # (N, 2, C, h, w)
+
+
+class _Crops(Dataset):  # unflipped uint8 crops for the writer; unreadable -> ok = False
+    def __init__(self, folder):
+        self.folder = folder
+
+    def __len__(self):
+        return len(self.folder)
+
+    def __getitem__(self, i):
+        arr = self.folder.load(i)
+        if arr is None:
+            return torch.zeros(self.folder.shape, dtype=torch.uint8), i, False
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1), i, True  # (3, S, S)
+
+
+def _setup():
+    """torchrun's process group when launched by it (NCCL on GPU, gloo on CPU), else one process."""
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    if not dist.is_initialized():
+        return 0, 1, device
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _atomic(save, obj, path):  # temp name, then rename: a crash never leaves half a file
+    save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def _save_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def build_cache(data, vae_path, out, image_size=256, batch_size=64, shard_size=1024,
+                num_workers=8, max_images=None, device=None):
+    """Encode every image of `data` and its mirror into `out`; returns the shards this rank wrote.
+    device: default cuda (this rank's) if available, else cpu."""
+    rank, world, default_device = _setup()
+    device = torch.device(device or default_device)
+    folder = ImageFolder(data, image_size, flip=False)
+    n = len(folder) if max_images is None else min(len(folder), max_images)
+    names = [os.path.relpath(f, data) for f in folder.files[:n]]
+    vae = load_vae(vae_path, device=device)
+    probe = torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8, device=device)
+    meta = dict(vae=vae_identity(vae_path), image_size=image_size, num_files=n,
+                latent_shape=list(encode_moments(vae, probe)[0].shape[2:]),  # [C, h, w]
+                num_classes=folder.num_classes, class_names=folder.class_names,
+                files_sha256=hashlib.sha256("\n".join(names).encode()).hexdigest(),
+                shard_size=shard_size, complete=False)
+    if os.path.isfile(os.path.join(out, "meta.json")):  # resuming: are finished shards still valid?
+        old = check_cache(out, vae_path, image_size)
+        for key in ("files_sha256", "shard_size", "num_files"):
+            if old[key] != meta[key]:
+                raise ValueError(f"{out} was cached with another {key}: use a new --out")
+    if rank == 0:  # complete=False until every shard is written
+        os.makedirs(out, exist_ok=True)
+        _atomic(_save_json, meta, os.path.join(out, "meta.json"))
+    if dist.is_initialized():
+        dist.barrier()
+
+    paths = [os.path.join(out, SHARD.format(k)) for k in range(math.ceil(n / shard_size))]
+    ends = [min(n, (k + 1) * shard_size) for k in range(len(paths))]  # shard k ends before ends[k]
+    todo = [k for k in range(rank, len(paths), world) if not os.path.exists(paths[k])]
+    batches = [list(range(i, min(i + batch_size, ends[k])))
+               for k in todo for i in range(k * shard_size, ends[k], batch_size)]
+    loader = DataLoader(_Crops(folder), batch_sampler=batches, pin_memory=device.type == "cuda",
+                        num_workers=min(num_workers, os.cpu_count() or 1))
+    desc = "caching" if world == 1 else f"caching (rank 0 of {world})"
+    bar = tqdm(total=sum(map(len, batches)), unit="img", desc=desc, disable=rank != 0)
+    labels, written, parts = torch.tensor(folder.labels), [], []
+    empty = torch.empty(0, 2, *meta["latent_shape"])  # a batch of unreadable files only
+    for x, idx, ok in loader:
+        moments = encode_moments(vae, x[ok].to(device)) if ok.any() else [empty, empty]
+        parts.append([idx[ok], idx[~ok]] + [t.half().cpu() for t in moments])
+        bar.update(len(idx))
+        k = int(idx[0]) // shard_size
+        if int(idx[-1]) + 1 == ends[k]:  # the last batch of shard k: write the shard
+            index, bad, mean, std = [torch.cat(t) for t in zip(*parts)]  # mean, std (n, 2, C, h, w)
+            shard = dict(mean=mean, std=std, label=labels[index], index=index,
+                         skipped=[names[i] for i in bad.tolist()])
+            _atomic(torch.save, shard, paths[k])
+            written, parts = written + [paths[k]], []
+    bar.close()
+
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:  # every shard is on disk: record the totals, and the cache is usable
+        shards = [torch.load(path, mmap=True, weights_only=True) for path in paths]
+        meta.update(shard_counts=[len(s["label"]) for s in shards], complete=True,
+                    skipped=[f for s in shards for f in s["skipped"]])
+        meta["num_images"] = sum(meta["shard_counts"])
+        _atomic(_save_json, meta, os.path.join(out, "meta.json"))
+        print(f"cached {meta['num_images']} images and mirrors in {len(paths)} shards at {out}; "
+              f"skipped {len(meta['skipped'])} unreadable files")
+    return written
+
+
+# --------------------------------------------------------------------------------------
+# Bench, self-check, command line
+# --------------------------------------------------------------------------------------
+
+
+def bench(args):
+    tmp = tempfile.TemporaryDirectory()
+    vae_path, data = args.vae, args.data
+    if vae_path is None:  # tiny random VAE with SD's /8 latents: compares pipelines, not VAEs
+        vae_path = os.path.join(tmp.name, "tiny_vae.pt")
+        tiny = AutoencoderKL(block_out_channels=(32,) * 4, layers_per_block=1, norm_num_groups=8)
+        torch.save(tiny.state_dict(), vae_path)
+    if data is None:  # smooth noisy JPEGs of ImageNet-like sizes: decode + crop cost as there
+        rng, data = np.random.default_rng(0), os.path.join(tmp.name, "images")
+        for i in range(2 * args.batch_size):
+            w, h = rng.integers(300, 600, 2)
+            arr = np.linspace(0, 255, w)[None, :, None] * rng.random(3)  # (1, w, 3) gradient
+            arr = arr + rng.normal(0, 20, (h, w, 3))  # (h, w, 3)
+            os.makedirs(os.path.join(data, f"class{i % 3}"), exist_ok=True)
+            Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(f"{data}/class{i % 3}/{i}.jpg")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    vae = load_vae(vae_path, device=device)
+
+    def rate(ds, step):  # samples/s over --batches batches, after one untimed (warm-up) batch
+        loader = DataLoader(ds, args.batch_size, shuffle=True, num_workers=args.num_workers,
+                            drop_last=True, persistent_workers=args.num_workers > 0)
+        batches = (b for _ in itertools.count() for b in loader)  # as many epochs as needed
+        step(*next(batches))
+        t0 = time.perf_counter()
+        for _ in range(args.batches):
+            step(*next(batches))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return args.batches * args.batch_size / (time.perf_counter() - t0)
+
+    @torch.no_grad()
+    def from_images(x, y):  # what train.py does per batch without a cache
+        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+            mean, logvar = vae.encode(x.to(device))  # (B, 4, S/8, S/8) each
+        return (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * SCALE
+
+    folder = ImageFolder(data, args.image_size)
+    n = min(len(folder), args.max_images)
+    raw = rate(Subset(folder, range(n)), from_images)
+    t0 = time.perf_counter()
+    cache = os.path.join(tmp.name, "cache")
+    build_cache(data, vae_path, cache, args.image_size, args.batch_size, 1024, args.num_workers, n)
+    build = n / (time.perf_counter() - t0)
+    cached = rate(LatentCache(cache), lambda x, y: x.to(device))
+    print(f"{device}, {args.image_size}px, batch {args.batch_size}, {args.num_workers} workers, "
+          f"VAE {args.vae or 'tiny random (32,32,32,32)'}, {n} images")
+    print(f"raw images (decode, crop, flip, VAE encode, sample): {raw:10.1f} samples/s")
+    print(f"latent cache (read, flip, posterior sample):         {cached:10.1f} samples/s")
+    print(f"cache build (image + mirror encoded once):            {build:10.1f} images/s")
+
+
+def self_check():
+    ds = build_dataset("digits")
+    x, y = ds.tensors
+    counts = torch.bincount(y, minlength=10)
+    print(f"digits: {len(ds)} images, {ds.num_classes} classes, x {tuple(x.shape)} {x.dtype} in "
+          f"[{x.min():.2f}, {x.max():.2f}] mean {x.mean():.3f}, {counts.min()}..{counts.max()} "
+          f"per class")
+    assert len(ds) == 1797 and ds.num_classes == 10 and x.min() == -1 and x.max() == 1
+    print(f"ADM crop 517x300 -> {center_crop_arr(Image.new('RGB', (517, 300)), 256).shape}")
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description="AFM data: self-check (no command), cache, bench")
+    sub = p.add_subparsers(dest="command")
+    c = sub.add_parser("cache", help="encode an image folder and its mirror into a latent cache")
+    c.add_argument("--data", required=True, help="image folder, ImageNet train layout")
+    c.add_argument("--vae", required=True, help="VAE weights (the release: sd-vae-ft-mse)")
+    c.add_argument("--out", required=True, help="cache folder; rerun the same command to resume")
+    c.add_argument("--image-size", type=int, default=256)  # paper: ImageNet 256x256
+    c.add_argument("--batch-size", type=int, default=64)  # images per VAE call, per rank
+    c.add_argument("--shard-size", type=int, default=1024)  # images per shard: 32 MiB at 256px
+    c.add_argument("--num-workers", type=int, default=8)  # decode + crop processes per rank
+    c.add_argument("--max-images", type=int, default=None)  # first N files only (smoke tests)
+    b = sub.add_parser("bench", help="samples/s of training batches: raw images vs latent cache")
+    b.add_argument("--data", default=None, help="image folder (default: synthetic JPEGs)")
+    b.add_argument("--vae", default=None, help="VAE weights (default: a tiny random VAE)")
+    b.add_argument("--image-size", type=int, default=256)
+    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--num-workers", type=int, default=2)
+    b.add_argument("--batches", type=int, default=10)  # timed batches per pipeline
+    b.add_argument("--max-images", type=int, default=256)  # images read, and cached
+    return p.parse_args()
+
+
+def main(args):
+    if args.command == "cache":
+        build_cache(args.data, args.vae, args.out, args.image_size, args.batch_size,
+                    args.shard_size, args.num_workers, args.max_images)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    elif args.command == "bench":
+        bench(args)
+    else:
+        self_check()
+
+
+if __name__ == "__main__":
+    main(parse_args())
