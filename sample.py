@@ -1,0 +1,372 @@
+"""
+Sampling from Adversarial Flow Models (AFM, arXiv 2511.22475): noise -> images (AFM_SPEC section 9),
+as a PNG grid or as the ADM-format npz that FID-50K is computed from (AFM_SPEC section 12).
+
+    python sample.py --ckpt results/000-T-2                         # grid.png: digits, EMA weights
+    python sample.py --ckpt xl2_1nfe_guided_FID2.38.pth --vae sd-vae-ft-mse.bin --classes 207 360 387
+    python sample.py --ckpt xl2_2nfe_guided_FID2.11.pth --steps 2 --vae ...             # 2 NFE (pred v)
+    python sample.py --ckpt xl2_56layer_1nfe_guided_FID2.08.pth --repeat 2 --vae ...    # deep, 56 layers
+    torchrun --nproc_per_node=8 sample.py --ckpt X --vae ... --num-samples 50000 --out samples.npz \
+        --fid VIRTUAL_imagenet256_labeled.npz                      # FID, sFID, IS, precision, recall
+    python sample.py --bench --model XL/2 --batch-size 256 --precision bf16 --vae ...   # images/s
+
+Checkpoints: ours (train.py; `--weights ema|model`, settings from its args) or the release's bare
+generator state dicts. Inferred from the keys: input channels and size (x_embedder, pos_embed),
+classes (y_embedder rows; 1001 rows = 1000 classes + the class-dropout null row), depth and width
+(hence --model), t_src (t_embedder) and t_tgt (t_tgt_embedder) conditioning. Not in the keys:
+--steps (default 1), --pred (default: x without timestep conditioning, else v: the release's 1-NFE
+recipes predict x, its multi- and any-step recipes v) and --repeat (a file with a t_embedder but no
+t_tgt_embedder is a k-NFE model unless --repeat > 1 makes it the deep 1-NFE generator).
+
+Sample files: `arr_0` uint8 (N, H, W, 3) and `arr_1` int64 labels, exactly N / classes samples per
+class (sample i has class i // (N / classes), as the release), in the file order of the release's
+misc/pack_npz.py (sample i goes where np.random.seed(42); np.random.permutation(N) puts it: the
+Inception Score is taken over 5,000-sample chunks in file order). 1-channel (digits) images are
+stored as RGB with the gray value in all three channels, as PIL's convert("RGB") would.
+Determinism: sample i's noise and label depend only on (seed, i) and every batch is padded to
+--batch-size, so the number of processes and resuming never change a bit; another --batch-size
+gives the same bits where the kernels are batch-invariant (this CPU's, tested), while on a GPU a
+kernel picked for another shape may move a pixel by one level.
+Interrupted (Ctrl-C, SIGTERM, a crash, --max-batches): the finished shards stay in OUT.parts/ and
+rerunning the same command (any number of processes) makes only the rest; exit status 1 until done.
+"""
+
+import argparse
+import contextlib
+import glob
+import json
+import os
+import shutil
+import signal
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from model import Generator, models
+from train import generate, print0, save_grid, setup
+
+IMAGENET_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py grid: dog, otter, panda, ...
+
+# --------------------------------------------------------------------------------------
+# Loading: our checkpoints and the release's bare state dicts
+# --------------------------------------------------------------------------------------
+
+
+def load_generator(path, model=None, weights="ema", steps=None, pred=None, repeat=None, num_classes=None):
+    """-> (Generator in eval mode on the CPU, info dict). Flags left None come from our checkpoint's
+    args, else from the keys (see the top of the file); a file that does not fit is a one-line ValueError."""
+    if os.path.isdir(path):  # a run folder: its newest checkpoint
+        path = (sorted(glob.glob(os.path.join(path, "checkpoints", "*.pt"))) or [path + "/checkpoints/*.pt"])[-1]
+    if not os.path.isfile(path):
+        raise ValueError(f"--ckpt {path}: no such file")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    ours = isinstance(obj, dict) and "args" in obj and weights in obj
+    a, sd = (obj["args"], obj[weights]) if ours else ({}, obj)
+    try:
+        (_, C, p, _), (_, T, hidden) = sd["x_embedder.proj.weight"].shape, sd["pos_embed"].shape
+        H = round(T ** 0.5) * p  # (T, hidden) positions of p x p patches
+        rows = sd["y_embedder.embedding_table.weight"].shape[0]
+        depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    except (KeyError, ValueError, TypeError, AttributeError):
+        raise ValueError(f"{path}: not a generator state dict (x_embedder, pos_embed, y_embedder, blocks)") from None
+    sizes = [n for n, c in models.items() if (c["depth"], c["hidden_size"], c["patch_size"]) == (depth, hidden, p)]
+    name = model or a.get("model") or (sizes[0] if sizes else None)
+    if name is None:
+        raise ValueError(f"{path}: no --model size has depth {depth}, hidden size {hidden}, patch {p}; pass --model")
+    num_classes = num_classes or (1000 if rows == 1001 else rows)
+    repeat = repeat or a.get("repeat", 1)
+    has_t, has_tgt = any(k.startswith("t_embedder.") for k in sd), any(k.startswith("t_tgt_embedder.") for k in sd)
+    kw = dict(input_size=H, in_channels=C, num_classes=num_classes, class_dropout_prob=0.1 * (rows == num_classes + 1),
+              use_t_src=has_t and repeat == 1, use_t_tgt=has_tgt, repeat=repeat)
+    trained = a.get("steps", 1)  # int or "any"
+    steps = steps or (1 if trained == "any" else trained)
+    pred = pred or a.get("pred") or ("v" if kw["use_t_src"] or has_tgt else "x")
+    if ours and trained != "any" and steps != trained:
+        print0(f"warning: {path} was trained for {trained} steps; sampling with {steps}")
+    if steps > 1 and not (kw["use_t_src"] or has_tgt):
+        raise ValueError(f"{path}: a 1-NFE generator (no t_src conditioning) cannot take --steps {steps}")
+    desc = (f"{name} on {C}x{H}x{H}, {num_classes} classes, t_src {kw['use_t_src']}, t_tgt {has_tgt}, repeat {repeat}")
+    with torch.device("meta"):  # shapes only: the tensors come from the file (assign=True below)
+        G = Generator(**models[name], **kw)
+    own = {k: tuple(v.shape) for k, v in G.state_dict().items()}
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {s}" for k, s in own.items()
+              if k in sd and tuple(sd[k].shape) != s]
+    shapes.sort(key=lambda s: not s.startswith("blocks.0."))  # the first block's qkv shows both widths first
+    missing, unexpected = [k for k in own if k not in sd], [k for k in sd if k not in own]
+    if shapes or missing or unexpected:
+        def few(items):  # the first three and a count: the error stays one readable line
+            return ", ".join(items[:3]) + (f", ... ({len(items)} in all)" if len(items) > 3 else "")
+        problems = [few(shapes)] * bool(shapes) + [f"{w} {few(k)}" for w, k in (("missing", missing),
+                                                                                ("unexpected", unexpected)) if k]
+        raise ValueError(f"{path} (depth {depth}, hidden {hidden}, patch {p}) does not fit {desc}: "
+                         f"{'; '.join(problems)} (--model, --repeat, --num-classes?)")
+    G.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, assign=True)
+    info = dict(model=name, steps=steps, pred=pred, repeat=repeat, num_classes=num_classes, channels=C, size=H,
+                use_t_src=kw["use_t_src"], use_t_tgt=has_tgt, vae=a.get("vae"), desc=desc,
+                source=f"{weights} weights at step {obj.get('step')}" if ours else "bare state dict")
+    return G.eval().requires_grad_(False), info
+
+
+# --------------------------------------------------------------------------------------
+# Noise -> images
+# --------------------------------------------------------------------------------------
+
+
+def noise(indices, shape, seed):
+    """Sample i's noise from its own CPU generator: the same on any device, process count or batch."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 10**8 + i)) for i in indices])
+
+
+@torch.no_grad()
+def sample(G, z, y, steps, pred, vae=None, amp=contextlib.nullcontext()):
+    """(N, C, h, w) noise and labels -> (N, 3, H, W) images in [-1, 1]. Latents decode as z / 0.18215."""
+    with amp:
+        x = generate(G, z, y, steps, pred)  # (N, C, h, w): pixels, or SD-VAE latents x 0.18215
+        if vae is not None:
+            from vae import SCALE
+            x = vae.decode(x / SCALE)  # (N, 3, H, W)
+    x = x.float().clamp(-1, 1)
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # gray -> RGB: ADM and Inception take 3 channels
+
+
+def to_uint8(x):
+    """[-1, 1] (N, 3, H, W) -> uint8 (N, H, W, 3) as the release: to_pil_image(x.mul(0.5).add(0.5).clamp(0, 1)),
+    and torchvision's to_pil_image does .mul(255).byte(): truncation, not rounding (255 only for exactly 1.0)."""
+    return x.mul(0.5).add(0.5).clamp(0, 1).mul(255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_npz(path, **arrays):
+    """Write to a temporary name, then rename: a crash never leaves half a file under the real name."""
+    with open(path + ".tmp", "wb") as f:  # a file object: np.savez would append ".npz" to a name
+        np.savez(f, **arrays)
+    os.replace(path + ".tmp", path)
+
+
+# --------------------------------------------------------------------------------------
+# Many samples: per-rank shards in OUT.parts/ (resumable), assembled into one npz
+# --------------------------------------------------------------------------------------
+
+
+def sample_npz(args, images, labels, meta, rank, world, device):
+    """Make the samples not yet in OUT.parts/ (this rank: every world-th of them), then assemble on rank 0.
+    Returns (arr_0, arr_1) on rank 0, None elsewhere; exits with status 1 when interrupted."""
+    parts, N = args.out + ".parts", len(labels)
+    error = None
+    if rank == 0:
+        os.makedirs(parts, exist_ok=True)
+        for f in glob.glob(os.path.join(parts, "*.tmp")):  # a shard being written when a run died
+            os.remove(f)
+        meta_path = os.path.join(parts, "meta.json")
+        if os.path.exists(meta_path):
+            with open(meta_path) as f:
+                old = json.load(f)
+            diff = [f"{k}: {old.get(k)} vs {v}" for k, v in meta.items() if old.get(k) != v]
+            error = diff and f"{parts} holds samples made with other settings ({'; '.join(diff)}): remove it"
+        else:
+            with open(meta_path, "w") as f:
+                json.dump(meta, f, indent=1)
+    box = [error]
+    if world > 1:
+        dist.broadcast_object_list(box)  # doubles as a barrier: nobody reads parts/ before rank 0 is done
+    if box[0]:
+        raise SystemExit(f"sample.py: error: {box[0]}")
+    done = np.zeros(N, bool)
+    for f in glob.glob(os.path.join(parts, "*.npz")):
+        with np.load(f) as d:
+            done[d["idx"]] = True
+    if world > 1:
+        dist.barrier()  # every rank has read parts/ before any writes to it
+    mine = np.flatnonzero(~done)[rank::world].tolist()
+    batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
+    print0(f"{int(done.sum())} of {N} samples found in {parts}; {len(mine)} to make on rank 0")
+    stop, buf = {"signal": None}, []
+
+    def on_signal(signum, frame):  # finish the batch, save, stop; a second Ctrl-C kills at once
+        stop["signal"] = signum
+        signal.signal(signum, signal.SIG_DFL)
+
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def flush():  # shard named by its first index: unique, since finished indices are never redone
+        if buf:
+            idx = np.concatenate([b[0] for b in buf])
+            save_npz(os.path.join(parts, f"{idx[0]:08d}.npz"), idx=idx, images=np.concatenate([b[1] for b in buf]))
+            buf.clear()
+
+    interrupted = False
+    for b, idx in enumerate(tqdm(batches, desc="sampling", unit="batch", disable=rank != 0)):
+        buf.append((np.array(idx, np.int64), to_uint8(images(idx, labels[idx].tolist()))))
+        if len(buf) >= args.save_every:
+            flush()
+        if stop["signal"] or b + 1 == args.max_batches:
+            interrupted = b + 1 < len(batches)
+            break
+    flush()
+    for s, h in handlers.items():
+        signal.signal(s, h)
+    flag = torch.tensor([float(interrupted)], device=device)
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # also waits until every rank's shards are written
+        dist.destroy_process_group()
+    if flag.item():
+        print0(f"interrupted: finished samples are in {parts}; rerun the same command to resume")
+        raise SystemExit(1)
+    return assemble(parts, args.out, labels) if rank == 0 else None
+
+
+def assemble(parts, out, labels):
+    """The shards of OUT.parts/ -> OUT (arr_0 images, arr_1 labels) in the release's file order; parts removed."""
+    N = len(labels)
+    perm = np.random.RandomState(42).permutation(N)  # = the release's pack_npz.py: np.random.seed(42) then permutation
+    where = np.empty(N, np.int64)
+    where[perm] = np.arange(N)  # file position of sample i
+    arr, seen = None, np.zeros(N, np.int64)
+    for f in glob.glob(os.path.join(parts, "*.npz")):
+        with np.load(f) as d:
+            idx, img = d["idx"], d["images"]
+        arr = np.empty((N, *img.shape[1:]), np.uint8) if arr is None else arr
+        arr[where[idx]] = img
+        np.add.at(seen, idx, 1)
+    if not (seen == 1).all():
+        raise SystemExit(f"sample.py: error: {parts} is inconsistent ({int((seen != 1).sum())} samples missing or "
+                         f"repeated): remove it and rerun")
+    save_npz(out, arr_0=arr, arr_1=labels[perm])
+    shutil.rmtree(parts)
+    print0(f"wrote {out}: arr_0 {arr.dtype} {arr.shape}, arr_1 labels, {N // len(np.unique(labels))} per class")
+    return arr, labels[perm]
+
+
+# --------------------------------------------------------------------------------------
+# Main: grid, npz (+ FID), benchmark
+# --------------------------------------------------------------------------------------
+
+
+def bench(args, device, amp):
+    """Images/s of sampling --model with random weights (the speed does not depend on them)."""
+    name, steps, repeat = args.model or "T/2", args.steps or 1, args.repeat or 1
+    pred = args.pred or ("x" if steps == 1 else "v")
+    C, H, K = (1, 8, 10) if name.startswith("T/") else (4, args.image_size // 8, 1000)
+    G = Generator(**models[name], input_size=H, in_channels=C, num_classes=K, use_t_src=steps > 1, repeat=repeat)
+    G = G.to(device).eval().requires_grad_(False)
+    vae = None
+    if args.vae and C == 4:
+        from vae import load_vae
+        vae = load_vae(args.vae, device)
+    G.compile(dynamic=False) if args.compile else None
+    z = torch.randn(args.batch_size, C, H, H, device=device)
+    y = torch.randint(0, K, (args.batch_size,), device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(2):  # warm-up (compilation, cuDNN autotuning, allocator)
+        sample(G, z, y, steps, pred, vae, amp), sync()
+    n, t0 = 0, time.time()
+    while n < 3 or time.time() - t0 < 5:
+        sample(G, z, y, steps, pred, vae, amp), sync()
+        n += 1
+    dt = (time.time() - t0) / n
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    what = f"{name}{f' x{repeat}' if repeat > 1 else ''} {C}x{H}x{H}, {steps} NFE{' + VAE decode' if vae else ''}"
+    print(f"bench {what}, batch {args.batch_size}, {args.precision}{' compile' if args.compile else ''} on {where}: "
+          f"{args.batch_size / dt:.1f} images/s ({dt * 1000:.1f} ms per batch)", flush=True)
+
+
+def main(args):
+    rank, world, device = setup(args.device)
+    amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
+    if args.bench:
+        return bench(args, device, amp)
+    if not args.ckpt:
+        raise SystemExit("sample.py: error: --ckpt is required (or --bench)")
+    npz = args.num_samples > 0
+    args.out = args.out or ("samples.npz" if npz else "grid.png")
+    try:
+        if npz != args.out.endswith(".npz") or (args.fid and not npz):
+            raise ValueError("--num-samples N writes an .npz (and --fid needs it); without it --out is an image")
+        if args.fid and not os.path.exists(args.fid):
+            raise ValueError(f"--fid {args.fid}: no such file")
+        G, info = load_generator(args.ckpt, args.model, args.weights, args.steps, args.pred, args.repeat,
+                                 args.num_classes)
+        C, H, K = info["channels"], info["size"], info["num_classes"]
+        vae_path = args.vae or info["vae"]
+        if C == 4 and not vae_path:
+            raise ValueError("a latent model (4 channels) needs --vae FILE (sd-vae-ft-mse) to decode its samples")
+        if C not in (1, 3, 4):
+            raise ValueError(f"{C}-channel samples: neither images (1 or 3) nor SD-VAE latents (4)")
+        if npz and args.num_samples % K:
+            raise ValueError(f"--num-samples {args.num_samples} is not divisible by the {K} classes")
+        vae = None
+        if C == 4:
+            from vae import load_vae
+            vae = load_vae(vae_path, device)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:  # one line, no traceback
+        raise SystemExit(f"sample.py: error: {e}")
+    G.to(device)
+    G.compile(dynamic=False) if args.compile else None
+    print0(f"{args.ckpt} ({info['source']}): {info['desc']}; {info['steps']} step(s), pred {info['pred']}; "
+           f"{world} process(es) on {device}")
+
+    def images(idx, y):  # sample indices and their labels -> (n, 3, H, W) in [-1, 1]
+        n, pad = len(idx), args.batch_size - len(idx)  # a short last batch is padded: one shape for every batch
+        z = noise(idx + idx[-1:] * pad, (C, H, H), args.seed).to(device)  # (B, C, H, W)
+        y = torch.tensor(y + y[-1:] * pad, device=device)
+        return sample(G, z, y, info["steps"], info["pred"], vae, amp)[:n]
+
+    if not npz:  # the grid: one row per class, --per-class columns
+        classes = args.classes or (list(range(K)) if K <= 10 else IMAGENET_CLASSES)
+        if rank == 0:
+            if not all(0 <= c < K for c in classes):
+                raise SystemExit(f"sample.py: error: --classes must be in [0, {K})")
+            y = [c for c in classes for _ in range(args.per_class)]
+            x = torch.cat([images(list(range(i, min(i + args.batch_size, len(y)))), y[i:i + args.batch_size])
+                           for i in range(0, len(y), args.batch_size)])
+            save_grid(x, args.out, nrow=args.per_class, upscale=max(1, 64 // x.shape[-1]))
+            print0(f"wrote {args.out}: classes {classes}, seed {args.seed}")
+        return dist.destroy_process_group() if world > 1 else None
+    labels = np.arange(args.num_samples) // (args.num_samples // K)  # sample i has class i // per_class (release)
+    meta = {k: v for k, v in info.items() if k in ("model", "steps", "pred", "repeat", "num_classes")}
+    meta.update(ckpt=os.path.abspath(args.ckpt), weights=args.weights, seed=args.seed, num_samples=args.num_samples,
+                vae=vae_path and os.path.abspath(vae_path), precision=args.precision)
+    out = sample_npz(args, images, labels, meta, rank, world, device)
+    if out is not None and args.fid:  # rank 0, on the samples in memory: no PNGs, no reread
+        import fid
+        net = fid.load_inception(args.inception, device)
+        ref = fid.reference_stats(args.fid, net, device=device)
+        m = fid.evaluate(fid.compute_features(net, out[0], device=device), ref, device=device)
+        fmt = lambda v: "n/a (reference has no arr_0)" if v is None else f"{v:.4f}"  # noqa: E731
+        print(f"FID {m['fid']:.4f} | sFID {m['sfid']:.4f} | IS {m['inception_score']:.4f} | "
+              f"precision {fmt(m['precision'])} | recall {fmt(m['recall'])}", flush=True)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--ckpt", help="our checkpoint (file or run folder) or a bare generator state dict (.pth)")
+    a("--weights", choices=["ema", "model"], default="ema", help="which weights of our checkpoints")
+    a("--model", choices=list(models), default=None, help="generator size (default: checkpoint's, or from the keys)")
+    a("--steps", type=int, default=None, help="NFE (default: as trained; any-step and bare files: 1)")
+    a("--pred", choices=["x", "v"], default=None, help="x or v (default: as trained; bare: v if t-conditioned, else x)")
+    a("--repeat", type=int, default=None, help="deep generator: block repetitions (release: 2 = 56, 4 = 112 layers)")
+    a("--num-classes", type=int, default=None, help="classes (default: label-table rows; 1001 rows = 1000 + null)")
+    a("--vae", default=None, help="SD-VAE weights to decode latent models (default: the checkpoint's --vae)")
+    a("--classes", type=int, nargs="+", default=None, help="grid rows (default: all of <= 10 classes, else DiT's 8)")
+    a("--per-class", type=int, default=8, help="grid columns")
+    a("--num-samples", type=int, default=0, help="write this many samples as an npz (FID-50K: 50000)")
+    a("--out", default=None, help="grid.png, or samples.npz with --num-samples")
+    a("--batch-size", type=int, default=64, help="per process")
+    a("--seed", type=int, default=0, help="sample i uses noise seeded with seed * 10**8 + i")
+    a("--save-every", type=int, default=10, help="batches per resumable shard in OUT.parts/")
+    a("--max-batches", type=int, default=0, help="stop after this many batches per process, as if interrupted")
+    a("--fid", default=None, metavar="REF.npz", help="score the samples against this ADM reference batch (fid.py)")
+    a("--inception", default=None, help="Inception weights for --fid (default: fid.py's cache / download)")
+    a("--precision", choices=["fp32", "bf16"], default="fp32", help="the release samples in fp32 (TF32 on GPU)")
+    a("--compile", action="store_true", help="torch.compile the generator")
+    a("--device", choices=["auto", "cpu"], default="auto")
+    a("--bench", action="store_true", help="print images/s of --model (random weights; --vae adds decoding)")
+    a("--image-size", type=int, default=256, help="--bench: latent models sample image-size / 8 latents")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())
