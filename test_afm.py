@@ -343,6 +343,36 @@ def test_gradient_normalization_scale_free():
     torch.testing.assert_close(gn.square_avg, q * (1 - 0.9 ** 3))
 
 
+def test_classifier_guidance_term(monkeypatch):
+    """k-NFE guidance: x_cg = fake, t_cg = t_tgt, cross-entropy * cg, zero outside [lo, hi].
+    1-NFE guidance: t_cg ~ U(lo, hi); with re-noising the classifier sees interp(fake, z, t_cg)."""
+    B, dim = 4, 3
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(dim, 5, generator=g)
+    seen = []
+    cls = lambda x, t: (seen.append((x.clone(), t.clone())) or x @ W)  # noqa: E731
+    y = torch.tensor([0, 1, 2, 3])
+    fake = torch.randn(B, dim, generator=g)
+    t_tgt = torch.tensor([0.1, 0.3, 0.5, 0.7])
+    loss_fn = T.AdversarialFlowLoss(steps=2, classifier=cls, cg=0.02, cg_range=(0.0, 0.49), cg_t="tgt")
+    out = loss_fn.guidance(fake, y, t_tgt)
+    ce = F.cross_entropy(fake @ W, y, reduction="none") * 0.02
+    torch.testing.assert_close(out, (ce * torch.tensor([1.0, 1.0, 0.0, 0.0])).mean())
+    assert torch.equal(seen[-1][0], fake) and torch.equal(seen[-1][1], t_tgt)
+    z = torch.randn(B, dim, generator=g)
+    _fixed_noise(monkeypatch, [z])
+    torch.manual_seed(0)
+    loss_fn = T.AdversarialFlowLoss(classifier=cls, cg=0.003, cg_range=(0.0, 0.1), cg_t="uniform")
+    out = loss_fn.guidance(fake, y, torch.zeros(B))
+    x_cg, t_cg = seen[-1]
+    assert (t_cg >= 0).all() and (t_cg <= 0.1).all()
+    torch.testing.assert_close(x_cg, (1 - t_cg[:, None]) * fake + t_cg[:, None] * z)
+    torch.testing.assert_close(out, (F.cross_entropy(x_cg @ W, y, reduction="none") * 0.003).mean())
+    loss_fn.cg_renoise = False  # the release's 1-NFE guided run: the clean fake with that t_cg
+    loss_fn.guidance(fake, y, torch.zeros(B))
+    assert torch.equal(seen[-1][0], fake)
+
+
 def test_cosine_schedule():
     assert T.cosine_schedule(0, 0.2, 0.005, 1001) == pytest.approx(0.2)
     assert T.cosine_schedule(500, 0.2, 0.005, 1001) == pytest.approx((0.2 + 0.005) / 2)
@@ -550,6 +580,23 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     assert r.returncode == 1 and "non-finite loss at step 4" in r.stdout, r.stdout + r.stderr
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["0000004.pt"]
     assert torch.equal(_load(run / "checkpoints" / "0000004.pt")["model"]["pos_embed"], good["model"]["pos_embed"])
+
+
+def test_classifier_training_and_guided_run(tmp_path):
+    """--train-classifier writes a checkpoint that --cls takes (EMA weights); a bare state dict
+    (the release's classifier.pth layout) loads too; a classifier of the wrong size is one line."""
+    _train(tmp_path, "--train-classifier", "--max-steps", "4")
+    ck = _load(tmp_path / "000-cls-T-2" / "checkpoints" / "0000004.pt")
+    assert set(ck["ema"]) == set(M.Classifier(**M.models["T/2"], input_size=8, in_channels=1,
+                                              num_classes=10).state_dict())
+    torch.save(ck["ema"], tmp_path / "bare_classifier.pth")
+    for cls_file in ("000-cls-T-2/checkpoints/0000004.pt", "bare_classifier.pth"):
+        r = _train(tmp_path / "g", "--max-steps", "2", "--cls", str(tmp_path / cls_file), "--cls-model", "T/2",
+                   "--cg", "0.01", "--augment-p", "0.4")
+        assert " cg " in r.stdout
+    r = _train(tmp_path / "g", "--max-steps", "2", "--cls", str(tmp_path / "bare_classifier.pth"), "--cls-model", "T/4",
+               "--cg", "0.01", check=False)
+    assert r.returncode != 0 and "--cls" in r.stderr.strip().splitlines()[-1]
 
 
 def test_torchrun_two_processes_gloo(tmp_path):

@@ -546,7 +546,11 @@ def main(args):
                               fused=fused)
     step, position = 0, 0
     if ckpt is not None:
-        G.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), D.load_state_dict(ckpt["dis"])
+        try:
+            G.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), D.load_state_dict(ckpt["dis"])
+        except RuntimeError as e:  # e.g. --model given explicitly and different from the run's
+            raise SystemExit(f"--resume {path}: written by a {ckpt['args']['model']} run, does not fit "
+                             f"--model {args.model}: {str(e).splitlines()[1].strip()}")
         opt_g.load_state_dict(ckpt["opt_g"]), opt_d.load_state_dict(ckpt["opt_d"])
         afm.load_state_dict(ckpt["gradnorm"])
         step, position = ckpt["step"], ckpt["data_position"]
@@ -573,6 +577,9 @@ def main(args):
 
     local_batch = args.global_batch_size // world
     stream = IndexStream(len(data), rank, world, args.seed, position)
+    # Examples consumed, for resuming (the DataLoader's workers read ahead of the loop).
+    consumed = lambda step: position + (step - start_step) * local_batch  # noqa: E731
+    start_step = step
     data_iter = batches(data, stream, local_batch, args.workers)
     # Fixed noise and labels for the sample grids: classes in rows.
     gen = torch.Generator().manual_seed(args.seed)
@@ -593,7 +600,7 @@ def main(args):
         if rank == 0:
             obj = {"model": G.state_dict(), "ema": ema.state_dict(), "dis": D.state_dict(),
                    "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "gradnorm": afm.state_dict(),
-                   "args": vars(args), "step": step, "data_position": stream.position, "rng": rng}
+                   "args": vars(args), "step": step, "data_position": consumed(step), "rng": rng}
             save_checkpoint(os.path.join(run_dir, "checkpoints", f"{step:07d}.pt"), obj)
             print0(f"saved checkpoint {run_dir}/checkpoints/{step:07d}.pt")
 
@@ -715,7 +722,7 @@ def train_classifier(args, rank, world, device, ckpt=None):
     amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
     stream = IndexStream(len(data), rank, world, args.seed, position)
     data_iter = batches(data, stream, args.global_batch_size // world, args.workers)
-    logs, t0 = {"loss": 0.0, "acc": 0.0}, time.time()
+    logs, t0, start_step = {"loss": 0.0, "acc": 0.0}, time.time(), step
     while step < args.max_steps:
         x0, y = next(data_iter)
         x0, y = x0.to(device), y.to(device).long()
@@ -743,7 +750,8 @@ def train_classifier(args, rank, world, device, ckpt=None):
             if rank == 0:
                 save_checkpoint(os.path.join(run_dir, "checkpoints", f"{step:07d}.pt"),
                                 {"model": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                                 "args": vars(args), "step": step, "data_position": stream.position, "rng": rng})
+                                 "args": vars(args), "step": step, "rng": rng,
+                                 "data_position": position + (step - start_step) * (args.global_batch_size // world)})
     print0(f"classifier checkpoints in {run_dir}/checkpoints (use with --cls)")
 
 
