@@ -25,7 +25,6 @@ import os
 import signal
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -530,7 +529,8 @@ def main(args):
     data, vae, encode, C, H = load_data(args, device)
     G, D = build_models(args, C, H, data.num_classes)
     G.grad_checkpointing = D.grad_checkpointing = args.grad_checkpoint
-    G.to(device), D.to(device)
+    G.to(device)
+    D.to(device)
     ema = copy.deepcopy(G).requires_grad_(False).eval()
     classifier = None
     if args.cls:
@@ -547,11 +547,14 @@ def main(args):
     step, position = 0, 0
     if ckpt is not None:
         try:
-            G.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), D.load_state_dict(ckpt["dis"])
+            G.load_state_dict(ckpt["model"])
+            ema.load_state_dict(ckpt["ema"])
+            D.load_state_dict(ckpt["dis"])
         except RuntimeError as e:  # e.g. --model given explicitly and different from the run's
             raise SystemExit(f"--resume {path}: written by a {ckpt['args']['model']} run, does not fit "
                              f"--model {args.model}: {str(e).splitlines()[1].strip()}")
-        opt_g.load_state_dict(ckpt["opt_g"]), opt_d.load_state_dict(ckpt["opt_d"])
+        opt_g.load_state_dict(ckpt["opt_g"])
+        opt_d.load_state_dict(ckpt["opt_d"])
         afm.load_state_dict(ckpt["gradnorm"])
         step, position = ckpt["step"], ckpt["data_position"]
         if len(ckpt["rng"]) == world:
@@ -567,7 +570,8 @@ def main(args):
 
     # The modules keep their plain state-dict keys: compile in place, wrap DDP around them.
     if args.compile:
-        G.compile(dynamic=False), D.compile(dynamic=False)
+        G.compile(dynamic=False)
+        D.compile(dynamic=False)
     G_train, D_train = G, D
     if dist.is_initialized():
         ids = [device.index] if device.type == "cuda" else None
@@ -587,10 +591,10 @@ def main(args):
     grid_y = torch.arange(n_cls).repeat_interleave(10 if n_cls <= 10 else 1).to(device)
     grid_z = torch.randn(len(grid_y), C, H, H, generator=gen).to(device)
 
-    stop = {"signal": None}
+    received = {"signal": None}  # set by the handler, in this process only
 
     def on_signal(signum, frame):
-        stop["signal"] = signum
+        received["signal"] = signum
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
@@ -643,11 +647,17 @@ def main(args):
         step += 1
 
         must_check = step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.max_steps
-        if world > 1 and (step % 10 == 0 or must_check):  # all ranks agree on stopping
-            flag = torch.tensor([float(stop["signal"] is not None)], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop["signal"] = stop["signal"] or (signal.SIGTERM if flag.item() else None)
-        if must_check or stop["signal"]:
+        # Stopping on a signal needs every rank at the same step (the checkpoint is collective):
+        # ranks agree every 10 steps; a single process stops at once.
+        stop = received["signal"] is not None
+        if world > 1:
+            if step % 10 == 0 or must_check:
+                flag = torch.tensor([float(stop)], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop = bool(flag.item())
+            else:
+                stop = False
+        if must_check or stop:
             first_bad = int(non_finite)  # 1 + the first step with a non-finite loss on this rank, or 0
             flag = torch.tensor([float(first_bad > 0)], device=device)
             if dist.is_initialized():
@@ -670,13 +680,13 @@ def main(args):
             logs, t0, window = {}, time.time(), 0
         if args.sample_every and step % args.sample_every == 0:
             sample_grid(step)
-        if step % args.ckpt_every == 0 or step == args.max_steps or stop["signal"]:
+        if step % args.ckpt_every == 0 or step == args.max_steps or stop:
             checkpoint(step)
-        if stop["signal"]:
-            print0(f"stopped by signal {stop['signal']} at step {step}; resume with --resume {run_dir}")
+        if stop:
+            print0(f"stopped by a signal at step {step}; resume with --resume {run_dir}")
             break
-    if step == args.max_steps and args.sample_every:
-        sample_grid(step) if step % args.sample_every else None
+    if step == args.max_steps and args.sample_every and step % args.sample_every:
+        sample_grid(step)  # the final grid, when the last step is not a multiple of --sample-every
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -713,9 +723,14 @@ def train_classifier(args, rank, world, device, ckpt=None):
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01, eps=1e-8)
     step, position = 0, 0
     if ckpt is not None:
-        net.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["opt"])
+        net.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
         step, position = ckpt["step"], ckpt["data_position"]
-        set_rng_state(ckpt["rng"][rank], device) if len(ckpt["rng"]) == world else torch.manual_seed(step + rank)
+        if len(ckpt["rng"]) == world:
+            set_rng_state(ckpt["rng"][rank], device)
+        else:
+            torch.manual_seed((args.seed + step) * world + rank)
     if args.compile:
         net.compile(dynamic=False)
     net_train = nn.parallel.DistributedDataParallel(net) if dist.is_initialized() else net
@@ -765,7 +780,8 @@ def bench(args, device, pairs=10):
     C, H = (1, 8) if args.model.startswith("T/") else (4, args.image_size // 8)
     G, D = build_models(args, C, H, 10 if args.model.startswith("T/") else 1000)
     G.grad_checkpointing = D.grad_checkpointing = args.grad_checkpoint
-    G.to(device), D.to(device)
+    G.to(device)
+    D.to(device)
     afm = AdversarialFlowLoss(steps=args.steps, pred=args.pred)
     afm.gradnorm.to(device)
     opt_g = torch.optim.AdamW(G.parameters(), lr=1e-4, betas=(0.0, 0.9), fused=device.type == "cuda")
@@ -787,7 +803,8 @@ def bench(args, device, pairs=10):
         pair()
     flops = counter.get_total_flops()
     if args.compile:
-        G.compile(dynamic=False), D.compile(dynamic=False)
+        G.compile(dynamic=False)
+        D.compile(dynamic=False)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t_compile = time.time()
     for _ in range(3):  # warm-up (and compilation)
