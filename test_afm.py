@@ -1721,3 +1721,21 @@ def test_fid_make_ref_round_trip(tmp_path):
     ref2 = fid.reference_stats(out, model=_FidStandIn())
     np.testing.assert_array_equal(ref2["mu"], ref["mu"])
     np.testing.assert_array_equal(ref2["pool3"], images.transpose(0, 3, 1, 2).reshape(2, -1)[:, :4])
+
+
+def test_ds_train_from_folder_and_from_cache(tmp_path):
+    """train.py on an image folder (VAE encoding on the fly) and on the latent cache: the networks
+    see 4x16x16 latents (32 px images, a 2-level tiny VAE) and the grids are decoded to pixels."""
+    root, vae_path, cache, _ = _ds_cache(tmp_path)
+    flags = ["--vae", vae_path, "--image-size", "32", "--model", "T/2", "--global-batch-size", "4",
+             "--max-steps", "2", "--sample-every", "2"]
+    for data in (root, cache):
+        r = _train(tmp_path / "runs", "--data", data, *flags)
+        assert "input 4x16x16" in r.stdout
+    for run in ("000-T-2", "001-T-2"):
+        ck = _load(tmp_path / "runs" / run / "checkpoints" / "0000002.pt")
+        assert ck["model"]["x_embedder.proj.weight"].shape == (64, 4, 2, 2)
+        grid = Image.open(tmp_path / "runs" / run / "samples_0000002.png")
+        assert grid.mode == "RGB" and grid.size[0] > 10 * 32  # 10 decoded 32 px images per row (+ borders)
+    r = _train(tmp_path / "runs", "--data", cache, *flags[:2], "--image-size", "64", "--model", "T/2", check=False)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith(f"--data {cache}: ")
