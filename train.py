@@ -377,6 +377,15 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def restore_rng(ckpt, seed, rank, world, device):
+    """This rank's saved RNG state (exact resume), or a fresh seed if the world size changed."""
+    if len(ckpt["rng"]) == world:
+        set_rng_state(ckpt["rng"][rank], device)
+    else:
+        print0(f"resume: {len(ckpt['rng'])} RNG states for {world} processes; reseeding")
+        torch.manual_seed((seed + ckpt["step"]) * world + rank)
+
+
 def gather_rng(device):
     """Every rank's RNG state (rank 0 writes them all to the checkpoint)."""
     states = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
@@ -557,11 +566,7 @@ def main(args):
         opt_d.load_state_dict(ckpt["opt_d"])
         afm.load_state_dict(ckpt["gradnorm"])
         step, position = ckpt["step"], ckpt["data_position"]
-        if len(ckpt["rng"]) == world:
-            set_rng_state(ckpt["rng"][rank], device)
-        else:
-            print0(f"resume: {len(ckpt['rng'])} RNG states for {world} processes; reseeding")
-            torch.manual_seed((args.seed + step) * world + rank)
+        restore_rng(ckpt, args.seed, rank, world, device)
         print0(f"resumed from {path} at step {step}")
         del ckpt
     print0(f"G {args.model}: {sum(p.numel() for p in G.parameters()):,} parameters, "
@@ -727,10 +732,7 @@ def train_classifier(args, rank, world, device, ckpt=None):
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
         step, position = ckpt["step"], ckpt["data_position"]
-        if len(ckpt["rng"]) == world:
-            set_rng_state(ckpt["rng"][rank], device)
-        else:
-            torch.manual_seed((args.seed + step) * world + rank)
+        restore_rng(ckpt, args.seed, rank, world, device)
     if args.compile:
         net.compile(dynamic=False)
     net_train = nn.parallel.DistributedDataParallel(net) if dist.is_initialized() else net
