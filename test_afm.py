@@ -1412,29 +1412,17 @@ def test_smp_latent_model_through_vae(tmp_path):
     assert np.asarray(Image.open(tmp_path / "g.png")).shape == (3 * 66 + 2, 8 * 66 + 2, 3)
 
 
-class _SmpInception(nn.Module):
-    """Stands in for InceptionV3: features are the first pixel values (NCHW order)."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Parameter(torch.ones(()))
-
-    def forward(self, x):
-        f = x.float().flatten(1) * self.w
-        return f[:, :6], f[:, 6:10], f[:, :5]
-
-
 def test_smp_fid_in_the_same_run(tmp_path, monkeypatch, capsys):
     ckpt = tmp_path / "ck.pt"
     _smp_ckpt(ckpt, steps="1")
     rng = np.random.default_rng(0)
     ref = tmp_path / "ref.npz"
     np.savez(ref, arr_0=rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8))
-    monkeypatch.setattr(fid, "load_inception", lambda path=None, device="cpu": _SmpInception())
+    monkeypatch.setattr(fid, "load_inception", lambda path=None, device="cpu": _InceptionStandIn((6, 4, 5)))
     _smp_main("--ckpt", ckpt, "--num-samples", 50, "--fid", ref, "--out", tmp_path / "a.npz")
     line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("FID ")]
     a = _smp_npz(tmp_path / "a.npz")["arr_0"]
-    net = _SmpInception()
+    net = _InceptionStandIn((6, 4, 5))
     m = fid.evaluate(fid.compute_features(net, a, progress=False), fid.reference_stats(str(ref), net))
     assert line == [f"FID {m['fid']:.4f} | sFID {m['sfid']:.4f} | IS {m['inception_score']:.4f} | "
                     f"precision {m['precision']:.4f} | recall {m['recall']:.4f}"]
@@ -1553,16 +1541,19 @@ def test_fid_forward_matches_fixture_and_pytorch_fid():
     assert (pool3 - ref).abs().max() > 1e-2 * ref.abs().max()  # the resize matters
 
 
-class _FidStandIn(nn.Module):
-    """Stands in for InceptionV3 in plumbing tests: features are the first pixel values in NCHW order."""
+class _InceptionStandIn(nn.Module):
+    """Stands in for InceptionV3 in plumbing tests: the features (pool3, spatial, logits) are the
+    first pixel values in NCHW order, `widths` of them each."""
 
-    def __init__(self):
+    def __init__(self, widths=(4, 2, 3)):
         super().__init__()
         self.w = nn.Parameter(torch.ones(()))
+        self.widths = widths
 
     def forward(self, x):
         f = x.float().flatten(1) * self.w
-        return f[:, :4], f[:, 4:6], f[:, :3]
+        a, b, c = self.widths
+        return f[:, :a], f[:, a:a + b], f[:, :c]
 
 
 def test_fid_compute_features_batching():
@@ -1571,13 +1562,13 @@ def test_fid_compute_features_batching():
     want = images.transpose(0, 3, 1, 2).reshape(11, -1).astype(np.float32)  # NHWC in, NCHW to the network
     batches = [images[:2], torch.from_numpy(images[2:9]), images[9:]]  # uneven, numpy and torch
     for inp in (images, batches, iter(batches)):
-        f = fid.compute_features(_FidStandIn(), inp, batch_size=3, progress=False)
+        f = fid.compute_features(_InceptionStandIn(), inp, batch_size=3, progress=False)
         assert f["pool3"].dtype == np.float32
         np.testing.assert_array_equal(f["pool3"], want[:, :4])
         np.testing.assert_array_equal(f["spatial"], want[:, 4:6])
         np.testing.assert_array_equal(f["logits"], want[:, :3])
     with pytest.raises(ValueError, match="uint8"):
-        fid.compute_features(_FidStandIn(), images.astype(np.float32), progress=False)
+        fid.compute_features(_InceptionStandIn(), images.astype(np.float32), progress=False)
 
 
 # --------------------------------------------------------------------------------------
@@ -1718,7 +1709,7 @@ def test_fid_make_ref_round_trip(tmp_path):
         cov = np.cov(want, rowvar=False)
         assert np.abs(ref["sigma" + stat[2:]] - cov).max() <= 1e-3 * np.abs(cov).max()
     # the written file reads back as a reference with the stored statistics
-    ref2 = fid.reference_stats(out, model=_FidStandIn())
+    ref2 = fid.reference_stats(out, model=_InceptionStandIn())
     np.testing.assert_array_equal(ref2["mu"], ref["mu"])
     np.testing.assert_array_equal(ref2["pool3"], images.transpose(0, 3, 1, 2).reshape(2, -1)[:, :4])
 
