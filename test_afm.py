@@ -617,8 +617,6 @@ def test_torchrun_two_processes_gloo(tmp_path):
 # vae.py: the SD-VAE
 # --------------------------------------------------------------------------------------
 
-
-_VAE_FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "fixtures")
 _VAE_TINY = dict(block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=8)  # 3 levels: factor 4
 
 
@@ -695,7 +693,7 @@ def _vae_assert_same(a, b):
 
 @pytest.mark.parametrize("layout", ["state_dict", "state_dict_legacy"])
 def test_vae_compat_fixture(layout):
-    path = os.path.join(_VAE_FIXTURES, "vae.pt")
+    path = os.path.join(FIXTURES, "vae.pt")
     if not os.path.isfile(path):
         pytest.skip(f"fixture {path} not found")
     fx = torch.load(path, map_location="cpu", weights_only=True)
@@ -1434,16 +1432,6 @@ def test_smp_fid_in_the_same_run(tmp_path, monkeypatch, capsys):
 # --------------------------------------------------------------------------------------
 
 
-_FID_FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "fixtures")
-
-
-def _fid_fixture(name):
-    path = os.path.join(_FID_FIXTURES, name)
-    if not os.path.isfile(path):
-        pytest.skip(f"fixture {path} not found")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def _fid_direct(mu1, s1, mu2, s2):
     """Frechet distance with tr sqrtm(s1 s2) = tr sqrt(s1^1/2 s2 s1^1/2), both roots by eigendecomposition."""
     w, v = np.linalg.eigh(s1)
@@ -1484,7 +1472,7 @@ def _fid_random_stats(rng, d, n):
 
 
 def test_fid_resize_tf1_matches_fixture():
-    fx = _fid_fixture("inception_tf.pt")
+    fx = fixture("inception_tf.pt")
     for size in (64, 256):
         img = fx["inputs"][f"images_{size}"][:1].float()
         err = (fid.resize_tf1(img) - fx["expected"][f"resize_{size}_to_299"]).abs().max().item()
@@ -1525,7 +1513,7 @@ def test_fid_state_dict_layouts(tmp_path, monkeypatch):
 
 
 def test_fid_forward_matches_fixture_and_pytorch_fid():
-    fx = _fid_fixture("inception_tf.pt")
+    fx = fixture("inception_tf.pt")
     model = fid.InceptionV3().eval()
     model.load_state_dict({k: v.float() for k, v in fx["state_dict"].items()})
     img = fx["inputs"]["images_64"][:1]  # (1, 3, 64, 64) uint8
@@ -1691,7 +1679,7 @@ def test_fid_bad_npz_one_line_errors(tmp_path):
 
 
 def test_fid_make_ref_round_trip(tmp_path):
-    fx = _fid_fixture("inception_tf.pt")
+    fx = fixture("inception_tf.pt")
     torch.save(fx["state_dict"], tmp_path / "w.pth")  # fp16 as the fixture ships it
     images = fx["inputs"]["images_64"][:2].permute(0, 2, 3, 1).numpy()  # (2, 64, 64, 3)
     for i, img in enumerate(images):  # nested folders; sorted paths keep this order
