@@ -617,6 +617,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
 # vae.py: the SD-VAE
 # --------------------------------------------------------------------------------------
 
+
 _VAE_TINY = dict(block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=8)  # 3 levels: factor 4
 
 
