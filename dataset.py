@@ -1,6 +1,6 @@
 """
 Data for Adversarial Flow Models (AFM_SPEC section 11): images or cached VAE latents in, (x, y)
-examples out, through one entry point `build_dataset(data, image_size, vae_path)`:
+examples out, through `build_dataset(data, image_size, vae_path)`:
 
     "digits"      the built-in 8x8 digits (digits.npz: UCI optdigits as packaged by scikit-learn,
                   CC BY 4.0), in memory, for CPU runs of the whole pipeline.
@@ -12,11 +12,12 @@ examples out, through one entry point `build_dataset(data, image_size, vae_path)
                   example is read it draws a flip and a fresh (mean + std * randn) * 0.18215, since
                   the release samples the posterior (not its mean) each time it encodes an image.
 
+It also holds what every script needs on the way in: torchrun set-up (`setup`, `print0`), the
+resumable index stream that feeds training, and safe files (`save_atomic`, `save_npz`, `load_checkpoint`).
+
     python dataset.py                                                  # self-check: digits stats
     python dataset.py cache --data /data/imagenet/train --vae sd-vae-ft-mse.pt --out cache/in256
     torchrun --nproc_per_node=8 dataset.py cache --data ... --vae ... --out ...  # split over ranks
-    python dataset.py bench                  # raw images vs cache: tiny random VAE, synthetic JPEGs
-    python dataset.py bench --data /data/imagenet/train --vae sd-vae-ft-mse.pt
 
 Cache layout: meta.json (VAE identity, image size, latent shape, classes, counts, skipped files)
 and shard_00000.pt, ... (torch.save of plain tensors): mean, std fp16 (n, 2, C, h, w) with [:, 0]
@@ -25,28 +26,125 @@ unreadable files of that shard. An interrupted run resumes when rerun: finished 
 """
 
 import argparse
+import glob
 import hashlib
-import itertools
 import json
 import math
 import os
-import tempfile
-import time
 import warnings
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from vae import SCALE, AutoencoderKL, load_vae
+from vae import SCALE, load_vae, posterior
 
 DIGITS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.npz")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")  # ADM's list + bmp, any case
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # PIL on bad files
 SHARD = "shard_{:05d}.pt"
+
+# --------------------------------------------------------------------------------------
+# Processes and files: torchrun set-up, rank-0 printing, atomic saves, guarded loads
+# --------------------------------------------------------------------------------------
+
+
+def setup(device="auto"):
+    """torchrun's environment when present (NCCL on GPU, gloo on CPU), else one process.
+    Returns (rank, world size, device); TF32 matmuls and convolutions on GPU, as the release."""
+    cuda = torch.cuda.is_available() and device != "cpu"
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    if not dist.is_initialized():
+        return 0, 1, device
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def cleanup():
+    """Leave the process group together: no rank exits while another still talks to it."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def print0(*a, **k):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*a, **k, flush=True)
+
+
+def save_atomic(obj, path, save=torch.save):
+    """`save(obj, path)` under a temporary name, then a rename: a crash mid-write never leaves half
+    a file under the real name, and never destroys the previous file of that name."""
+    save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def save_npz(path, **arrays):
+    """np.savez, atomically (through a file object: np.savez would add ".npz" to the temporary name)."""
+    def write(arrays, tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    save_atomic(arrays, path, write)
+
+
+def load_checkpoint(path):
+    """torch.load of a checkpoint onto the CPU, plain tensors only (weights_only)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def find_checkpoint(path):
+    """A checkpoint file, or the newest of a run folder's checkpoints/ (None if there is none)."""
+    if os.path.isfile(path):
+        return path
+    found = sorted(glob.glob(os.path.join(path, "checkpoints", "*.pt")))
+    return found[-1] if found else None
+
+
+# --------------------------------------------------------------------------------------
+# The training stream: which examples each rank reads, resumable to the example
+# --------------------------------------------------------------------------------------
+
+
+class IndexStream:
+    """An endless, resumable stream of this rank's example indices: epoch e is a permutation
+    drawn from (seed, e); rank r takes every world-th index. `position` (examples consumed) is
+    all the state, so a resumed run reads exactly the batches the interrupted one would have."""
+
+    def __init__(self, n, rank, world, seed, position=0):
+        self.n, self.rank, self.world, self.seed, self.position = n, rank, world, seed, position
+        self.per_rank = n // world
+
+    def __iter__(self):
+        while True:
+            epoch, offset = divmod(self.position, self.per_rank)
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+            mine = perm[self.rank::self.world][: self.per_rank]
+            for i in mine[offset:].tolist():
+                self.position += 1
+                yield i
+
+
+def batches(dataset, stream, batch_size, workers):
+    """Yield (x, y) batches. In-memory datasets (the digits) are indexed directly; the others go
+    through a DataLoader fed by the stream (per-item randomness, e.g. flips, then comes from the
+    worker seeds, so only the index order is exactly resumable)."""
+    if hasattr(dataset, "tensors"):
+        xs, ys = dataset.tensors
+        it = iter(stream)
+        while True:
+            idx = torch.tensor([next(it) for _ in range(batch_size)])
+            yield xs[idx], ys[idx]
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=stream, num_workers=workers,
+                        pin_memory=torch.cuda.is_available(), drop_last=True, persistent_workers=workers > 0)
+    yield from loader
+
 
 # --------------------------------------------------------------------------------------
 # Image folder with ADM's preprocessing (guided-diffusion's center_crop_arr, as the release)
@@ -232,14 +330,10 @@ def build_dataset(data: str, image_size: int = 256, vae_path: str | None = None)
 # --------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def encode_moments(vae, x):
     """Posterior mean and std of uint8 (N, 3, S, S) crops and their mirrors: (N, 2, C, h, w)."""
     x = x.float() / 127.5 - 1
-    x = torch.cat([x, x.flip(-1)])  # (2N, 3, S, S): images, then mirrors
-    with torch.autocast("cuda", torch.bfloat16, enabled=x.is_cuda):  # bf16 VAE as the release
-        mean, logvar = vae.encode(x)  # (2N, C, h, w) each
-    mean, std = mean.float(), torch.exp(0.5 * logvar.float())
+    mean, std = posterior(vae, torch.cat([x, x.flip(-1)]))  # (2N, C, h, w) each: images, then mirrors
     return [t.unflatten(0, (2, -1)).transpose(0, 1) for t in (mean, std)]  # (N, 2, C, h, w)
 
 
@@ -257,25 +351,7 @@ class _Crops(Dataset):  # unflipped uint8 crops for the writer; unreadable -> ok
         return torch.from_numpy(arr.copy()).permute(2, 0, 1), i, True  # (3, S, S)
 
 
-def _setup():
-    """torchrun's process group when launched by it (NCCL on GPU, gloo on CPU), else one process."""
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    if not dist.is_initialized():
-        return 0, 1, device
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def _atomic(save, obj, path):  # temp name, then rename: a crash never leaves half a file
-    save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def _save_json(obj, path):
+def save_json(obj, path):
     with open(path, "w") as f:
         json.dump(obj, f, indent=1)
 
@@ -284,7 +360,7 @@ def build_cache(data, vae_path, out, image_size=256, batch_size=64, shard_size=1
                 num_workers=8, max_images=None, device=None):
     """Encode every image of `data` and its mirror into `out`; returns the shards this rank wrote.
     device: default cuda (this rank's) if available, else cpu."""
-    rank, world, default_device = _setup()
+    rank, world, default_device = setup()
     device = torch.device(device or default_device)
     folder = ImageFolder(data, image_size, flip=False)
     n = len(folder) if max_images is None else min(len(folder), max_images)
@@ -303,19 +379,19 @@ def build_cache(data, vae_path, out, image_size=256, batch_size=64, shard_size=1
                 raise ValueError(f"{out} was cached with another {key}: use a new --out")
     if rank == 0:  # complete=False until every shard is written
         os.makedirs(out, exist_ok=True)
-        _atomic(_save_json, meta, os.path.join(out, "meta.json"))
+        save_atomic(meta, os.path.join(out, "meta.json"), save_json)
     if dist.is_initialized():
         dist.barrier()
 
     paths = [os.path.join(out, SHARD.format(k)) for k in range(math.ceil(n / shard_size))]
     ends = [min(n, (k + 1) * shard_size) for k in range(len(paths))]  # shard k ends before ends[k]
     todo = [k for k in range(rank, len(paths), world) if not os.path.exists(paths[k])]
-    batches = [list(range(i, min(i + batch_size, ends[k])))
-               for k in todo for i in range(k * shard_size, ends[k], batch_size)]
-    loader = DataLoader(_Crops(folder), batch_sampler=batches, pin_memory=device.type == "cuda",
+    jobs = [list(range(i, min(i + batch_size, ends[k])))  # batches of file indices, shard by shard
+            for k in todo for i in range(k * shard_size, ends[k], batch_size)]
+    loader = DataLoader(_Crops(folder), batch_sampler=jobs, pin_memory=device.type == "cuda",
                         num_workers=min(num_workers, os.cpu_count() or 1))
     desc = "caching" if world == 1 else f"caching (rank 0 of {world})"
-    bar = tqdm(total=sum(map(len, batches)), unit="img", desc=desc, disable=rank != 0)
+    bar = tqdm(total=sum(map(len, jobs)), unit="img", desc=desc, disable=rank != 0)
     labels, written, parts = torch.tensor(folder.labels), [], []
     empty = torch.empty(0, 2, *meta["latent_shape"])  # a batch of unreadable files only
     for x, idx, ok in loader:
@@ -327,7 +403,7 @@ def build_cache(data, vae_path, out, image_size=256, batch_size=64, shard_size=1
             index, bad, mean, std = [torch.cat(t) for t in zip(*parts)]  # mean, std (n, 2, C, h, w)
             shard = dict(mean=mean, std=std, label=labels[index], index=index,
                          skipped=[names[i] for i in bad.tolist()])
-            _atomic(torch.save, shard, paths[k])
+            save_atomic(shard, paths[k])
             written, parts = written + [paths[k]], []
     bar.close()
 
@@ -338,66 +414,15 @@ def build_cache(data, vae_path, out, image_size=256, batch_size=64, shard_size=1
         meta.update(shard_counts=[len(s["label"]) for s in shards], complete=True,
                     skipped=[f for s in shards for f in s["skipped"]])
         meta["num_images"] = sum(meta["shard_counts"])
-        _atomic(_save_json, meta, os.path.join(out, "meta.json"))
+        save_atomic(meta, os.path.join(out, "meta.json"), save_json)
         print(f"cached {meta['num_images']} images and mirrors in {len(paths)} shards at {out}; "
               f"skipped {len(meta['skipped'])} unreadable files")
     return written
 
 
 # --------------------------------------------------------------------------------------
-# Bench, self-check, command line
+# Self-check, command line
 # --------------------------------------------------------------------------------------
-
-
-def bench(args):
-    tmp = tempfile.TemporaryDirectory()
-    vae_path, data = args.vae, args.data
-    if vae_path is None:  # tiny random VAE with SD's /8 latents: compares pipelines, not VAEs
-        vae_path = os.path.join(tmp.name, "tiny_vae.pt")
-        tiny = AutoencoderKL(block_out_channels=(32,) * 4, layers_per_block=1, norm_num_groups=8)
-        torch.save(tiny.state_dict(), vae_path)
-    if data is None:  # smooth noisy JPEGs of ImageNet-like sizes: decode + crop cost as there
-        rng, data = np.random.default_rng(0), os.path.join(tmp.name, "images")
-        for i in range(2 * args.batch_size):
-            w, h = rng.integers(300, 600, 2)
-            arr = np.linspace(0, 255, w)[None, :, None] * rng.random(3)  # (1, w, 3) gradient
-            arr = arr + rng.normal(0, 20, (h, w, 3))  # (h, w, 3)
-            os.makedirs(os.path.join(data, f"class{i % 3}"), exist_ok=True)
-            Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(f"{data}/class{i % 3}/{i}.jpg")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    vae = load_vae(vae_path, device=device)
-
-    def rate(ds, step):  # samples/s over --batches batches, after one untimed (warm-up) batch
-        loader = DataLoader(ds, args.batch_size, shuffle=True, num_workers=args.num_workers,
-                            drop_last=True, persistent_workers=args.num_workers > 0)
-        batches = (b for _ in itertools.count() for b in loader)  # as many epochs as needed
-        step(*next(batches))
-        t0 = time.perf_counter()
-        for _ in range(args.batches):
-            step(*next(batches))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return args.batches * args.batch_size / (time.perf_counter() - t0)
-
-    @torch.no_grad()
-    def from_images(x, y):  # what train.py does per batch without a cache
-        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-            mean, logvar = vae.encode(x.to(device))  # (B, 4, S/8, S/8) each
-        return (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * SCALE
-
-    folder = ImageFolder(data, args.image_size)
-    n = min(len(folder), args.max_images)
-    raw = rate(Subset(folder, range(n)), from_images)
-    t0 = time.perf_counter()
-    cache = os.path.join(tmp.name, "cache")
-    build_cache(data, vae_path, cache, args.image_size, args.batch_size, 1024, args.num_workers, n)
-    build = n / (time.perf_counter() - t0)
-    cached = rate(LatentCache(cache), lambda x, y: x.to(device))
-    print(f"{device}, {args.image_size}px, batch {args.batch_size}, {args.num_workers} workers, "
-          f"VAE {args.vae or 'tiny random (32,32,32,32)'}, {n} images")
-    print(f"raw images (decode, crop, flip, VAE encode, sample): {raw:10.1f} samples/s")
-    print(f"latent cache (read, flip, posterior sample):         {cached:10.1f} samples/s")
-    print(f"cache build (image + mirror encoded once):            {build:10.1f} images/s")
 
 
 def self_check():
@@ -412,7 +437,7 @@ def self_check():
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description="AFM data: self-check (no command), cache, bench")
+    p = argparse.ArgumentParser(description="AFM data: self-check (no command) or cache")
     sub = p.add_subparsers(dest="command")
     c = sub.add_parser("cache", help="encode an image folder and its mirror into a latent cache")
     c.add_argument("--data", required=True, help="image folder, ImageNet train layout")
@@ -423,14 +448,6 @@ def parse_args():
     c.add_argument("--shard-size", type=int, default=1024)  # images per shard: 32 MiB at 256px
     c.add_argument("--num-workers", type=int, default=8)  # decode + crop processes per rank
     c.add_argument("--max-images", type=int, default=None)  # first N files only (smoke tests)
-    b = sub.add_parser("bench", help="samples/s of training batches: raw images vs latent cache")
-    b.add_argument("--data", default=None, help="image folder (default: synthetic JPEGs)")
-    b.add_argument("--vae", default=None, help="VAE weights (default: a tiny random VAE)")
-    b.add_argument("--image-size", type=int, default=256)
-    b.add_argument("--batch-size", type=int, default=32)
-    b.add_argument("--num-workers", type=int, default=2)
-    b.add_argument("--batches", type=int, default=10)  # timed batches per pipeline
-    b.add_argument("--max-images", type=int, default=256)  # images read, and cached
     return p.parse_args()
 
 
@@ -438,10 +455,7 @@ def main(args):
     if args.command == "cache":
         build_cache(args.data, args.vae, args.out, args.image_size, args.batch_size,
                     args.shard_size, args.num_workers, args.max_images)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    elif args.command == "bench":
-        bench(args)
+        cleanup()
     else:
         self_check()
 

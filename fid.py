@@ -10,7 +10,6 @@ pytorch-fid, PIL bicubic as in clean-fid) give different numbers.
     python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz              # FID, sFID, IS, precision, recall
     python fid.py samples.npz ref.npz --inception weights.pth --batch-size 250 --device cuda
     python fid.py --make-ref FOLDER_OR_NPZ --out ref.npz                     # a reference batch in ADM's format
-    python fid.py --bench                                                     # Inception images/s on this device
 
 Weights: `--inception PATH`, else `$AFM_CACHE` (default ~/.cache/afm/) holding torch-fidelity's
 weights-inception-2015-12-05-6726825d.pth or pytorch-fid's pt_inception-2015-12-05-6726825d.pth, else downloaded
@@ -23,7 +22,6 @@ import argparse
 import contextlib
 import os
 import sys
-import time
 import warnings
 
 import numpy as np
@@ -33,6 +31,8 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
+
+from dataset import save_npz
 
 URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 WEIGHT_NAMES = ("weights-inception-2015-12-05-6726825d.pth", "pt_inception-2015-12-05-6726825d.pth")
@@ -431,49 +431,13 @@ def evaluate(features, ref, device=None):
 # --------------------------------------------------------------------------------------
 
 
-def bench(args, device):
-    """Inception images/s at 256 px (ImageNet samples); on a GPU also the wall time of a full FID-50K."""
-    model, bs = InceptionV3().to(device).eval(), args.batch_size  # random weights: the speed is the same,
-    torch.set_flush_denormal(True)  # once their vanishing activations are kept out of slow denormal CPU arithmetic
-    x = torch.randint(0, 256, (bs, 3, 256, 256), dtype=torch.uint8, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    with torch.inference_mode(), exact_fp32():
-        model(x), sync()  # warm-up (cuDNN autotuning, allocator)
-        n, t0 = 0, time.time()
-        while n < 5 and (n == 0 or time.time() - t0 < 20):
-            model(x), sync()
-            n += 1
-    rate = n * bs / (time.time() - t0)
-    print(f"Inception fp32 on {device}: {rate:.1f} images/s (batch {bs}, 256x256 uint8 -> 299)")
-    if device.type == "cuda":  # the other parts of a FID-50K (50k samples, 10k reference images), timed at 10k
-        rng = np.random.default_rng(0)
-        f = {k: rng.random((10000, d), dtype=np.float32) for k, d in (("pool3", POOL3), ("spatial", SPATIAL))}
-        t0 = time.time()
-        feature_stats(f)
-        t_stats = 5 * (time.time() - t0)  # linear in N
-        precision_recall(f["pool3"], f["pool3"], device=device), sync()  # warm-up
-        t0 = time.time()
-        precision_recall(f["pool3"], f["pool3"], device=device)
-        t_pr = 31 / 3 * (time.time() - t0)  # 3 distance blocks of 10k x 10k here, 50k^2 + 10k^2 + 10k*50k = 31 there
-        c, t0 = np.cov(f["pool3"][:4096], rowvar=False), time.time()
-        frechet_distance(np.zeros(POOL3), c, np.ones(POOL3), c)
-        t_fd = 2 * (time.time() - t0)  # FID and sFID
-        t_inc = 60000 / rate
-        print(f"FID-50K estimate: {t_inc:.0f} s Inception + {t_stats:.0f} s statistics + {t_pr:.1f} s precision/recall "
-              f"+ {t_fd:.0f} s sqrtm = {(t_inc + t_stats + t_pr + t_fd) / 60:.1f} min, plus reading the npz files")
-
-
 def main(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        if args.bench:
-            return bench(args, device)
         if args.make_ref:
             images = read_images(args.make_ref)
             feats = compute_features(load_inception(args.inception, device), images, args.batch_size)
-            tmp = args.out + ".tmp.npz"  # written whole, then renamed: a crash never leaves half a file
-            np.savez(tmp, **feature_stats(feats), arr_0=images)
-            os.replace(tmp, args.out)
+            save_npz(args.out, **feature_stats(feats), arr_0=images)
             print(f"wrote {args.out}: mu, sigma, mu_s, sigma_s and arr_0 {images.shape} from {args.make_ref}")
             return
         images = read_images(args.samples)  # a bad file fails here, before any Inception work
@@ -499,12 +463,11 @@ def parse_args(argv=None):
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--make-ref", metavar="FOLDER_OR_NPZ", help="write a reference batch from these images")
     p.add_argument("--out", help="output npz for --make-ref")
-    p.add_argument("--bench", action="store_true", help="time Inception on this device")
     args = p.parse_args(argv)
     if args.make_ref and not args.out:
         p.error("--make-ref needs --out ref.npz")
-    if not (args.bench or args.make_ref or (args.samples and args.ref)):
-        p.error("give samples.npz and ref.npz, or --make-ref, or --bench")
+    if not (args.make_ref or (args.samples and args.ref)):
+        p.error("give samples.npz and ref.npz, or --make-ref")
     return args
 
 

@@ -1,6 +1,6 @@
 """
-Sampling from Adversarial Flow Models (AFM, arXiv 2511.22475): noise -> images (AFM_SPEC section 9),
-as a PNG grid or as the ADM-format npz that FID-50K is computed from (AFM_SPEC section 12).
+Sampling from Adversarial Flow Models (AFM_SPEC section 9): noise -> images, as a PNG grid or as the
+ADM-format npz that FID-50K is computed from (AFM_SPEC section 12; the README has the details).
 
     python sample.py --ckpt results/000-T-2                         # grid.png: digits, EMA weights
     python sample.py --ckpt xl2_1nfe_guided_FID2.38.pth --vae sd-vae-ft-mse.bin --classes 207 360 387
@@ -8,47 +8,95 @@ as a PNG grid or as the ADM-format npz that FID-50K is computed from (AFM_SPEC s
     python sample.py --ckpt xl2_56layer_1nfe_guided_FID2.08.pth --repeat 2 --vae ...    # deep, 56 layers
     torchrun --nproc_per_node=8 sample.py --ckpt X --vae ... --num-samples 50000 --out samples.npz \
         --fid VIRTUAL_imagenet256_labeled.npz                      # FID, sFID, IS, precision, recall
-    python sample.py --bench --model XL/2 --batch-size 256 --precision bf16 --vae ...   # images/s
 
-Checkpoints: ours (train.py; `--weights ema|model`, settings from its args) or the release's bare
-generator state dicts. Inferred from the keys: input channels and size (x_embedder, pos_embed),
-classes (y_embedder rows; 1001 rows = 1000 classes + the class-dropout null row), depth and width
-(hence --model), t_src (t_embedder) and t_tgt (t_tgt_embedder) conditioning. Not in the keys:
---steps (default 1), --pred (default: x without timestep conditioning, else v: the release's 1-NFE
-recipes predict x, its multi- and any-step recipes v) and --repeat (a file with a t_embedder but no
-t_tgt_embedder is a k-NFE model unless --repeat > 1 makes it the deep 1-NFE generator).
-
-Sample files: `arr_0` uint8 (N, H, W, 3) and `arr_1` int64 labels, exactly N / classes samples per
-class (sample i has class i // (N / classes), as the release), in the file order of the release's
-misc/pack_npz.py (sample i goes where np.random.seed(42); np.random.permutation(N) puts it: the
-Inception Score is taken over 5,000-sample chunks in file order). 1-channel (digits) images are
-stored as RGB with the gray value in all three channels, as PIL's convert("RGB") would.
-Determinism: sample i's noise and label depend only on (seed, i) and every batch is padded to
---batch-size, so the number of processes and resuming never change a bit; another --batch-size
-gives the same bits where the kernels are batch-invariant (this CPU's, tested), while on a GPU a
-kernel picked for another shape may move a pixel by one level.
-Interrupted (Ctrl-C, SIGTERM, a crash, --max-batches): the finished shards stay in OUT.parts/ and
-rerunning the same command (any number of processes) makes only the rest; exit status 1 until done.
+Takes our checkpoints (EMA weights by default) or the release's bare generator state dicts, with
+size, channels, classes and timestep conditioning read off the keys. npz files hold exactly N/classes
+samples per class in the release's shuffled order; sample i's noise depends only on (seed, i), so
+the file is the same for any number of processes, and an interrupted run resumes from OUT.parts/.
 """
 
 import argparse
 import contextlib
 import glob
 import json
+import math
 import os
 import shutil
 import signal
-import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
 from tqdm import tqdm
 
+from dataset import cleanup, find_checkpoint, load_checkpoint, print0, save_atomic, save_json, save_npz, setup
 from model import Generator, models
-from train import generate, print0, save_grid, setup
+from vae import decode, load_vae
 
 IMAGENET_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py grid: dog, otter, panda, ...
+
+# --------------------------------------------------------------------------------------
+# Noise -> images
+# --------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate(G, z, y, steps=1, pred="x"):
+    """Sampling (AFM_SPEC section 9): t = linspace(1, 0, steps + 1); each jump t_i -> t_{i+1} is
+    one generator evaluation. x-prediction returns the target, v-prediction a velocity."""
+    t = torch.linspace(1, 0, steps + 1, device=z.device)
+    x = z
+    for i in range(steps):
+        t_i, t_j = t[i].expand(z.shape[0]), t[i + 1].expand(z.shape[0])
+        out = G(x, y, t_i, t_j).float()
+        x = out if pred == "x" else x - (t[i] - t[i + 1]) * out
+    return x
+
+
+def noise(indices, shape, seed):
+    """Sample i's noise from its own CPU generator: the same on any device, process count or batch."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 10**8 + i)) for i in indices])
+
+
+@torch.no_grad()
+def sample_images(G, z, y, steps, pred, vae=None, amp=contextlib.nullcontext()):
+    """(N, C, h, w) noise and labels -> (N, 3, H, W) images in [-1, 1]. Latents decode as z / 0.18215."""
+    with amp:
+        x = generate(G, z, y, steps, pred)  # (N, C, h, w): pixels, or SD-VAE latents x 0.18215
+        x = decode(vae, x) if vae is not None else x.float().clamp(-1, 1)  # (N, 3, H, W)
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # gray -> RGB: ADM and Inception take 3 channels
+
+
+def sample_indices(G, idx, y, shape, steps, pred, seed, batch_size, vae=None, amp=contextlib.nullcontext()):
+    """Sample indices `idx` with labels `y` (lists) -> (n, 3, H, W) in [-1, 1]. A short batch is padded
+    to batch_size, so every batch has one shape (one compiled graph, the same kernels)."""
+    device = next(G.parameters()).device
+    n, pad = len(idx), batch_size - len(idx)
+    z = noise(idx + idx[-1:] * pad, shape, seed).to(device)  # (B, C, h, w)
+    y = torch.tensor(y + y[-1:] * pad, device=device)
+    return sample_images(G, z, y, steps, pred, vae, amp)[:n]
+
+
+def to_uint8(x):
+    """[-1, 1] (N, 3, H, W) -> uint8 (N, H, W, 3) as the release: to_pil_image(x.mul(0.5).add(0.5).clamp(0, 1)),
+    and torchvision's to_pil_image does .mul(255).byte(): truncation, not rounding (255 only for exactly 1.0)."""
+    return x.mul(0.5).add(0.5).clamp(0, 1).mul(255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(images, path, nrow, upscale=None):
+    """Images in [-1, 1], (N, C, H, W) -> one PNG grid, `nrow` images per row, small images enlarged to 64 px."""
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()  # (N, C, H, W)
+    x = (x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x)[:, :3]
+    upscale = upscale or max(1, 64 // x.shape[-1])
+    x = x.repeat_interleave(upscale, 2).repeat_interleave(upscale, 3)
+    N, C, H, W = x.shape
+    grid = torch.full((C, math.ceil(N / nrow) * (H + 2) + 2, nrow * (W + 2) + 2), 255, dtype=torch.uint8)
+    for i in range(N):
+        r, c = divmod(i, nrow)
+        grid[:, 2 + r * (H + 2): 2 + r * (H + 2) + H, 2 + c * (W + 2): 2 + c * (W + 2) + W] = x[i]
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+
 
 # --------------------------------------------------------------------------------------
 # Loading: our checkpoints and the release's bare state dicts
@@ -58,11 +106,10 @@ IMAGENET_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py gr
 def load_generator(path, model=None, weights="ema", steps=None, pred=None, repeat=None, num_classes=None):
     """-> (Generator in eval mode on the CPU, info dict). Flags left None come from our checkpoint's
     args, else from the keys (see the top of the file); a file that does not fit is a one-line ValueError."""
-    if os.path.isdir(path):  # a run folder: its newest checkpoint
-        path = (sorted(glob.glob(os.path.join(path, "checkpoints", "*.pt"))) or [path + "/checkpoints/*.pt"])[-1]
+    path = find_checkpoint(path) or path  # a run folder: its newest checkpoint
     if not os.path.isfile(path):
-        raise ValueError(f"--ckpt {path}: no such file")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+        raise ValueError(f"--ckpt {path}: no such file (or no checkpoints/*.pt in that folder)")
+    obj = load_checkpoint(path)
     ours = isinstance(obj, dict) and "args" in obj and weights in obj
     a, sd = (obj["args"], obj[weights]) if ours else ({}, obj)
     try:
@@ -111,41 +158,6 @@ def load_generator(path, model=None, weights="ema", steps=None, pred=None, repea
 
 
 # --------------------------------------------------------------------------------------
-# Noise -> images
-# --------------------------------------------------------------------------------------
-
-
-def noise(indices, shape, seed):
-    """Sample i's noise from its own CPU generator: the same on any device, process count or batch."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 10**8 + i)) for i in indices])
-
-
-@torch.no_grad()
-def sample(G, z, y, steps, pred, vae=None, amp=contextlib.nullcontext()):
-    """(N, C, h, w) noise and labels -> (N, 3, H, W) images in [-1, 1]. Latents decode as z / 0.18215."""
-    with amp:
-        x = generate(G, z, y, steps, pred)  # (N, C, h, w): pixels, or SD-VAE latents x 0.18215
-        if vae is not None:
-            from vae import SCALE
-            x = vae.decode(x / SCALE)  # (N, 3, H, W)
-    x = x.float().clamp(-1, 1)
-    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # gray -> RGB: ADM and Inception take 3 channels
-
-
-def to_uint8(x):
-    """[-1, 1] (N, 3, H, W) -> uint8 (N, H, W, 3) as the release: to_pil_image(x.mul(0.5).add(0.5).clamp(0, 1)),
-    and torchvision's to_pil_image does .mul(255).byte(): truncation, not rounding (255 only for exactly 1.0)."""
-    return x.mul(0.5).add(0.5).clamp(0, 1).mul(255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def save_npz(path, **arrays):
-    """Write to a temporary name, then rename: a crash never leaves half a file under the real name."""
-    with open(path + ".tmp", "wb") as f:  # a file object: np.savez would append ".npz" to a name
-        np.savez(f, **arrays)
-    os.replace(path + ".tmp", path)
-
-
-# --------------------------------------------------------------------------------------
 # Many samples: per-rank shards in OUT.parts/ (resumable), assembled into one npz
 # --------------------------------------------------------------------------------------
 
@@ -166,8 +178,7 @@ def sample_npz(args, images, labels, meta, rank, world, device):
             diff = [f"{k}: {old.get(k)} vs {v}" for k, v in meta.items() if old.get(k) != v]
             error = diff and f"{parts} holds samples made with other settings ({'; '.join(diff)}): remove it"
         else:
-            with open(meta_path, "w") as f:
-                json.dump(meta, f, indent=1)
+            save_atomic(meta, meta_path, save_json)
     box = [error]
     if world > 1:
         dist.broadcast_object_list(box)  # doubles as a barrier: nobody reads parts/ before rank 0 is done
@@ -210,9 +221,10 @@ def sample_npz(args, images, labels, meta, rank, world, device):
     flag = torch.tensor([float(interrupted)], device=device)
     if world > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # also waits until every rank's shards are written
-        dist.destroy_process_group()
     if flag.item():
         print0(f"interrupted: finished samples are in {parts}; rerun the same command to resume")
+    cleanup()
+    if flag.item():
         raise SystemExit(1)
     return assemble(parts, args.out, labels) if rank == 0 else None
 
@@ -240,45 +252,13 @@ def assemble(parts, out, labels):
 
 
 # --------------------------------------------------------------------------------------
-# Main: grid, npz (+ FID), benchmark
+# Main: grid, or npz (+ FID)
 # --------------------------------------------------------------------------------------
-
-
-def bench(args, device, amp):
-    """Images/s of sampling --model with random weights (the speed does not depend on them)."""
-    name, steps, repeat = args.model or "T/2", args.steps or 1, args.repeat or 1
-    pred = args.pred or ("x" if steps == 1 else "v")
-    C, H, K = (1, 8, 10) if name.startswith("T/") else (4, args.image_size // 8, 1000)
-    G = Generator(**models[name], input_size=H, in_channels=C, num_classes=K, use_t_src=steps > 1, repeat=repeat)
-    G = G.to(device).eval().requires_grad_(False)
-    vae = None
-    if args.vae and C == 4:
-        from vae import load_vae
-        vae = load_vae(args.vae, device)
-    G.compile(dynamic=False) if args.compile else None
-    z = torch.randn(args.batch_size, C, H, H, device=device)
-    y = torch.randint(0, K, (args.batch_size,), device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(2):  # warm-up (compilation, cuDNN autotuning, allocator)
-        sample(G, z, y, steps, pred, vae, amp), sync()
-    n, t0 = 0, time.time()
-    while n < 3 or time.time() - t0 < 5:
-        sample(G, z, y, steps, pred, vae, amp), sync()
-        n += 1
-    dt = (time.time() - t0) / n
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    what = f"{name}{f' x{repeat}' if repeat > 1 else ''} {C}x{H}x{H}, {steps} NFE{' + VAE decode' if vae else ''}"
-    print(f"bench {what}, batch {args.batch_size}, {args.precision}{' compile' if args.compile else ''} on {where}: "
-          f"{args.batch_size / dt:.1f} images/s ({dt * 1000:.1f} ms per batch)", flush=True)
 
 
 def main(args):
     rank, world, device = setup(args.device)
     amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
-    if args.bench:
-        return bench(args, device, amp)
-    if not args.ckpt:
-        raise SystemExit("sample.py: error: --ckpt is required (or --bench)")
     npz = args.num_samples > 0
     args.out = args.out or ("samples.npz" if npz else "grid.png")
     try:
@@ -296,10 +276,7 @@ def main(args):
             raise ValueError(f"{C}-channel samples: neither images (1 or 3) nor SD-VAE latents (4)")
         if npz and args.num_samples % K:
             raise ValueError(f"--num-samples {args.num_samples} is not divisible by the {K} classes")
-        vae = None
-        if C == 4:
-            from vae import load_vae
-            vae = load_vae(vae_path, device)
+        vae = load_vae(vae_path, device) if C == 4 else None
     except (ValueError, RuntimeError, FileNotFoundError) as e:  # one line, no traceback
         raise SystemExit(f"sample.py: error: {e}")
     G.to(device)
@@ -308,10 +285,7 @@ def main(args):
            f"{world} process(es) on {device}")
 
     def images(idx, y):  # sample indices and their labels -> (n, 3, H, W) in [-1, 1]
-        n, pad = len(idx), args.batch_size - len(idx)  # a short last batch is padded: one shape for every batch
-        z = noise(idx + idx[-1:] * pad, (C, H, H), args.seed).to(device)  # (B, C, H, W)
-        y = torch.tensor(y + y[-1:] * pad, device=device)
-        return sample(G, z, y, info["steps"], info["pred"], vae, amp)[:n]
+        return sample_indices(G, idx, y, (C, H, H), info["steps"], info["pred"], args.seed, args.batch_size, vae, amp)
 
     if not npz:  # the grid: one row per class, --per-class columns
         classes = args.classes or (list(range(K)) if K <= 10 else IMAGENET_CLASSES)
@@ -321,9 +295,9 @@ def main(args):
             y = [c for c in classes for _ in range(args.per_class)]
             x = torch.cat([images(list(range(i, min(i + args.batch_size, len(y)))), y[i:i + args.batch_size])
                            for i in range(0, len(y), args.batch_size)])
-            save_grid(x, args.out, nrow=args.per_class, upscale=max(1, 64 // x.shape[-1]))
+            save_grid(x, args.out, nrow=args.per_class)
             print0(f"wrote {args.out}: classes {classes}, seed {args.seed}")
-        return dist.destroy_process_group() if world > 1 else None
+        return cleanup()
     labels = np.arange(args.num_samples) // (args.num_samples // K)  # sample i has class i // per_class (release)
     meta = {k: v for k, v in info.items() if k in ("model", "steps", "pred", "repeat", "num_classes")}
     meta.update(ckpt=os.path.abspath(args.ckpt), weights=args.weights, seed=args.seed, num_samples=args.num_samples,
@@ -342,7 +316,7 @@ def main(args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--ckpt", help="our checkpoint (file or run folder) or a bare generator state dict (.pth)")
+    a("--ckpt", required=True, help="our checkpoint (file or run folder) or a bare generator state dict (.pth)")
     a("--weights", choices=["ema", "model"], default="ema", help="which weights of our checkpoints")
     a("--model", choices=list(models), default=None, help="generator size (default: checkpoint's, or from the keys)")
     a("--steps", type=int, default=None, help="NFE (default: as trained; any-step and bare files: 1)")
@@ -363,8 +337,6 @@ def parse_args(argv=None):
     a("--precision", choices=["fp32", "bf16"], default="fp32", help="the release samples in fp32 (TF32 on GPU)")
     a("--compile", action="store_true", help="torch.compile the generator")
     a("--device", choices=["auto", "cpu"], default="auto")
-    a("--bench", action="store_true", help="print images/s of --model (random weights; --vae adds decoding)")
-    a("--image-size", type=int, default=256, help="--bench: latent models sample image-size / 8 latents")
     return p.parse_args(argv)
 
 

@@ -1,10 +1,19 @@
 """
-Tests for the whole project, on CPU with tiny models (the suite runs in a few minutes on 2 cores).
+Tests, organised by what they guarantee (CPU, tiny models; a few minutes on 2 cores):
 
     python -m pytest -q test_afm.py
 
-Cases that compare against the authors' code and the reference libraries read the small
-random-weight fixtures in ../shared/fixtures and are skipped when that folder is absent.
+1. Formats load: the release's networks, sd-vae-ft-mse and the FID Inception load unchanged (real-size key
+   lists) and compute the reference libraries' numbers (fixtures/, a subset of the full fixture set made
+   with the release's and the libraries' own code; AFM_FIXTURES=DIR runs every case of the full set).
+2. The networks are the release's DiTs: shapes, parameter counts, conditioning switches, deep generator.
+3. Every loss term equals a hand-computed value; gradient normalization, schedule, sampler, augmentation.
+4. The 1-D toy learns the monotone (W2-optimal) quantile map.
+5. Recipes resolve to the release's values; combinations the release never uses are one-line errors.
+6. Training resumes bitwise; signals, non-finite losses, two processes, guidance, image folders and caches.
+7. Data: ADM's center crop, image folders, the latent cache and its posterior sampling.
+8. Sample files do not depend on the number of processes or on interruptions; bare state dicts load.
+9. Metrics equal their direct formulas (FID, IS, precision/recall); fid.py's files and errors.
 """
 
 import contextlib
@@ -19,40 +28,61 @@ import sys
 import time
 import warnings
 
-from PIL import Image
-from torch.utils.data import DataLoader
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader
 
-from dataset import SHARD, ImageFolder, LatentCache, build_cache, build_dataset, check_cache
-from dataset import vae_identity
-from model import Generator, models
-from vae import SCALE, AutoencoderKL, load_vae
+import dataset as DS
 import fid
 import model as M
 import sample as S
 import train as T
-import vae
+import vae as V
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "fixtures")
-
-
-def fixture(name):
-    path = os.path.join(FIXTURES, name)
-    if not os.path.isfile(path):
-        pytest.skip(f"fixture {path} not found")
-    return torch.load(path, map_location="cpu", weights_only=True)
+# --------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+ENV = dict(os.environ, OMP_NUM_THREADS="1")  # subprocesses on two shared cores: one thread each is far faster
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
 
 
+def fixture_path(name):
+    """The full fixture set's file when AFM_FIXTURES is set, else the subset shipped in fixtures/."""
+    for folder in (os.environ.get("AFM_FIXTURES"), os.path.join(HERE, "fixtures")):
+        if folder and os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    pytest.skip(f"needs {name} of the full fixture set (AFM_FIXTURES=DIR)")
+
+
+def fixture(name, *needs):
+    """A fixture file; the case is skipped (naming what it needs) if the file lacks one of `needs`."""
+    fx = torch.load(fixture_path(name), map_location="cpu", weights_only=True)
+    for key in needs:
+        if key not in fx:
+            pytest.skip(f"needs {name}['{key}'] of the full fixture set (AFM_FIXTURES=DIR)")
+    return fx
+
+
+@contextlib.contextmanager
+def one_thread():  # tiny networks: one thread is several times faster than two on 2 cores
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def randomize(module, std=0.05, seed=0):
-    """DiT starts with zero adaLN gates and a zero output layer: give every weight a value so
-    that each input visibly matters."""
+    """DiT starts with zero adaLN gates and a zero output layer: give every trained weight a value so that
+    each input visibly matters (pos_embed, fixed, is left alone)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
@@ -67,22 +97,331 @@ def tiny_inputs(n=3, c=4, s=8, seed=1):
             torch.rand(n, generator=g), torch.rand(n, generator=g))
 
 
+def run(script, *args, torchrun=False, check=True, **kw):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun \
+        else [sys.executable]
+    r = subprocess.run(launcher + [os.path.join(HERE, script), *map(str, args)], capture_output=True, text=True,
+                       env=ENV, cwd=HERE, timeout=300, **kw)
+    if check:
+        assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+TRAIN_FLAGS = ["--log-every", "2", "--sample-every", "0", "--ckpt-every", "4", "--workers", "0"]
+
+
+def train(tmp, *flags, **kw):
+    return run("train.py", "--results-dir", tmp, *TRAIN_FLAGS, *flags, **kw)
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_log(run_dir):
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def read_npz(path):
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+def sample_main(*argv):
+    with one_thread():
+        return S.main(S.parse_args([str(a) for a in argv]))
+
+
+def digits_checkpoint(path, steps="any"):
+    """A checkpoint in train.py's format (model, ema, args, step) of the digits model, model and EMA weights
+    made different."""
+    s = T.resolve(["--steps", steps])[0]
+    G = T.build(s, 1, 8, 10, torch.device("cpu"))["model"]  # T/2 on 1x8x8 digits, 10 classes
+    ema = M.Generator(**M.models["T/2"], input_size=8, in_channels=1, num_classes=10, use_t_src=steps != "1",
+                      use_t_tgt=steps == "any")
+    randomize(G, seed=1), randomize(ema, seed=2)
+    torch.save({"model": G.state_dict(), "ema": ema.state_dict(), "args": vars(s), "step": 7}, path)
+    return G, ema, s
+
+
+def bare_generator(path, seed=0, **kw):
+    """A plain .pth of generator weights, as the release ships them (the digits size unless told)."""
+    G = randomize(M.Generator(**M.models["T/2"], **{"input_size": 8, "in_channels": 1, "num_classes": 10, **kw}),
+                  seed=seed)
+    torch.save(G.state_dict(), path)
+    return G
+
+
+def same_outputs(G1, G2):
+    z, y = torch.randn(8, G1.in_channels, 8, 8), torch.arange(8) % 10
+    t_src, t_tgt = torch.full((8,), 0.75), torch.full((8,), 0.25)
+    with torch.no_grad(), one_thread():
+        assert torch.equal(G1(z, y, t_src, t_tgt), G2(z, y, t_src, t_tgt))
+
+
+def expected_samples(G, indices, labels, steps, pred, seed=0, vae=None):
+    """uint8 NHWC samples computed here from the definition: per-index CPU noise, generate, decode, truncation."""
+    H = int(G.pos_embed.shape[1] ** 0.5) * G.patch_size
+    z = torch.stack([torch.randn(G.in_channels, H, H, generator=torch.Generator().manual_seed(seed * 10**8 + int(i)))
+                     for i in indices])  # (N, C, H, W)
+    with torch.no_grad(), one_thread():
+        x = S.generate(G, z, torch.as_tensor(np.asarray(labels)), steps, pred)
+        if vae is not None:
+            x = vae.decode(x / V.SCALE)
+    x = x.float().clamp(-1, 1).expand(-1, 3, -1, -1)
+    return ((x + 1) / 2).clamp(0, 1).mul(255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+# Image folders: name -> (width, height, PIL mode); odd sizes, both sides of ADM's box-downsample loop at 32 px.
+IMAGES = {
+    "ant/a.jpg": (97, 61, "RGB"),  # short side 61 < 64: bicubic only
+    "ant/b.png": (300, 517, "RGB"),  # halved 3 times (300 -> 150 -> 75 -> 37), odd sides
+    "bee/c.png": (700, 451, "RGB"),  # halved 3 times, odd height
+    "bee/d.png": (61, 97, "L"),  # grayscale -> RGB
+    "cow/e.png": (64, 80, "RGBA"),  # short side exactly 2 * 32: halved once
+}
+CORRUPT = "bee/corrupt.jpg"  # a truncated JPEG: opens, fails while decoding
+
+
+def image_folder(root):
+    rng = np.random.default_rng(0)
+    for name, (w, h, mode) in IMAGES.items():
+        os.makedirs(os.path.join(root, os.path.dirname(name)), exist_ok=True)
+        arr = rng.integers(0, 256, (h, w, {"RGB": 3, "L": 1, "RGBA": 4}[mode]), dtype=np.uint8)
+        arr[:, : w // 3] //= 4  # dark left third: no image equals its own mirror
+        Image.fromarray(arr.squeeze(-1) if mode == "L" else arr, mode).save(os.path.join(root, name))
+    jpg = os.path.join(root, CORRUPT)
+    Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(jpg, quality=95)
+    with open(jpg, "rb") as f:
+        data = f.read()
+    with open(jpg, "wb") as f:
+        f.write(data[: len(data) // 2])
+    for note in ("notes.txt", "ant/notes.txt", "cow/labels.csv"):  # not images: ignored
+        with open(os.path.join(root, note), "w") as f:
+            f.write("not an image\n")
+    return str(root)
+
+
+def adm_crop(path, size):
+    """ADM's center_crop_arr, written from the recipe: (crop uint8 (S, S, 3), box halvings)."""
+    img = Image.open(path).convert("RGB")
+    halvings = 0
+    while min(img.size[0], img.size[1]) >= 2 * size:
+        img = img.resize((img.size[0] // 2, img.size[1] // 2), resample=Image.BOX)
+        halvings += 1
+    w, h = img.size
+    img = img.resize((round(w * size / min(w, h)), round(h * size / min(w, h))), resample=Image.BICUBIC)
+    a = np.array(img)
+    y0, x0 = (a.shape[0] - size) // 2, (a.shape[1] - size) // 2
+    return a[y0 : y0 + size, x0 : x0 + size], halvings
+
+
+def to_x(arr):  # uint8 (S, S, 3) -> float (3, S, S) in [-1, 1]
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def tiny_vae_file(path, seed=0):
+    """A 2-level SD-VAE-shaped autoencoder (factor 2), random weights, saved as a state dict."""
+    torch.manual_seed(seed)
+    torch.save(V.AutoencoderKL(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8).state_dict(), path)
+    return str(path)
+
+
+def build_cache(root, vae_path, out, **kwargs):  # 32 px, 2 images per shard, on the CPU
+    kwargs = dict(image_size=32, batch_size=2, shard_size=2, num_workers=0, device="cpu") | kwargs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the corrupt file's warning is tested elsewhere
+        return DS.build_cache(root, vae_path, out, **kwargs)
+
+
+def cached_folder(tmp_path):  # (image folder, VAE file, cache folder, shards written)
+    root, vae_path = image_folder(tmp_path / "images"), tiny_vae_file(tmp_path / "vae.pt")
+    out = str(tmp_path / "cache")
+    return root, vae_path, out, build_cache(root, vae_path, out)
+
+
+VAE_TINY = dict(block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=8)  # 3 levels: factor 4
+
+
+def vae_tiny(seed=0):
+    torch.manual_seed(seed)
+    m = V.AutoencoderKL(**VAE_TINY).eval()
+    with torch.no_grad():  # GroupNorm affine params start at 1/0: randomize them so a swapped norm shows
+        for name, p in m.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.2 + (1.0 if name.endswith("weight") else 0.0))
+    return m
+
+
+def vae_outputs(m, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x, z = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1, torch.randn(2, 4, 4, 4, generator=g)
+    with torch.no_grad():
+        mean, logvar = m.encode(x)
+        return mean, logvar, m.decode(z)
+
+
+def assert_same(a, b):
+    for x, y in zip(a, b):
+        assert x.shape == y.shape and torch.equal(x, y), float((x - y).abs().max())
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """A minimal safetensors writer, independent of vae.py: u64 LE header size, JSON, raw bytes."""
+    names = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+    header, blobs, offset = ({"__metadata__": metadata} if metadata else {}), [], 0
+    for name, t in tensors.items():
+        raw = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)  # the format pads the header with spaces to 8-byte alignment
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+
+
+def to_ldm(sd):
+    """Our (diffusers current) keys -> LDM/CompVis keys, written as the inverse of the documented map."""
+    n = 1 + max(int(m[1]) for k in sd if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k)))
+    out = {}
+    for k, v in sd.items():
+        k = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", k)
+        k = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", k)
+        k = re.sub(r"^decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{n - 1 - int(m[1])}.block.", k)
+        k = re.sub(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{n - 1 - int(m[1])}.upsample.", k)
+        k = k.replace(".mid_block.resnets.0.", ".mid.block_1.").replace(".mid_block.resnets.1.", ".mid.block_2.")
+        k = k.replace(".mid_block.attentions.0.group_norm.", ".mid.attn_1.norm.")
+        for ours, ldm in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")):
+            if f".mid_block.attentions.0.{ours}." in k:
+                k = k.replace(f".mid_block.attentions.0.{ours}.", f".mid.attn_1.{ldm}.")
+                v = v[:, :, None, None] if v.ndim == 2 else v  # LDM's projections are 1x1 convs
+        out[k.replace(".conv_shortcut.", ".nin_shortcut.").replace(".conv_norm_out.", ".norm_out.")] = v.clone()
+    return out
+
+
+def to_legacy(sd):
+    names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    return {re.sub(r"attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.", lambda m: f"attentions.0.{names[m[1]]}.", k): v
+            for k, v in sd.items()}
+
+
+class InceptionStandIn(nn.Module):
+    """Stands in for InceptionV3 in plumbing tests: the features (pool3, spatial, logits) are the first pixel
+    values in NCHW order, `widths` of them each."""
+
+    def __init__(self, widths=(4, 2, 3)):
+        super().__init__()
+        self.w, self.widths = nn.Parameter(torch.ones(())), widths
+
+    def forward(self, x):
+        f = x.float().flatten(1) * self.w
+        a, b, c = self.widths
+        return f[:, :a], f[:, a:a + b], f[:, :c]
+
+
+def direct_fid(mu1, s1, mu2, s2):
+    """Frechet distance with tr sqrtm(s1 s2) = tr sqrt(s1^1/2 s2 s1^1/2), both roots by eigendecomposition."""
+    w, v = np.linalg.eigh(s1)
+    r1 = v @ np.diag(np.sqrt(np.clip(w, 0, None))) @ v.T
+    tr = np.sqrt(np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr)
+
+
+def direct_is(logits, split):
+    """Inception Score in float64: exp of the mean KL(p(y|x) || p(y)) per chunk, chunks averaged."""
+    z = logits.astype(np.float64)
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    return float(np.mean([np.exp((q * (np.log(q) - np.log(q.mean(0)))).sum(1).mean())
+                          for q in (p[i:i + split] for i in range(0, len(p), split))]))
+
+
+def direct_pr(ref, sam, k=3):
+    """Improved precision/recall by brute force: k-th neighbour radii (self excluded), squared distances."""
+    def d2(a, b):
+        return ((a[:, None].astype(np.float64) - b[None]) ** 2).sum(-1)
+    r_ref, r_sam = np.sort(d2(ref, ref), 1)[:, k], np.sort(d2(sam, sam), 1)[:, k]
+    d = d2(ref, sam)  # (n_ref, n_sam)
+    return (d <= r_ref[:, None]).any(0).mean(), (d <= r_sam[None]).any(1).mean()
+
+
+def random_stats(rng, d, n):
+    x = rng.standard_normal((n, d)) @ rng.standard_normal((d, d))
+    return x.mean(0), np.cov(x, rowvar=False)
+
+
+
+class LinearD:
+    """D(x, y, t) = <a, x> + b * y + c * t: its finite differences are exact and known."""
+
+    def __init__(self, a, b=0.1, c=0.0):
+        self.a, self.b, self.c, self.calls = a, b, c, []
+
+    def __call__(self, x, y, t):
+        self.calls.append(x.shape[0])
+        return x.flatten(1) @ self.a + self.b * y.float() + self.c * t
+
+
+def fixed_noise(monkeypatch, values):
+    """torch.randn_like returns the given tensors in order (the draws of the loss are then known)."""
+    queue = list(values)
+    monkeypatch.setattr(torch, "randn_like", lambda x: queue.pop(0).to(x.dtype).expand_as(x).clone())
+    return queue
+
+
+MODES = torch.tensor([-1.5, -0.5, 0.5, 1.5])
+
+
+def toy_data(n):
+    return (MODES[torch.randint(0, 4, (n,))] + 0.05 * torch.randn(n)).unsqueeze(1)
+
+
+class FourierMLP(nn.Module):
+    """A small MLP on sin/cos features of x (like the release's notebook): it can be steep."""
+
+    def __init__(self, width=128, logit=False):
+        super().__init__()
+        self.register_buffer("freq", torch.exp(torch.linspace(0, math.log(100), 32)))
+        self.net = nn.Sequential(nn.Linear(64, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
+                                 nn.Linear(width, 1))
+        self.logit = logit
+
+    def forward(self, x, y, *t):
+        a = x * self.freq
+        out = self.net(torch.cat([a.sin(), a.cos()], 1))
+        return out.squeeze(1) if self.logit else out
+
+
+def toy_metrics(G, n=20000):
+    z = torch.randn(n, 1)
+    with torch.no_grad():
+        x = G(z, None).squeeze(1)
+    quantile_mode = (4 * 0.5 * (1 + torch.erf(z.squeeze(1) / math.sqrt(2)))).floor().clamp(0, 3).long()
+    mode = (x[:, None] - MODES[None]).abs().argmin(1)
+    misassigned = (mode != quantile_mode).float().mean().item()
+    w1 = (x.sort().values - toy_data(n).squeeze(1).sort().values).abs().mean().item()
+    return misassigned, w1
+
+
 # --------------------------------------------------------------------------------------
-# model.py
+# 1. Formats load: the release's networks, sd-vae-ft-mse, the FID Inception
 # --------------------------------------------------------------------------------------
 
 
-def test_release_fixtures_load_and_match():
-    """Every tiny release model: same key set, strict load, same output (fp32)."""
+def test_release_networks_load_and_match():
+    """Every tiny release model in the fixture: the same key set, a strict load, the same output (fp32)."""
     fx = fixture("afm_models.pt")
     classes = {"Generator": M.Generator, "GeneratorDeep": M.Generator, "Discriminator": M.Discriminator,
                "Classifier": M.Classifier}
+    assert {"Generator", "Discriminator"} <= {e["class"] for e in fx["models"].values()}
     for name, e in fx["models"].items():
         m = classes[e["class"]](**e["kwargs"]).eval()
         assert set(m.state_dict()) == set(e["state_dict"]), name
         m.load_state_dict(e["state_dict"], strict=True)
-        cases = [(e["inputs"], e["output"])] + [(c["inputs"], c["output"]) for c in e.get("extra_cases", [])]
-        for inputs, ref in cases:
+        for inputs, ref in [(e["inputs"], e["output"])] + [(c["inputs"], c["output"]) for c in e.get("extra_cases", [])]:
             with torch.no_grad():
                 out = m(*[inputs[k] for k in e["input_order"]])
             assert out.shape == ref.shape
@@ -90,12 +429,252 @@ def test_release_fixtures_load_and_match():
 
 
 def test_fixed_embeddings_match_release_helpers():
-    h = fixture("afm_models.pt")["helpers"]
-    te, pe = h["timestep_embedding"], h["pos_embed_sincos"]
+    te, pe = fixture("afm_models.pt")["helpers"].values()
     torch.testing.assert_close(M.timestep_embedding(te["t"], te["dim"], te["max_period"]), te["out"].float(),
                                atol=1e-5, rtol=0)
     torch.testing.assert_close(M.pos_embed_sincos(pe["embed_dim"], pe["grid_size"]).float(), pe["out"].float(),
                                atol=1e-6, rtol=0)
+
+
+def release_keys():
+    """fixtures/release_keys.txt: section title -> {key: shape}, read off the release's and the libraries' modules."""
+    sections = {}
+    with open(fixture_path("release_keys.txt")) as f:
+        for line in f:
+            if line.startswith("## "):
+                keys = sections[line[3:].split("  (")[0]] = {}
+            elif line.strip():
+                key, shape = re.match(r"(\S+) \(([\d, ]*)\)", line).groups()
+                keys[key] = tuple(int(d) for d in shape.replace(",", " ").split())
+    return sections
+
+
+def test_real_size_key_lists():
+    """At real sizes, our modules have exactly the key names and shapes of the released checkpoints, sd-vae-ft-mse
+    (both diffusers layouts load) and the FID Inception (with or without num_batches_tracked)."""
+    sections = release_keys()
+    xl, kw = M.models["XL/2"], dict(input_size=32, in_channels=4)
+    with torch.device("meta"):
+        ours = {"Generator XL/2 use_t_src=True use_t_tgt=True": M.Generator(**xl, **kw, use_t_src=True, use_t_tgt=True),
+                "Generator XL/2 use_t_src=False use_t_tgt=False (official 1-NFE)": M.Generator(**xl, **kw),
+                "Discriminator XL/2 use_t=True": M.Discriminator(**xl, **kw, use_t=True),
+                "Classifier B/2": M.Classifier(**M.models["B/2"], **kw),
+                "GeneratorDeep XL/2 repeat=2": M.Generator(**xl, **kw, repeat=2),
+                "AutoencoderKL sd-vae-ft-mse, modern attention names": V.AutoencoderKL(),
+                "AutoencoderKL sd-vae-ft-mse, legacy attention names (query/key/value/proj_attn)": V.AutoencoderKL(),
+                "pytorch-fid fid_inception_v3 (pt_inception-2015-12-05-6726825d.pth layout)": fid.InceptionV3()}
+    assert set(ours) == set(sections)
+    for title, module in ours.items():
+        keys = sections[title]
+        own = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        if "legacy" in title:
+            keys = {k: tuple(v.shape) for k, v in V.convert_state_dict(
+                {k: torch.empty(s, device="meta") for k, s in keys.items()}).items()}
+        if "inception" in title:
+            assert sum(k.endswith("num_batches_tracked") for k in keys) == 94
+            keys = {k: v for k, v in keys.items() if not k.endswith("num_batches_tracked")}
+        assert own == keys, title
+        module.load_state_dict({k: torch.empty(s, device="meta") for k, s in sections[title].items()}, assign=True)
+
+
+def test_vae_matches_diffusers_fixture():
+    fx = fixture("vae.pt")
+    k = fx["kwargs"]
+    m = V.AutoencoderKL(k["in_channels"], k["out_channels"], k["latent_channels"], tuple(k["block_out_channels"]),
+                        k["layers_per_block"], k["norm_num_groups"]).eval()
+    assert set(m.state_dict()) == set(fx["state_dict"])  # our own names are the current diffusers layout
+    for layout in ("state_dict", "state_dict_legacy"):
+        m.load_state_dict(fx[layout], strict=True)
+        with torch.no_grad():
+            mean, logvar = m.encode(fx["inputs"]["image"])
+            got = {"posterior_mean": mean, "posterior_logvar": logvar, "decoded": m.decode(fx["inputs"]["latent"]),
+                   "reconstruction": m.decode(fx["expected"]["posterior_mean"])}
+        for name, out in got.items():
+            ref = fx["expected"][name]
+            err, tol = float((out - ref).abs().max()), 2e-5 * max(1.0, float(ref.abs().max()))
+            assert out.shape == ref.shape and err <= tol, f"{layout} {name}: {err:.3e} > {tol:.3e}"
+
+
+def test_vae_shapes_logvar_clamp_and_param_count():
+    m = vae_tiny()
+    mean, logvar, dec = vae_outputs(m)
+    assert mean.shape == logvar.shape == (2, 4, 4, 4) and dec.shape == (2, 3, 16, 16)
+    with torch.no_grad():
+        m.quant_conv.bias[4:].fill_(1e4)  # the logvar half of the moments
+        assert float(m.encode(torch.zeros(1, 3, 16, 16))[1].min()) == 20.0
+        m.quant_conv.bias[4:].fill_(-1e4)
+        assert float(m.encode(torch.zeros(1, 3, 16, 16))[1].max()) == -30.0
+    with torch.device("meta"):
+        assert sum(p.numel() for p in V.AutoencoderKL().parameters()) == 83_653_863  # diffusers' sd-vae-ft-mse
+    assert V.SCALE == 0.18215
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_vae_safetensors_roundtrip(tmp_path, dtype):
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.weight": torch.randn(3, 5, 2, generator=g).to(dtype),
+               "special": torch.tensor([float("nan"), float("inf"), -0.0, 1e-3, 6e4]).to(dtype),
+               "scalar": torch.tensor(2.5, dtype=dtype), "empty": torch.zeros(0, 4, dtype=dtype),
+               "steps": torch.tensor([1, -2, 2**40], dtype=torch.int64), "mask": torch.tensor([True, False, True])}
+    write_safetensors(tmp_path / "t.safetensors", tensors, {"format": "pt"})
+    back = V.load_safetensors(str(tmp_path / "t.safetensors"))
+    assert set(back) == set(tensors)
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and back[name].shape == t.shape, name
+        if t.numel():  # bitwise, so NaN and -0.0 count
+            assert torch.equal(back[name].reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), name
+
+
+def test_vae_files_in_every_layout(tmp_path):
+    """safetensors, legacy .bin and LDM .ckpt files of one VAE decode alike; LDM names and a full SD checkpoint's
+    first_stage_model.* convert; fp16 files decode as the fp16-rounded weights."""
+    m = vae_tiny()
+    ref = vae_outputs(m)
+    ldm = to_ldm(m.state_dict())
+    write_safetensors(tmp_path / "v.safetensors", m.state_dict())
+    torch.save(to_legacy(m.state_dict()), tmp_path / "v.bin")
+    torch.save({"state_dict": ldm, "global_step": 7}, tmp_path / "v.ckpt")
+    for name in ("v.safetensors", "v.bin", "v.ckpt"):
+        loaded = V.load_vae(str(tmp_path / name), norm_num_groups=8)  # config read from the weights' shapes
+        assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+        assert_same(vae_outputs(loaded), ref)
+    assert V.load_vae(str(tmp_path / "v.safetensors"), dtype=torch.bfloat16, norm_num_groups=8
+                      ).decoder.conv_out.weight.dtype == torch.bfloat16
+    write_safetensors(tmp_path / "h.safetensors", {k: v.half() for k, v in m.state_dict().items()})
+    m16 = V.AutoencoderKL(**VAE_TINY).eval()
+    m16.load_state_dict({k: v.half().float() for k, v in m.state_dict().items()})
+    assert_same(vae_outputs(V.load_vae(str(tmp_path / "h.safetensors"), norm_num_groups=8)), vae_outputs(m16))
+    # names as they appear in LDM checkpoints (decoder.up.0 is the highest resolution, run last)
+    for key in ("encoder.down.0.block.0.norm1.weight", "encoder.down.0.downsample.conv.weight",
+                "encoder.down.1.block.0.nin_shortcut.weight", "encoder.mid.block_1.conv1.weight",
+                "encoder.mid.block_2.norm2.bias", "encoder.norm_out.weight", "decoder.mid.attn_1.norm.weight",
+                "decoder.up.0.block.0.nin_shortcut.weight", "decoder.up.0.block.1.conv2.bias",
+                "decoder.up.2.upsample.conv.weight", "decoder.norm_out.bias", "quant_conv.weight", "post_quant_conv.bias"):
+        assert key in ldm, key
+    assert "decoder.up.0.upsample.conv.weight" not in ldm and "encoder.down.2.downsample.conv.weight" not in ldm
+    assert ldm["encoder.mid.attn_1.q.weight"].shape == (16, 16, 1, 1)
+    assert ldm["decoder.up.0.block.0.nin_shortcut.weight"].shape == (8, 16, 1, 1)  # 16 -> 8 channels at full res
+    full = {"first_stage_model." + k: v for k, v in ldm.items()}  # a full SD checkpoint: the VAE and the rest
+    full.update({"model.diffusion_model.out.0.weight": torch.ones(3), "cond_stage_model.x": torch.ones(1),
+                 "first_stage_model.loss.logvar": torch.zeros(()), "model_ema.decay": torch.tensor(0.999)})
+    for seed, sd in ((5, ldm), (6, full), (7, to_legacy(m.state_dict()))):
+        other = vae_tiny(seed=seed)
+        other.load_state_dict(sd)
+        assert_same(vae_outputs(other), ref)
+
+
+def test_vae_errors(tmp_path):
+    m = vae_tiny()
+    sd = m.state_dict()
+    bad = {("encoder.stem.weight" if k == "encoder.conv_in.weight" else k): v for k, v in sd.items()}
+    with pytest.raises(RuntimeError) as e:
+        m.load_state_dict(bad)
+    msg = str(e.value)
+    assert "\n" not in msg and "unexpected 1 (encoder.stem.weight)" in msg and "missing 1 (encoder.conv_in.weight)" in msg
+    with pytest.raises(RuntimeError, match="shape mismatches 1"):  # weights of another config
+        m.load_state_dict(dict(sd, **{"post_quant_conv.bias": torch.zeros(5)}))
+    torch.save(bad, tmp_path / "odd.pt")
+    with pytest.raises(RuntimeError) as e:
+        V.load_vae(str(tmp_path / "odd.pt"), norm_num_groups=8)
+    assert "\n" not in str(e.value) and "odd.pt" in str(e.value) and "encoder.stem.weight" in str(e.value)
+    with pytest.raises(FileNotFoundError, match="no such file .*nothing.safetensors"):
+        V.load_vae(str(tmp_path / "nothing.safetensors"))
+    write_safetensors(tmp_path / "v.safetensors", sd)
+    data = (tmp_path / "v.safetensors").read_bytes()
+    for name, blob in (("cut.safetensors", data[:-10]), ("tiny.safetensors", data[:5]), ("junk.pt", b"not a pickle")):
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(RuntimeError) as e:
+            V.load_vae(str(tmp_path / name))
+        assert "\n" not in str(e.value) and name in str(e.value) and "cannot read" in str(e.value)
+
+
+def test_vae_bf16_and_scaled_encode_decode():
+    m = vae_tiny()
+    ref = vae_outputs(m)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = vae_outputs(m)
+    assert out[2].dtype == torch.bfloat16  # autocast really ran the convolutions in bf16
+    for o, r in zip(out, ref):
+        rel = float((o.float() - r).norm() / r.norm())
+        assert 0 < rel < 0.03, rel  # bf16 keeps ~3 significant digits; measured ~0.005
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    mean, logvar = m.encode(x)
+    torch.manual_seed(0)
+    z = V.encode(m, x)  # a posterior sample, scaled
+    torch.manual_seed(0)
+    torch.testing.assert_close(z, (mean + (0.5 * logvar).exp() * torch.randn_like(mean)) * V.SCALE)
+    torch.testing.assert_close(V.decode(m, z), m.decode(z / V.SCALE).clamp(-1, 1))
+
+
+def test_inception_resize_matches_fixture():
+    """TF1's bilinear resize to 299 (no half-pixel centers), as torch-fidelity computes it."""
+    fx = fixture("inception_tf.pt")
+    stride = fx.get("resize_stride", 1)  # the shipped subset keeps every 8th row and column
+    img = fx["inputs"]["images_64"][:1].float()
+    got = fid.resize_tf1(img)[..., ::stride, ::stride]
+    ref = fx["expected"]["resize_64_to_299"]
+    assert (got - ref).abs().max().item() <= 1e-4
+    other = F.interpolate(img, size=(299, 299), mode="bilinear", align_corners=False)[..., ::stride, ::stride]
+    assert (other - ref).abs().max().item() > 1.0  # PyTorch's bilinear (half-pixel centers) is another function
+    x = torch.randint(0, 256, (2, 3, 299, 299)).float()
+    assert torch.equal(fid.resize_tf1(x), x)  # the identity at 299
+
+
+def test_inception_matches_fixture_and_pytorch_fid():
+    fx = fixture("inception_tf.pt", "state_dict")
+    model = fid.InceptionV3().eval()
+    model.load_state_dict({k: v.float() for k, v in fx["state_dict"].items()})
+    img = fx["inputs"]["images_64"][:1]  # (1, 3, 64, 64) uint8
+    pfid = F.interpolate(img.float() / 255, size=(299, 299), mode="bilinear", align_corners=False) * 2 - 1
+    with torch.no_grad():
+        pool3, spatial, logits = model(img)  # ADM's pipeline
+        pfid_pool3 = model.body(pfid)[0]  # the same network under pytorch-fid's preprocessing
+    for key, got in (("pool3", pool3), ("spatial", spatial), ("logits_unbiased", logits)):
+        ref = fx["expected"][f"{key}_64"][:1]
+        assert got.shape == ref.shape and (got - ref).abs().max() <= 1e-4 * ref.abs().max(), key
+    ref = fx["expected"]["pytorch_fid_pool3_64"][:1]
+    assert (pfid_pool3 - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert (pool3 - ref).abs().max() > 1e-2 * ref.abs().max()  # the resize matters
+
+
+def test_inception_weight_files(tmp_path, monkeypatch):
+    model = fid.InceptionV3()
+    sd = model.state_dict()
+    assert len(sd) == 472 and "fc.bias" in sd and not any(k.endswith("num_batches_tracked") for k in sd)
+    sd = {k: torch.full(v.shape, 1 + i / 1024, dtype=torch.half) for i, (k, v) in enumerate(sd.items())}  # fp16 files
+    nbt = {k.replace("running_mean", "num_batches_tracked"): torch.tensor(0) for k in sd if k.endswith("running_mean")}
+    model.load_state_dict(dict(sd, **nbt), strict=True)  # pytorch-fid's layout
+    with pytest.raises(RuntimeError, match="Missing key"):
+        model.load_state_dict({k: v for k, v in sd.items() if k != "fc.bias"})
+    torch.save(sd, tmp_path / "w.pth")  # torch-fidelity's layout, fp16
+    loaded = fid.load_inception(str(tmp_path / "w.pth"))
+    assert all(p.dtype == torch.float32 for p in loaded.state_dict().values())
+    assert torch.equal(loaded.Mixed_7c.branch_pool.bn.running_var, sd["Mixed_7c.branch_pool.bn.running_var"].float())
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    monkeypatch.setenv("AFM_CACHE", str(tmp_path / "cache"))  # no path: the cache folder, then a download
+
+    def offline(url, dst, *a, **kw):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(FileNotFoundError, match="--inception PATH") as e:
+        fid.load_inception()
+    assert "\n" not in str(e.value) and str(tmp_path / "cache") in str(e.value)
+    os.makedirs(tmp_path / "cache", exist_ok=True)
+    torch.save(dict(sd, **nbt), tmp_path / "cache" / fid.WEIGHT_NAMES[1])  # pytorch-fid's file is found too
+    assert torch.equal(fid.load_inception().fc.weight, sd["fc.weight"].float())
+
+
+def test_frechet_distance_matches_fixture():
+    """pytorch-fid's number (scipy's sqrtm) on the fixture's d=64 statistics, and a set against itself."""
+    c = fixture("fid_stats.pt")["cases"]["d64"]
+    mu1, s1, mu2, s2 = (c[k].double().numpy() for k in ("mu1", "sigma1", "mu2", "sigma2"))
+    assert abs(fid.frechet_distance(mu1, s1, mu2, s2) - c["fid"]) <= 1e-6 * abs(c["fid"])
+    assert abs(fid.frechet_distance(mu1, s1, mu1, s1) - c["fid_self"]) <= 1e-6 * (np.trace(s1) * 2)
+
+
+# --------------------------------------------------------------------------------------
+# 2. The networks are the release's DiTs
+# --------------------------------------------------------------------------------------
 
 
 def test_pos_embed_formula():
@@ -125,6 +704,23 @@ def test_registry_shapes(name):
         assert M.Classifier(**kw)(x, t).shape == (2, 10)
 
 
+@pytest.mark.parametrize("name", list(M.models))
+def test_registry_shapes(name):
+    """Every registry entry builds and maps its usual input to the right shapes (meta device:
+    shapes only, no memory)."""
+    c, s = M.default_input(name)
+    cfg = M.models[name]
+    if s % cfg["patch_size"]:
+        pytest.skip("input not divisible by the patch")
+    kw = dict(cfg, input_size=s, in_channels=c, num_classes=10)
+    with torch.device("meta"):
+        x, y, t = torch.randn(2, c, s, s), torch.randint(0, 10, (2,)), torch.rand(2)
+        assert M.Generator(**kw, use_t_src=True, use_t_tgt=True)(x, y, t, t).shape == x.shape
+        assert M.Generator(**kw, repeat=2)(x, y, t, t).shape == x.shape
+        assert M.Discriminator(**kw, use_t=True)(x, y, t).shape == (2,)
+        assert M.Classifier(**kw)(x, t).shape == (2, 10)
+
+
 def test_xl2_parameter_count_matches_dit():
     """DiT-XL/2 has 675,129,632 parameters (learn_sigma=True: 8 output channels; 1001 label rows
     because of class dropout). The same configuration of our Generator must count exactly that."""
@@ -132,6 +728,14 @@ def test_xl2_parameter_count_matches_dit():
         g = M.Generator(**M.models["XL/2"], input_size=32, in_channels=4, learn_sigma=True,
                         class_dropout_prob=0.1, use_t_src=True)
     assert sum(p.numel() for p in g.parameters()) == 675_129_632
+
+
+@pytest.mark.parametrize("c,s,p", [(1, 8, 2), (3, 16, 4), (4, 8, 1)])
+def test_pixel_and_latent_inputs(c, s, p):
+    G = randomize(M.Generator(s, p, c, 32, 1, 2, num_classes=10))
+    D = randomize(M.Discriminator(s, p, c, 32, 1, 2, num_classes=10))
+    x, y = torch.randn(2, c, s, s), torch.tensor([0, 9])
+    assert G(x, y).shape == x.shape and D(x, y).shape == (2,)
 
 
 @pytest.mark.parametrize("c,s,p", [(1, 8, 2), (3, 16, 4), (4, 8, 1)])
@@ -231,29 +835,8 @@ def test_constructor_errors():
 
 
 # --------------------------------------------------------------------------------------
-# train.py: the objective, term by term, on hand-made inputs
+# 3. Every loss term equals a hand-computed value
 # --------------------------------------------------------------------------------------
-
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-class _LinearD:
-    """D(x, y, t) = <a, x> + b * y + c * t: its finite differences are exact and known."""
-
-    def __init__(self, a, b=0.1, c=0.0):
-        self.a, self.b, self.c, self.calls = a, b, c, []
-
-    def __call__(self, x, y, t):
-        self.calls.append(x.shape[0])
-        return x.flatten(1) @ self.a + self.b * y.float() + self.c * t
-
-
-def _fixed_noise(monkeypatch, values):
-    """torch.randn_like returns the given tensors in order (the draws of the loss are then known)."""
-    queue = list(values)
-    monkeypatch.setattr(torch, "randn_like", lambda x: queue.pop(0).to(x.dtype).expand_as(x).clone())
-    return queue
 
 
 def test_d_loss_terms_by_hand(monkeypatch):
@@ -263,9 +846,9 @@ def test_d_loss_terms_by_hand(monkeypatch):
     y = torch.arange(B) % 3
     z_src, z_tgt, e1, e2 = (torch.randn(B, dim, generator=g) for _ in range(4))
     n = 2  # round(8 * 0.25)
-    _fixed_noise(monkeypatch, [z_src, z_tgt, e1[:n], e2[:n]])
+    fixed_noise(monkeypatch, [z_src, z_tgt, e1[:n], e2[:n]])
     G = lambda x, y, ts, tt: 2 * x + 1  # noqa: E731
-    D = _LinearD(a)
+    D = LinearD(a)
     loss_fn = T.AdversarialFlowLoss(steps=1, gp=0.25, gp_ratio=0.25, gp_eps=0.01, cp=0.01)
     loss, logs = loss_fn.d_loss(G, D, x0, y, step=0)
     assert D.calls == [2 * B + 2 * n]  # one forward on [real, fake, real_gp, fake_gp]
@@ -279,8 +862,8 @@ def test_d_loss_terms_by_hand(monkeypatch):
         torch.testing.assert_close(logs[name], want, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(loss, adv + r1 + r2 + cp, rtol=1e-4, atol=1e-6)
     # Sign: a discriminator that scores reals far above fakes has a vanishing adversarial loss.
-    _fixed_noise(monkeypatch, [z_src, z_tgt, e1[:n], e2[:n]])
-    far = T.AdversarialFlowLoss(gp=0, cp=0).d_loss(lambda *_: torch.full_like(x0, -50.0), _LinearD(torch.ones(dim)),
+    fixed_noise(monkeypatch, [z_src, z_tgt, e1[:n], e2[:n]])
+    far = T.AdversarialFlowLoss(gp=0, cp=0).d_loss(lambda *_: torch.full_like(x0, -50.0), LinearD(torch.ones(dim)),
                                                     x0, y, 0)[1]["d_adv"]
     assert far < 1e-6
 
@@ -294,11 +877,11 @@ def test_g_loss_terms_by_hand_and_w_clamp(monkeypatch):
     z_src, z_tgt = torch.randn(B, dim, generator=g), torch.randn(B, dim, generator=g)
     ts, tt = torch.tensor([0.5, 0.5, 0.75, 1.0]), torch.tensor([0.5, 0.25, 0.5, 0.0])
     monkeypatch.setattr(T, "sample_timesteps", lambda steps, n, device: (ts, tt))
-    _fixed_noise(monkeypatch, [z_src, z_tgt])
+    fixed_noise(monkeypatch, [z_src, z_tgt])
     v = torch.randn(B, dim, generator=g)
     G = lambda x, y, t1, t2: v  # noqa: E731  (a constant velocity)
     loss_fn = T.AdversarialFlowLoss(steps=4, pred="v", ot=0.3, ot_end=0.3, decay_steps=10)
-    loss, logs = loss_fn.g_loss(G, _LinearD(a, b=0.0, c=0.5), x0, y, step=3)
+    loss, logs = loss_fn.g_loss(G, LinearD(a, b=0.0, c=0.5), x0, y, step=3)
     x_src = (1 - ts[:, None]) * x0 + ts[:, None] * z_src
     x_tgt = (1 - tt[:, None]) * x0 + tt[:, None] * z_tgt
     fake = x_src + (tt - ts)[:, None] * v
@@ -315,9 +898,9 @@ def test_gp_uses_w_weighting(monkeypatch):
     ts, tt = torch.tensor([1.0, 0.5, 0.3, 0.3]), torch.tensor([0.0, 0.25, 0.3, 0.1])
     monkeypatch.setattr(T, "sample_timesteps", lambda steps, n, device: (ts, tt))
     e = torch.ones(B, dim)
-    _fixed_noise(monkeypatch, [torch.zeros(B, dim)] * 2 + [e, e])
+    fixed_noise(monkeypatch, [torch.zeros(B, dim)] * 2 + [e, e])
     loss_fn = T.AdversarialFlowLoss(steps=2, gp=1.0, gp_ratio=1.0, gp_eps=0.1, cp=0)
-    _, logs = loss_fn.d_loss(lambda x, *_: x, _LinearD(torch.tensor([1.0, 2.0]), b=0.0), torch.zeros(B, dim),
+    _, logs = loss_fn.d_loss(lambda x, *_: x, LinearD(torch.tensor([1.0, 2.0]), b=0.0), torch.zeros(B, dim),
                              torch.zeros(B, dtype=torch.long), 0)
     w = torch.tensor([1.0, 0.25, 0.001, 0.2])
     torch.testing.assert_close(logs["r1"], (9.0 * w).mean())  # (eps * 3)^2 / eps^2 = 9, times w
@@ -360,7 +943,7 @@ def test_classifier_guidance_term(monkeypatch):
     torch.testing.assert_close(out, (ce * torch.tensor([1.0, 1.0, 0.0, 0.0])).mean())
     assert torch.equal(seen[-1][0], fake) and torch.equal(seen[-1][1], t_tgt)
     z = torch.randn(B, dim, generator=g)
-    _fixed_noise(monkeypatch, [z])
+    fixed_noise(monkeypatch, [z])
     torch.manual_seed(0)
     loss_fn = T.AdversarialFlowLoss(classifier=cls, cg=0.003, cg_range=(0.0, 0.1), cg_t="uniform")
     out = loss_fn.guidance(fake, y, torch.zeros(B))
@@ -433,110 +1016,116 @@ def test_frozen_discriminator_gets_no_gradient():
     assert all(p.requires_grad for p in Dnet.parameters())
 
 
+def test_classifier_objective(monkeypatch):
+    """The guidance classifier learns from x_t = interp(x0, z, t), t ~ U(0, 1): cross-entropy of C(x_t, t)."""
+    x0, z, y = torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0, 1, 2, 1])
+    W = torch.randn(3, 3)
+    seen = []
+    C = lambda x, t: (seen.append(t) or x @ W + t[:, None])  # noqa: E731
+    fixed_noise(monkeypatch, [z])
+    torch.manual_seed(0)
+    loss, logs = T.classifier_loss(C, x0, y)
+    t = seen[0]
+    logits = ((1 - t[:, None]) * x0 + t[:, None] * z) @ W + t[:, None]
+    torch.testing.assert_close(loss, F.cross_entropy(logits, y))
+    assert logs["acc"] == (logits.argmax(1) == y).float().mean() and 0 < t.min() and t.max() < 1
+
+
 # --------------------------------------------------------------------------------------
-# The 1-D toy of the release: the learned map is the monotone (W2-optimal) quantile map
+# 4. The 1-D toy of the release: the learned map is the monotone (W2-optimal) quantile map
 # --------------------------------------------------------------------------------------
-
-_MODES = torch.tensor([-1.5, -0.5, 0.5, 1.5])
-
-
-def _toy_data(n):
-    return (_MODES[torch.randint(0, 4, (n,))] + 0.05 * torch.randn(n)).unsqueeze(1)
-
-
-class _FourierMLP(nn.Module):
-    """A small MLP on sin/cos features of x (like the release's notebook): it can be steep."""
-
-    def __init__(self, width=128, logit=False):
-        super().__init__()
-        self.register_buffer("freq", torch.exp(torch.linspace(0, math.log(100), 32)))
-        self.net = nn.Sequential(nn.Linear(64, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
-                                 nn.Linear(width, 1))
-        self.logit = logit
-
-    def forward(self, x, y, *t):
-        a = x * self.freq
-        out = self.net(torch.cat([a.sin(), a.cos()], 1))
-        return out.squeeze(1) if self.logit else out
-
-
-def _toy_metrics(G, n=20000):
-    z = torch.randn(n, 1)
-    with torch.no_grad():
-        x = G(z, None).squeeze(1)
-    quantile_mode = (4 * 0.5 * (1 + torch.erf(z.squeeze(1) / math.sqrt(2)))).floor().clamp(0, 3).long()
-    mode = (x[:, None] - _MODES[None]).abs().argmin(1)
-    misassigned = (mode != quantile_mode).float().mean().item()
-    w1 = (x.sort().values - _toy_data(n).squeeze(1).sort().values).abs().mean().item()
-    return misassigned, w1
 
 
 def test_1d_toy_learns_the_monotone_map():
     """Mixture of 4 modes, N(0, 1) noise, 1 NFE. The optimal-transport map is F^-1(Phi(z)): noise
     quantiles go to data quantiles in order. A plain GAN (ot = 0) flips or interleaves modes
     (measured: 70-99% misassigned); AFM finds the ordered map (measured 0.8% after 3k steps)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny MLPs: one thread is several times faster than two on 2 cores
-    try:
-        _toy_run()
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _toy_run():
-    torch.manual_seed(0)
-    G, D = _FourierMLP(), _FourierMLP(logit=True)
-    loss_fn = T.AdversarialFlowLoss(ot=0.2, ot_end=0.2)
-    opt_g = torch.optim.Adam(G.parameters(), lr=1e-3, betas=(0.0, 0.9))
-    opt_d = torch.optim.Adam(D.parameters(), lr=1e-3, betas=(0.0, 0.9))
-    _, w1_start = _toy_metrics(G)
-    y = torch.zeros(256, dtype=torch.long)
-    for step in range(2 * 2500):
-        d_step = step % 2 == 0
-        loss, _ = (loss_fn.d_loss if d_step else loss_fn.g_loss)(G, D, _toy_data(256), y, step)
-        loss.backward()
-        (opt_d if d_step else opt_g).step()
-        opt_d.zero_grad(), opt_g.zero_grad()
-    misassigned, w1 = _toy_metrics(G)
-    floor = (_toy_data(20000).sort(0).values - _toy_data(20000).sort(0).values).abs().mean().item()
-    print(f"1-D toy: misassigned {misassigned:.2%}, W1 {w1:.4f} (start {w1_start:.3f}, floor {floor:.4f})")
-    assert misassigned < 0.03
-    assert w1 < 0.08 and w1 < w1_start / 5
+    with one_thread():
+        torch.manual_seed(0)
+        G, D = FourierMLP(), FourierMLP(logit=True)
+        loss_fn = T.AdversarialFlowLoss(ot=0.2, ot_end=0.2)
+        opt_g = torch.optim.Adam(G.parameters(), lr=1e-3, betas=(0.0, 0.9))
+        opt_d = torch.optim.Adam(D.parameters(), lr=1e-3, betas=(0.0, 0.9))
+        _, w1_start = toy_metrics(G)
+        y = torch.zeros(256, dtype=torch.long)
+        for step in range(2 * 2500):
+            d_step = step % 2 == 0
+            loss, _ = (loss_fn.d_loss if d_step else loss_fn.g_loss)(G, D, toy_data(256), y, step)
+            loss.backward()
+            (opt_d if d_step else opt_g).step()
+            opt_d.zero_grad(), opt_g.zero_grad()
+        misassigned, w1 = toy_metrics(G)
+        floor = (toy_data(20000).sort(0).values - toy_data(20000).sort(0).values).abs().mean().item()
+        print(f"1-D toy: misassigned {misassigned:.2%}, W1 {w1:.4f} (start {w1_start:.3f}, floor {floor:.4f})")
+        assert misassigned < 0.03
+        assert w1 < 0.08 and w1 < w1_start / 5
 
 
 # --------------------------------------------------------------------------------------
-# train.py: the loop (resume, signals, non-finite losses, torchrun)
+# 5. Recipes resolve to the release's values
 # --------------------------------------------------------------------------------------
 
-_TRAIN_FLAGS = ["--log-every", "2", "--sample-every", "0", "--ckpt-every", "4", "--workers", "0"]
+# The release's configurations (AFM_SPEC section 6; configs/train/*.yaml of the release), written out by hand:
+#          model  batch  steps  pred repeat ot   ot_end  lr    lr_d  clip  ema     aug  cg     cg_range    cg_t
+RECIPE_TABLE = {
+    "1nfe": ("XL/2", 256, 1, "x", 1, 0.2, 0.005, 1e-4, 1e-4, 50, 0.9999, 0.0, 0.0, [0, 0.1], "uniform"),
+    "1nfe-cg": ("XL/2", 256, 1, "x", 1, 0.2, 0.005, 1e-4, 1e-4, 50, 0.9999, 0.4, 0.003, [0, 0.1], "uniform"),
+    "knfe": ("XL/2", 256, 2, "v", 1, 0.25, 0.005, 1e-4, 1e-4, 5, 0.9999, 0.0, 0.0, [0, 0.49], "tgt"),
+    "knfe-cg": ("XL/2", 256, 2, "v", 1, 0.25, 0.005, 1e-4, 1e-4, 5, 0.9999, 0.4, 0.02, [0, 0.49], "tgt"),
+    "any": ("B/2", 32, "any", "v", 1, 0.25, 0.005, 1e-4, 1e-4, 5, 0.9999, 0.0, 0.0, [0, 0.49], "tgt"),
+    "deep": ("XL/2", 256, 1, "x", 2, 0.2, 0.005, 5e-5, 1e-4, 5, 0.9999, 0.0, 0.0, [0, 0.1], "uniform"),
+    "digits": ("T/2", 32, 1, "x", 1, 0.2, 0.05, 3e-4, 3e-4, 50, 0.995, 0.0, 0.0, [0, 0.1], "uniform"),
+}
+RECIPE_KEYS = "model global_batch_size steps pred repeat ot ot_end lr lr_d clip ema augment_p cg cg_range cg_t".split()
 
 
-def _train(tmp, *flags, check=True, **kw):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--results-dir", str(tmp), *_TRAIN_FLAGS,
-                        *flags], capture_output=True, text=True, env=env, cwd=HERE, **kw)
-    if check:
-        assert r.returncode == 0, r.stdout + r.stderr
-    return r
+@pytest.mark.parametrize("name", list(RECIPE_TABLE) + ["classifier"])
+def test_recipe_values(name, tmp_path):
+    cls = ["--cls", tmp_path / "c.pt"] * name.endswith("-cg")
+    s = T.resolve(["--recipe", name, "--data", "x" if name != "digits" else "digits", *map(str, cls)])[0]
+    if name == "classifier":  # train_classifier.yaml: B/2, batch 256, lr 1e-4, clip 50, EMA 0.9995
+        assert (s.model, s.global_batch_size, s.lr, s.clip, s.ema) == ("B/2", 256, 1e-4, 50, 0.9995)
+        return
+    assert [getattr(s, k) for k in RECIPE_KEYS] == list(RECIPE_TABLE[name]), name
+    assert (s.gp, s.gp_ratio, s.gp_eps, s.cp, s.ttur, s.dis_model) == (0.25, 0.25, 0.01, 0.01, 1, s.model)
+    assert s.decay_steps == (8000 if name == "digits" else 1_000_000) and s.cg_renoise and s.precision == "fp32"
 
 
-def _load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+def test_recipe_overrides_and_errors(capsys):
+    def settings(*argv):
+        return T.resolve(list(argv))[0]
+    assert settings("--recipe", "deep", "--repeat", "4").lr == 2.5e-5  # "gen_lr: 5e-5 # lr / depth"
+    s = settings("--recipe", "knfe", "--steps", "4", "--lr", "3e-4", "--clip", "7")
+    assert (s.steps, s.lr, s.lr_d, s.clip, s.pred) == (4, 3e-4, 3e-4, 7, "v")
+    s = settings("--steps", "any")  # digits laid over the any-step recipe
+    assert (s.model, s.steps, s.pred, s.ot, s.clip, s.ot_end) == ("T/2", "any", "v", 0.25, 5, 0.05)
+    for argv, needle in [(["--recipe", "1nfe", "--steps", "2"], "use --recipe knfe"),
+                         (["--recipe", "knfe", "--steps", "1"], "use --recipe 1nfe"),
+                         (["--repeat", "2"], "--recipe deep"),
+                         (["--cls", "c.pt"], "--cls without a guidance weight"),
+                         (["--recipe", "1nfe-cg"], "needs --cls"),
+                         (["--steps", "abc"], "--steps"), (["--global-batch-size", "0"], "--global-batch-size"),
+                         (["--ema", "2"], "--ema"), (["--recipe", "nope"], "invalid choice")]:
+        with pytest.raises(SystemExit) as e:
+            T.resolve(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("train.py: error: ") and err.count("\n") == 1, err
+        assert needle in err, (argv, err)
 
 
-def _log(run):
-    with open(os.path.join(run, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+# --------------------------------------------------------------------------------------
+# 6. Training resumes bitwise; signals, non-finite losses, two processes, guidance
+# --------------------------------------------------------------------------------------
 
 
 def test_resume_is_bitwise_exact(tmp_path):
-    """Interrupted at step 4 and resumed, a run ends with the same weights, optimizer states,
-    gradient-normalization state and logged losses as the uninterrupted run."""
-    _train(tmp_path / "a", "--max-steps", "8")
-    _train(tmp_path / "b", "--max-steps", "4")
-    run_b = tmp_path / "b" / "000-T-2"
-    _train(tmp_path / "b", "--resume", str(run_b), "--max-steps", "8")
-    a, b = _load(tmp_path / "a" / "000-T-2" / "checkpoints" / "0000008.pt"), _load(run_b / "checkpoints" / "0000008.pt")
+    """Interrupted at step 4 and resumed, a run ends with the same weights, optimizer states, gradient-normalization
+    state and logged losses as the uninterrupted run, which recomputed its activations (--grad-checkpoint)."""
+    train(tmp_path / "a", "--max-steps", "8", "--grad-checkpoint")
+    train(tmp_path / "b", "--max-steps", "4")
+    run_a, run_b = tmp_path / "a" / "000-T-2", tmp_path / "b" / "000-T-2"
+    train(tmp_path / "b", "--resume", run_b, "--max-steps", "8")
+    a, b = load(run_a / "checkpoints" / "0000008.pt"), load(run_b / "checkpoints" / "0000008.pt")
     for key in ("model", "ema", "dis", "gradnorm"):
         for k in a[key]:
             assert torch.equal(a[key][k], b[key][k]), (key, k)
@@ -544,411 +1133,120 @@ def test_resume_is_bitwise_exact(tmp_path):
         for i, st in a[key]["state"].items():
             for k, v in st.items():
                 assert torch.equal(v, b[key]["state"][i][k]), (key, i, k)
-    assert a["gradnorm"]["square_avg"] > 0 and a["step"] == b["step"] == 8
-    assert _log(tmp_path / "a" / "000-T-2") == [
-        {**r, "it_per_s": x["it_per_s"]} for r, x in zip(_log(run_b), _log(tmp_path / "a" / "000-T-2"))]
+    assert a["gradnorm"]["square_avg"] > 0 and a["step"] == b["step"] == 8 and a["args"]["recipe"] == "digits"
+    assert [dict(r, it_per_s=0) for r in read_log(run_a)] == [dict(r, it_per_s=0) for r in read_log(run_b)]
 
 
 def test_sigint_saves_and_resumes(tmp_path):
-    import signal as _signal
-    import time as _time
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), "--results-dir", str(tmp_path),
-                          *_TRAIN_FLAGS, "--max-steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, env=env, cwd=HERE)
-    run = tmp_path / "000-T-2"
-    deadline = _time.time() + 120
-    while not (run / "log.jsonl").exists() and _time.time() < deadline:
-        _time.sleep(0.2)
-    p.send_signal(_signal.SIGINT)
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), "--results-dir", str(tmp_path), *TRAIN_FLAGS,
+                          "--max-steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
+                         cwd=HERE)
+    run_dir = tmp_path / "000-T-2"
+    deadline = time.time() + 120
+    while not (run_dir / "log.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
     out, _ = p.communicate(timeout=120)
-    assert p.returncode == 0, out
-    assert "stopped by a signal" in out
-    ckpts = sorted((run / "checkpoints").glob("*.pt"))
-    step = _load(ckpts[-1])["step"]
-    assert step >= 2 and not list((run / "checkpoints").glob("*.tmp"))
-    _train(tmp_path, "--resume", str(run), "--max-steps", str(step + 2))
-    assert _load(run / "checkpoints" / f"{step + 2:07d}.pt")["step"] == step + 2
+    assert p.returncode == 0 and "stopped by a signal" in out, out
+    step = load(sorted((run_dir / "checkpoints").glob("*.pt"))[-1])["step"]
+    assert step >= 2 and not list((run_dir / "checkpoints").glob("*.tmp"))
+    train(tmp_path, "--resume", run_dir, "--max-steps", step + 2)
+    assert load(run_dir / "checkpoints" / f"{step + 2:07d}.pt")["step"] == step + 2
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
-    _train(tmp_path, "--max-steps", "4")
-    run = tmp_path / "000-T-2"
-    good = _load(run / "checkpoints" / "0000004.pt")
-    # gp-eps 0 makes the finite-difference R1 0 * inf = nan from the first D step on.
-    r = _train(tmp_path, "--resume", str(run), "--max-steps", "8", "--gp-eps", "0", check=False)
-    assert r.returncode == 1 and "non-finite loss at step 4" in r.stdout, r.stdout + r.stderr
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["0000004.pt"]
-    assert torch.equal(_load(run / "checkpoints" / "0000004.pt")["model"]["pos_embed"], good["model"]["pos_embed"])
+    train(tmp_path, "--max-steps", "4")
+    run_dir = tmp_path / "000-T-2"
+    good = load(run_dir / "checkpoints" / "0000004.pt")
+    # A transport weight of 1e39 overflows float32: the first G step's loss (step 5) is inf.
+    r = train(tmp_path, "--resume", run_dir, "--max-steps", "8", "--ot", "1e39", check=False)
+    assert r.returncode == 1 and "non-finite loss at step 5" in r.stdout, r.stdout + r.stderr
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["0000004.pt"]
+    assert torch.equal(load(run_dir / "checkpoints" / "0000004.pt")["model"]["pos_embed"], good["model"]["pos_embed"])
 
 
-def test_classifier_training_and_guided_run(tmp_path):
-    """--train-classifier writes a checkpoint that --cls takes (EMA weights); a bare state dict
-    (the release's classifier.pth layout) loads too; a classifier of the wrong size is one line."""
-    _train(tmp_path, "--train-classifier", "--max-steps", "4")
-    ck = _load(tmp_path / "000-cls-T-2" / "checkpoints" / "0000004.pt")
+def test_classifier_then_guided_run(tmp_path):
+    """--recipe classifier trains through the same loop and writes a checkpoint that --cls takes (its EMA
+    weights); a bare state dict (the release's classifier.pth) loads too; a wrong size is one line."""
+    digits = ["--model", "T/2", "--global-batch-size", "32"]
+    r = train(tmp_path, "--recipe", "classifier", *digits, "--max-steps", "4")
+    assert " cls_loss " in r.stdout and " acc " in r.stdout
+    ck = load(tmp_path / "000-cls-T-2" / "checkpoints" / "0000004.pt")
+    assert sorted(ck) == ["args", "data_position", "ema", "model", "opt", "rng", "step"]
     assert set(ck["ema"]) == set(M.Classifier(**M.models["T/2"], input_size=8, in_channels=1,
                                               num_classes=10).state_dict())
     torch.save(ck["ema"], tmp_path / "bare_classifier.pth")
-    for cls_file in ("000-cls-T-2/checkpoints/0000004.pt", "bare_classifier.pth"):
-        r = _train(tmp_path / "g", "--max-steps", "2", "--cls", str(tmp_path / cls_file), "--cls-model", "T/2",
-                   "--cg", "0.01", "--augment-p", "0.4")
+    for cls_file in (tmp_path / "000-cls-T-2", tmp_path / "bare_classifier.pth"):
+        r = train(tmp_path / "g", "--max-steps", "2", "--cls", cls_file, "--cls-model", "T/2", "--cg", "0.01",
+                  "--augment-p", "0.4")
         assert " cg " in r.stdout
-    r = _train(tmp_path / "g", "--max-steps", "2", "--cls", str(tmp_path / "bare_classifier.pth"), "--cls-model", "T/4",
-               "--cg", "0.01", check=False)
+    r = train(tmp_path / "g", "--max-steps", "2", "--cls", tmp_path / "bare_classifier.pth", "--cls-model", "T/4",
+              "--cg", "0.01", check=False)
     assert r.returncode != 0 and "--cls" in r.stderr.strip().splitlines()[-1]
 
 
 def test_torchrun_two_processes_gloo(tmp_path):
-    """Two CPU processes (gloo): the global batch is split, DDP keeps the replicas equal and the
-    checkpoint holds both ranks' RNG states."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(HERE, "train.py"), "--results-dir", str(tmp_path), *_TRAIN_FLAGS,
-                        "--max-steps", "4"], capture_output=True, text=True, env=env, cwd=HERE, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
-    ck = _load(tmp_path / "000-T-2" / "checkpoints" / "0000004.pt")
+    """Two CPU processes (gloo): the global batch is split, DDP keeps the replicas equal and the checkpoint
+    holds both ranks' RNG states."""
+    r = run("train.py", "--results-dir", tmp_path, *TRAIN_FLAGS, "--max-steps", "4", torchrun=True)
+    ck = load(tmp_path / "000-T-2" / "checkpoints" / "0000004.pt")
     assert len(ck["rng"]) == 2 and not torch.equal(ck["rng"][0]["cpu"], ck["rng"][1]["cpu"])
     assert ck["data_position"] == 4 * 16  # 32 examples per step, split over 2 ranks
     assert "2 process(es)" in r.stdout
 
 
-# --------------------------------------------------------------------------------------
-# vae.py: the SD-VAE
-# --------------------------------------------------------------------------------------
-
-
-_VAE_TINY = dict(block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=8)  # 3 levels: factor 4
-
-
-def _vae_tiny(seed=0):
-    torch.manual_seed(seed)
-    m = vae.AutoencoderKL(**_VAE_TINY).eval()
-    with torch.no_grad():  # GroupNorm affine params start at 1/0: randomize them so a swapped norm shows
-        for name, p in m.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.randn_like(p) * 0.2 + (1.0 if name.endswith("weight") else 0.0))
-    return m
-
-
-def _vae_outputs(m, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
-    z = torch.randn(2, 4, 4, 4, generator=g)
-    with torch.no_grad():
-        mean, logvar = m.encode(x)
-        return mean, logvar, m.decode(z)
-
-
-def _vae_write_safetensors(path, tensors, metadata=None):
-    """A minimal safetensors writer, independent of vae.py: u64 LE header size, JSON, raw bytes."""
-    names = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-             torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
-    header, blobs, offset = {}, [], 0
-    if metadata:
-        header["__metadata__"] = metadata
-    for name, t in tensors.items():
-        raw = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
-        blobs.append(raw)
-        offset += len(raw)
-    head = json.dumps(header).encode()
-    head += b" " * (-len(head) % 8)  # the format pads the header with spaces to 8-byte alignment
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(head)) + head + b"".join(blobs))
-
-
-def _vae_to_ldm(sd):
-    """Our (diffusers current) keys -> LDM/CompVis keys, written as the inverse of the documented map."""
-    n = 1 + max(int(m[1]) for k in sd if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k)))
-    out = {}
-    for k, v in sd.items():
-        k = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", k)
-        k = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", k)
-        k = re.sub(r"^decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{n - 1 - int(m[1])}.block.", k)
-        k = re.sub(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{n - 1 - int(m[1])}.upsample.", k)
-        k = k.replace(".mid_block.resnets.0.", ".mid.block_1.").replace(".mid_block.resnets.1.", ".mid.block_2.")
-        k = k.replace(".mid_block.attentions.0.group_norm.", ".mid.attn_1.norm.")
-        for ours, ldm in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")):
-            if f".mid_block.attentions.0.{ours}." in k:
-                k = k.replace(f".mid_block.attentions.0.{ours}.", f".mid.attn_1.{ldm}.")
-                v = v[:, :, None, None] if v.ndim == 2 else v  # LDM's projections are 1x1 convs
-        k = k.replace(".conv_shortcut.", ".nin_shortcut.").replace(".conv_norm_out.", ".norm_out.")
-        out[k] = v.clone()
-    return out
-
-
-def _vae_to_legacy(sd):
-    names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
-    return {re.sub(r"attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.", lambda m: f"attentions.0.{names[m[1]]}.", k): v
-            for k, v in sd.items()}
-
-
-def _vae_assert_same(a, b):
-    for x, y in zip(a, b):
-        assert x.shape == y.shape and torch.equal(x, y), float((x - y).abs().max())
+def test_train_from_folder_and_from_cache(tmp_path):
+    """train.py on an image folder (VAE encoding on the fly) and on the latent cache: the networks see 4x16x16
+    latents (32 px images, a 2-level tiny VAE) and the grids are decoded to pixels."""
+    root, vae_path, cache, _ = cached_folder(tmp_path)
+    flags = ["--vae", vae_path, "--image-size", "32", "--model", "T/2", "--global-batch-size", "4",
+             "--max-steps", "2", "--sample-every", "2"]
+    for data in (root, cache):
+        assert "input 4x16x16" in train(tmp_path / "runs", "--data", data, *flags).stdout
+    for run_dir in ("000-T-2", "001-T-2"):
+        ck = load(tmp_path / "runs" / run_dir / "checkpoints" / "0000002.pt")
+        assert ck["model"]["x_embedder.proj.weight"].shape == (64, 4, 2, 2) and ck["args"]["recipe"] == "1nfe"
+        grid = Image.open(tmp_path / "runs" / run_dir / "samples_0000002.png")
+        assert grid.mode == "RGB" and grid.size[0] > 10 * 32  # 10 decoded 32 px images per row (+ borders)
+    r = train(tmp_path / "runs", "--data", cache, *flags[:2], "--image-size", "64", "--model", "T/2", check=False)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith(f"--data {cache}: ")
 
 
 # --------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("layout", ["state_dict", "state_dict_legacy"])
-def test_vae_compat_fixture(layout):
-    path = os.path.join(FIXTURES, "vae.pt")
-    if not os.path.isfile(path):
-        pytest.skip(f"fixture {path} not found")
-    fx = torch.load(path, map_location="cpu", weights_only=True)
-    k = fx["kwargs"]
-    m = vae.AutoencoderKL(k["in_channels"], k["out_channels"], k["latent_channels"], tuple(k["block_out_channels"]),
-                          k["layers_per_block"], k["norm_num_groups"]).eval()
-    assert set(m.state_dict()) == set(fx["state_dict"])  # our own names are the current diffusers layout
-    m.load_state_dict(fx[layout], strict=True)
-    exp = fx["expected"]
-    with torch.no_grad():
-        mean, logvar = m.encode(fx["inputs"]["image"])
-        got = {"posterior_mean": mean, "posterior_logvar": logvar, "decoded": m.decode(fx["inputs"]["latent"]),
-               "reconstruction": m.decode(exp["posterior_mean"])}
-    for name, out in got.items():
-        ref = exp[name]
-        assert out.shape == ref.shape, name
-        err, tol = float((out - ref).abs().max()), 2e-5 * max(1.0, float(ref.abs().max()))
-        assert err <= tol, f"{name}: {err:.3e} > {tol:.3e}"
-
-
-def test_vae_shapes_logvar_clamp_and_param_count():
-    m = _vae_tiny()
-    mean, logvar, dec = _vae_outputs(m)
-    assert mean.shape == logvar.shape == (2, 4, 4, 4) and dec.shape == (2, 3, 16, 16)
-    with torch.no_grad():
-        m.quant_conv.bias[4:].fill_(1e4)  # the logvar half of the moments
-        assert float(m.encode(torch.zeros(1, 3, 16, 16))[1].min()) == 20.0
-        m.quant_conv.bias[4:].fill_(-1e4)
-        assert float(m.encode(torch.zeros(1, 3, 16, 16))[1].max()) == -30.0
-    with torch.device("meta"):
-        assert sum(p.numel() for p in vae.AutoencoderKL().parameters()) == 83_653_863  # diffusers' sd-vae-ft-mse
-    assert vae.SCALE == 0.18215
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_vae_safetensors_roundtrip(tmp_path, dtype):
-    g = torch.Generator().manual_seed(0)
-    tensors = {
-        "a.weight": torch.randn(3, 5, 2, generator=g).to(dtype),
-        "special": torch.tensor([float("nan"), float("inf"), -0.0, 1e-3, 6e4]).to(dtype),
-        "scalar": torch.tensor(2.5, dtype=dtype),
-        "empty": torch.zeros(0, 4, dtype=dtype),
-        "steps": torch.tensor([1, -2, 2**40], dtype=torch.int64),
-        "mask": torch.tensor([True, False, True]),
-    }
-    path = tmp_path / "t.safetensors"
-    _vae_write_safetensors(path, tensors, {"format": "pt"})
-    back = vae.load_safetensors(str(path))
-    assert set(back) == set(tensors)
-    for name, t in tensors.items():
-        b = back[name]
-        assert b.dtype == t.dtype and b.shape == t.shape, name
-        if t.numel():  # bitwise, so NaN and -0.0 count
-            assert torch.equal(b.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), name
-
-
-def test_vae_load_vae_files(tmp_path):
-    m = _vae_tiny()
-    ref = _vae_outputs(m)
-    _vae_write_safetensors(tmp_path / "v.safetensors", m.state_dict())
-    torch.save(_vae_to_legacy(m.state_dict()), tmp_path / "v.bin")
-    torch.save({"state_dict": _vae_to_ldm(m.state_dict()), "global_step": 7}, tmp_path / "v.ckpt")
-    for name in ("v.safetensors", "v.bin", "v.ckpt"):
-        loaded = vae.load_vae(str(tmp_path / name), norm_num_groups=8)  # config read from the weights' shapes
-        assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
-        _vae_assert_same(_vae_outputs(loaded), ref)
-    half = vae.load_vae(str(tmp_path / "v.safetensors"), dtype=torch.bfloat16, norm_num_groups=8)
-    assert half.decoder.conv_out.weight.dtype == torch.bfloat16
-    # the f16 file decodes as the f16-rounded weights do
-    _vae_write_safetensors(tmp_path / "h.safetensors", {k: v.half() for k, v in m.state_dict().items()})
-    m16 = vae.AutoencoderKL(**_VAE_TINY).eval()
-    m16.load_state_dict({k: v.half().float() for k, v in m.state_dict().items()})
-    _vae_assert_same(_vae_outputs(vae.load_vae(str(tmp_path / "h.safetensors"), norm_num_groups=8)), _vae_outputs(m16))
-
-
-def test_vae_ldm_layout_and_prefix():
-    m = _vae_tiny()
-    ref = _vae_outputs(m)
-    ldm = _vae_to_ldm(m.state_dict())
-    # names as they appear in LDM checkpoints (decoder.up.0 is the highest resolution, run last)
-    for key in ("encoder.down.0.block.0.norm1.weight", "encoder.down.0.downsample.conv.weight",
-                "encoder.down.1.block.0.nin_shortcut.weight", "encoder.mid.block_1.conv1.weight",
-                "encoder.mid.block_2.norm2.bias", "encoder.norm_out.weight", "decoder.mid.attn_1.norm.weight",
-                "decoder.up.0.block.0.nin_shortcut.weight", "decoder.up.0.block.1.conv2.bias",
-                "decoder.up.2.upsample.conv.weight", "decoder.norm_out.bias", "quant_conv.weight",
-                "post_quant_conv.bias"):
-        assert key in ldm, key
-    assert "decoder.up.0.upsample.conv.weight" not in ldm and "encoder.down.2.downsample.conv.weight" not in ldm
-    assert ldm["encoder.mid.attn_1.q.weight"].shape == (16, 16, 1, 1)
-    assert ldm["decoder.up.0.block.0.nin_shortcut.weight"].shape == (8, 16, 1, 1)  # 16 -> 8 channels at full res
-    assert set(vae.convert_state_dict(ldm)) == set(m.state_dict())
-
-    other = _vae_tiny(seed=5)
-    other.load_state_dict(ldm)
-    _vae_assert_same(_vae_outputs(other), ref)
-    # a full SD checkpoint: only first_stage_model.* is the VAE; LDM training leftovers are dropped
-    full = {"first_stage_model." + k: v for k, v in ldm.items()}
-    full.update({"model.diffusion_model.out.0.weight": torch.ones(3), "cond_stage_model.x": torch.ones(1),
-                 "first_stage_model.loss.logvar": torch.zeros(()), "model_ema.decay": torch.tensor(0.999)})
-    other = _vae_tiny(seed=6)
-    other.load_state_dict(full)
-    _vae_assert_same(_vae_outputs(other), ref)
-    # legacy diffusers names
-    other = _vae_tiny(seed=7)
-    other.load_state_dict(_vae_to_legacy(m.state_dict()))
-    _vae_assert_same(_vae_outputs(other), ref)
-
-
-def test_vae_errors(tmp_path):
-    m = _vae_tiny()
-    sd = m.state_dict()
-    bad = {("encoder.stem.weight" if k == "encoder.conv_in.weight" else k): v for k, v in sd.items()}
-    with pytest.raises(RuntimeError) as e:
-        m.load_state_dict(bad)
-    msg = str(e.value)
-    assert "\n" not in msg and "unexpected 1 (encoder.stem.weight)" in msg and "missing 1 (encoder.conv_in.weight)" in msg
-    with pytest.raises(RuntimeError, match="shape mismatches 1"):  # weights of another config
-        m.load_state_dict(dict(sd, **{"post_quant_conv.bias": torch.zeros(5)}))
-
-    torch.save(bad, tmp_path / "odd.pt")
-    with pytest.raises(RuntimeError) as e:
-        vae.load_vae(str(tmp_path / "odd.pt"), norm_num_groups=8)
-    assert "\n" not in str(e.value) and "odd.pt" in str(e.value) and "encoder.stem.weight" in str(e.value)
-    with pytest.raises(FileNotFoundError, match="no such file .*nothing.safetensors"):
-        vae.load_vae(str(tmp_path / "nothing.safetensors"))
-    _vae_write_safetensors(tmp_path / "v.safetensors", sd)
-    data = (tmp_path / "v.safetensors").read_bytes()
-    for name, blob in (("cut.safetensors", data[:-10]), ("tiny.safetensors", data[:5]), ("junk.pt", b"not a pickle")):
-        (tmp_path / name).write_bytes(blob)
-        with pytest.raises(RuntimeError) as e:
-            vae.load_vae(str(tmp_path / name))
-        assert "\n" not in str(e.value) and name in str(e.value) and "cannot read" in str(e.value)
-
-
-def test_vae_bf16_autocast():
-    m = _vae_tiny()
-    ref = _vae_outputs(m)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = _vae_outputs(m)
-    assert out[2].dtype == torch.bfloat16  # autocast really ran the convolutions in bf16
-    for o, r in zip(out, ref):
-        o = o.float()
-        assert torch.isfinite(o).all()
-        rel = float((o - r).norm() / r.norm())
-        assert 0 < rel < 0.03, rel  # bf16 keeps ~3 significant digits; measured ~0.005
-
-
-# --------------------------------------------------------------------------------------
-# dataset.py: image folders, ADM crop, latent cache
+# 7. Data: ADM's center crop, image folders, the latent cache
 # --------------------------------------------------------------------------------------
 
 
-# name -> (width, height, PIL mode); odd sizes, both sides of the box-downsample loop at 32px
-_DS_IMAGES = {
-    "ant/a.jpg": (97, 61, "RGB"),  # short side 61 < 64: bicubic only
-    "ant/b.png": (300, 517, "RGB"),  # halved 3 times (300 -> 150 -> 75 -> 37), odd sides
-    "bee/c.png": (700, 451, "RGB"),  # halved 3 times, odd height
-    "bee/d.png": (61, 97, "L"),  # grayscale -> RGB
-    "cow/e.png": (64, 80, "RGBA"),  # short side exactly 2 * 32: halved once
-}
-_DS_CORRUPT = "bee/corrupt.jpg"  # a truncated JPEG: opens, fails while decoding
-
-
-def _ds_make_folder(root):
-    rng = np.random.default_rng(0)
-    for name, (w, h, mode) in _DS_IMAGES.items():
-        os.makedirs(os.path.join(root, os.path.dirname(name)), exist_ok=True)
-        channels = {"RGB": 3, "L": 1, "RGBA": 4}[mode]
-        arr = rng.integers(0, 256, (h, w, channels), dtype=np.uint8)
-        arr[:, : w // 3] //= 4  # dark left third: no image equals its own mirror
-        img = Image.fromarray(arr.squeeze(-1) if mode == "L" else arr, mode)
-        img.save(os.path.join(root, name))
-    jpg = os.path.join(root, _DS_CORRUPT)
-    Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(jpg, quality=95)
-    with open(jpg, "rb") as f:
-        data = f.read()
-    with open(jpg, "wb") as f:
-        f.write(data[: len(data) // 2])
-    for note in ("notes.txt", "ant/notes.txt", "cow/labels.csv"):  # not images: ignored
-        with open(os.path.join(root, note), "w") as f:
-            f.write("not an image\n")
-    return str(root)
-
-
-def _ds_adm_crop(path, size):
-    """ADM's center_crop_arr, written from the recipe: (crop uint8 (S, S, 3), box halvings)."""
-    img = Image.open(path).convert("RGB")
-    halvings = 0
-    while min(img.size[0], img.size[1]) >= 2 * size:
-        img = img.resize((img.size[0] // 2, img.size[1] // 2), resample=Image.BOX)
-        halvings += 1
-    w, h = img.size
-    scale = size / min(w, h)
-    img = img.resize((round(w * scale), round(h * scale)), resample=Image.BICUBIC)
-    a = np.array(img)
-    y0, x0 = (a.shape[0] - size) // 2, (a.shape[1] - size) // 2
-    return a[y0 : y0 + size, x0 : x0 + size], halvings
-
-
-def _ds_to_x(arr):  # uint8 (S, S, 3) -> float (3, S, S) in [-1, 1]
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 127.5 - 1
-
-
-def _ds_tiny_vae(path, seed):
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8)
-    torch.save(vae.state_dict(), path)
-    return str(path)
-
-
-def _ds_build(root, vae_path, out, **kwargs):  # 32px, 2 images per shard, on the CPU
-    kwargs = dict(image_size=32, batch_size=2, shard_size=2, num_workers=0, device="cpu") | kwargs
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the corrupt file's warning is tested elsewhere
-        return build_cache(root, vae_path, out, **kwargs)
-
-
-def _ds_cache(tmp_path):  # (image folder, VAE file, cache folder, shards written)
-    root = _ds_make_folder(tmp_path / "images")
-    vae_path = _ds_tiny_vae(tmp_path / "vae.pt", seed=0)
-    out = str(tmp_path / "cache")
-    return root, vae_path, out, _ds_build(root, vae_path, out)
-
-
-def test_ds_center_crop_matches_adm(tmp_path):
-    root = _ds_make_folder(tmp_path)
+def test_center_crop_matches_adm(tmp_path):
+    root = image_folder(tmp_path)
     for size in (32, 64):
-        ds = ImageFolder(root, size, flip=False)
+        ds = DS.ImageFolder(root, size, flip=False)
         halvings = set()
-        for name in _DS_IMAGES:
+        for name in IMAGES:
             i = ds.files.index(os.path.join(root, name))
-            ref, k = _ds_adm_crop(ds.files[i], size)
+            ref, k = adm_crop(ds.files[i], size)
             halvings.add(k)
             x, y = ds[i]
             assert x.dtype == torch.float32 and x.shape == (3, size, size)
-            assert torch.equal(x, _ds_to_x(ref)), (name, size)
+            assert torch.equal(x, to_x(ref)), (name, size)
             assert y == ds.class_names.index(name.split("/")[0])
         assert 0 in halvings and max(halvings) >= 1  # both paths: with and without the box loop
     # the box loop matters: one bicubic step from the full 700x451 image gives other pixels
     img = Image.open(os.path.join(root, "bee/c.png")).convert("RGB")
     direct = np.array(img.resize((round(700 * 32 / 451), 32), resample=Image.BICUBIC))
-    ref = _ds_adm_crop(os.path.join(root, "bee/c.png"), 32)[0]
+    ref = adm_crop(os.path.join(root, "bee/c.png"), 32)[0]
     assert np.abs(direct[:, 9:41].astype(int) - ref.astype(int)).mean() > 1
 
 
-def test_ds_folder_layout_flip_and_skip(tmp_path):
-    root = _ds_make_folder(tmp_path)
-    ds = build_dataset(root, image_size=32)
-    assert isinstance(ds, ImageFolder) and ds.space == "pixel" and ds.shape == (3, 32, 32)
+def test_folder_layout_flip_and_skip(tmp_path):
+    root = image_folder(tmp_path)
+    ds = DS.build_dataset(root, image_size=32)
+    assert isinstance(ds, DS.ImageFolder) and ds.space == "pixel" and ds.shape == (3, 32, 32)
     assert ds.class_names == ["ant", "bee", "cow"] and ds.num_classes == 3
     assert len(ds) == 6 and sorted(ds.labels) == [0, 0, 1, 1, 1, 2]  # .txt / .csv ignored
 
     # flip: with a fixed seed both orientations occur, and one is the other's mirror
-    ref = _ds_to_x(_ds_adm_crop(os.path.join(root, "ant/a.jpg"), 32)[0])
+    ref = to_x(adm_crop(os.path.join(root, "ant/a.jpg"), 32)[0])
     assert not torch.equal(ref, ref.flip(-1))
     torch.manual_seed(0)
     outs = [ds[0][0] for _ in range(40)]
@@ -957,10 +1255,10 @@ def test_ds_folder_layout_flip_and_skip(tmp_path):
     assert plain + mirrored == 40 and 10 <= plain <= 30, (plain, mirrored)
 
     # the corrupt file: one warning naming it, counted once, replaced by the next readable file
-    bad = ds.files.index(os.path.join(root, _DS_CORRUPT))
+    bad = ds.files.index(os.path.join(root, CORRUPT))
     with pytest.warns(UserWarning, match="corrupt.jpg"):
         items = [ds[i] for i in range(len(ds))]
-    assert ds.skipped == 1 and ds.skipped_files == [os.path.join(root, _DS_CORRUPT)]
+    assert ds.skipped == 1 and ds.skipped_files == [os.path.join(root, CORRUPT)]
     assert items[bad][1] == items[bad + 1][1] == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a known-bad file is not re-read, so no second warning
@@ -968,15 +1266,15 @@ def test_ds_folder_layout_flip_and_skip(tmp_path):
     assert ds.skipped == 1
 
     # the count reaches the training process from DataLoader worker processes too
-    ds = ImageFolder(root, 32)
+    ds = DS.ImageFolder(root, 32)
     batches = list(DataLoader(ds, batch_size=2, num_workers=2))
     assert sum(len(y) for _, y in batches) == 6 and ds.skipped == 1
 
 
-def test_ds_folder_errors(tmp_path):
+def test_folder_errors(tmp_path):
     def error(path):
         with pytest.raises((FileNotFoundError, ValueError)) as e:
-            build_dataset(str(path), image_size=32)
+            DS.build_dataset(str(path), image_size=32)
         assert "\n" not in str(e.value) and str(path) in str(e.value)
         return str(e.value)
 
@@ -991,25 +1289,25 @@ def test_ds_folder_errors(tmp_path):
     assert "no images" in error(tmp_path / "noimg")
 
 
-def test_ds_cache_round_trip_and_sampling(tmp_path):
-    root, vae_path, out, written = _ds_cache(tmp_path)
+def test_cache_round_trip_and_sampling(tmp_path):
+    root, vae_path, out, written = cached_folder(tmp_path)
     meta = json.load(open(os.path.join(out, "meta.json")))
     assert meta["complete"] and meta["image_size"] == 32 and meta["latent_shape"] == [4, 16, 16]
-    assert meta["num_files"] == 6 and meta["num_images"] == 5 and meta["skipped"] == [_DS_CORRUPT]
+    assert meta["num_files"] == 6 and meta["num_images"] == 5 and meta["skipped"] == [CORRUPT]
     assert meta["class_names"] == ["ant", "bee", "cow"] and meta["num_classes"] == 3
     assert meta["vae"]["file"] == "vae.pt" and meta["vae"]["size"] == os.path.getsize(vae_path)
     assert len(written) == 3
-    assert sorted(os.listdir(out)) == ["meta.json"] + [SHARD.format(k) for k in range(3)]
+    assert sorted(os.listdir(out)) == ["meta.json"] + [DS.SHARD.format(k) for k in range(3)]
 
     # stored moments = the VAE's encoding of the ADM crop and of its mirror, to fp16 precision
-    vae, files = load_vae(vae_path), ImageFolder(root, 32).files
+    vae, files = V.load_vae(vae_path), DS.ImageFolder(root, 32).files
     means, stds = [], []
     for path in written:
         s = torch.load(path, weights_only=True)
         assert s["mean"].dtype == s["std"].dtype == torch.float16
         assert s["mean"].shape[1:] == s["std"].shape[1:] == (2, 4, 16, 16)
         for j, i in enumerate(s["index"].tolist()):
-            x = _ds_to_x(_ds_adm_crop(files[i], 32)[0])[None]  # (1, 3, 32, 32)
+            x = to_x(adm_crop(files[i], 32)[0])[None]  # (1, 3, 32, 32)
             with torch.no_grad():
                 mean, logvar = vae.encode(torch.cat([x, x.flip(-1)]))  # (2, 4, 16, 16)
             std = torch.exp(0.5 * logvar)
@@ -1021,11 +1319,11 @@ def test_ds_cache_round_trip_and_sampling(tmp_path):
             means.append(s["mean"][j].float())
             stds.append(s["std"][j].float())
 
-    ds = build_dataset(out, image_size=32, vae_path=vae_path)
-    assert isinstance(ds, LatentCache) and ds.space == "latent" and ds.shape == (4, 16, 16)
+    ds = DS.build_dataset(out, image_size=32, vae_path=vae_path)
+    assert isinstance(ds, DS.LatentCache) and ds.space == "latent" and ds.shape == (4, 16, 16)
     assert len(ds) == 5 and ds.skipped == 1 and ds.num_classes == 3
 
-    # under a fixed seed the example is (mean + std * noise) * SCALE of a random orientation
+    # under a fixed seed the example is (mean + std * noise) * V.SCALE of a random orientation
     flips = set()
     for seed in range(8):
         torch.manual_seed(seed)
@@ -1033,13 +1331,13 @@ def test_ds_cache_round_trip_and_sampling(tmp_path):
         torch.manual_seed(seed)
         f = int(torch.randint(2, ()))
         flips.add(f)
-        torch.testing.assert_close(x, (means[3][f] + stds[3][f] * torch.randn(4, 16, 16)) * SCALE)
+        torch.testing.assert_close(x, (means[3][f] + stds[3][f] * torch.randn(4, 16, 16)) * V.SCALE)
     assert flips == {0, 1}
 
     # over many draws: the law of an even mixture of N(mean_f, std_f^2), scaled
     torch.manual_seed(0)
     n = 4000
-    draws = torch.stack([ds[3][0] for _ in range(n)]) / SCALE  # (n, 4, 16, 16)
+    draws = torch.stack([ds[3][0] for _ in range(n)]) / V.SCALE  # (n, 4, 16, 16)
     m, s = means[3], stds[3]
     mix_mean = m.mean(0)
     mix_var = (s**2).mean(0) + ((m[0] - m[1]) / 2) ** 2
@@ -1054,9 +1352,9 @@ def test_ds_cache_round_trip_and_sampling(tmp_path):
     assert torch.cat([y for _, y in batches]).tolist() == [0, 0, 1, 1, 2]
 
 
-def test_ds_cache_resume_and_refusals(tmp_path):
-    root, vae_path, out, written = _ds_cache(tmp_path)
-    shard = [os.path.join(out, SHARD.format(k)) for k in range(3)]
+def test_cache_resume_and_refusals(tmp_path):
+    root, vae_path, out, written = cached_folder(tmp_path)
+    shard = [os.path.join(out, DS.SHARD.format(k)) for k in range(3)]
     before = torch.load(shard[1], weights_only=True)
     mtimes = [os.stat(p).st_mtime_ns for p in shard]
 
@@ -1067,20 +1365,20 @@ def test_ds_cache_resume_and_refusals(tmp_path):
     meta = json.load(open(os.path.join(out, "meta.json")))
     json.dump({**meta, "complete": False}, open(os.path.join(out, "meta.json"), "w"))
     with pytest.raises(ValueError, match="incomplete"):
-        LatentCache(out)
+        DS.LatentCache(out)
 
     # another VAE or resolution is refused before anything is written
     (tmp_path / "other").mkdir()
-    other = _ds_tiny_vae(tmp_path / "other" / "vae.pt", seed=1)  # same name and size, other weights
+    other = tiny_vae_file(tmp_path / "other" / "vae.pt", seed=1)  # same name and size, other weights
     assert os.path.getsize(other) == os.path.getsize(vae_path)
     with pytest.raises(ValueError, match="VAE"):
-        _ds_build(root, other, out)
+        build_cache(root, other, out)
     with pytest.raises(ValueError, match="64px"):
-        _ds_build(root, vae_path, out, image_size=64)
+        build_cache(root, vae_path, out, image_size=64)
     assert not os.path.exists(shard[1])
 
     # batch size 1 this time: shard 1's second batch holds only the corrupt file
-    rewritten = _ds_build(root, vae_path, out, batch_size=1)
+    rewritten = build_cache(root, vae_path, out, batch_size=1)
     assert rewritten == [shard[1]]
     assert [os.stat(p).st_mtime_ns for p in (shard[0], shard[2])] == [mtimes[0], mtimes[2]]
     after = torch.load(shard[1], weights_only=True)
@@ -1088,39 +1386,39 @@ def test_ds_cache_resume_and_refusals(tmp_path):
         assert torch.equal(before[k], after[k])
     for k in ("mean", "std"):
         torch.testing.assert_close(before[k].float(), after[k].float(), rtol=1e-3, atol=1e-4)
-    assert after["skipped"] == before["skipped"] == [_DS_CORRUPT]
+    assert after["skipped"] == before["skipped"] == [CORRUPT]
     assert json.load(open(os.path.join(out, "meta.json"))) == meta
-    assert sorted(os.listdir(out)) == ["meta.json"] + [SHARD.format(k) for k in range(3)]
-    assert len(LatentCache(out)) == 5
+    assert sorted(os.listdir(out)) == ["meta.json"] + [DS.SHARD.format(k) for k in range(3)]
+    assert len(DS.LatentCache(out)) == 5
 
     # check_cache: one-line refusals; the same weights under another name are accepted
     for kwargs, match in [({"vae_path": other}, "VAE"), ({"image_size": 64}, "64px")]:
         with pytest.raises(ValueError, match=match) as e:
-            check_cache(out, **kwargs)
+            DS.check_cache(out, **kwargs)
         assert "\n" not in str(e.value)
         with pytest.raises(ValueError, match=match):
-            build_dataset(out, **{"image_size": 32, "vae_path": vae_path, **kwargs})
+            DS.build_dataset(out, **{"image_size": 32, "vae_path": vae_path, **kwargs})
     copy = tmp_path / "renamed.pt"
     copy.write_bytes(open(vae_path, "rb").read())
-    assert check_cache(out, vae_path=str(copy), image_size=32)["num_images"] == 5
+    assert DS.check_cache(out, vae_path=str(copy), image_size=32)["num_images"] == 5
 
     # a changed file list makes the finished shards meaningless: refused too
     Image.new("RGB", (40, 40)).save(os.path.join(root, "ant", "new.png"))
     with pytest.raises(ValueError, match="new --out"):
-        _ds_build(root, vae_path, out)
+        build_cache(root, vae_path, out)
 
 
-def test_ds_vae_identity_sees_head_and_tail(tmp_path):
+def test_vae_identity_sees_head_and_tail(tmp_path):
     big = bytes(9 << 20)  # 9 MiB: only the first and last 4 MiB are hashed
     for name, data in [("a", big), ("b", big[:-1] + b"\1"), ("c", b"\1" + big[1:])]:
         (tmp_path / name).mkdir()
         (tmp_path / name / "vae.pt").write_bytes(data)
-    ids = [vae_identity(str(tmp_path / name / "vae.pt")) for name in "abc"]
+    ids = [DS.vae_identity(str(tmp_path / name / "vae.pt")) for name in "abc"]
     assert len({i["sha256_head_tail"] for i in ids}) == 3 and {i["size"] for i in ids} == {9 << 20}
 
 
-def test_ds_digits():
-    ds = build_dataset("digits")
+def test_digits():
+    ds = DS.build_dataset("digits")
     x, y = ds.tensors
     assert len(ds) == 1797 and ds.num_classes == 10 and ds.shape == (1, 8, 8)
     assert ds.space == "pixel" and ds.skipped == 0
@@ -1133,88 +1431,25 @@ def test_ds_digits():
 
 
 # --------------------------------------------------------------------------------------
-# sample.py: sampling, npz files, released checkpoints
+# 8. Sample files do not depend on the number of processes or on interruptions
 # --------------------------------------------------------------------------------------
 
 
-_SMP_HERE = os.path.dirname(os.path.abspath(__file__))
-_SMP_ENV = dict(os.environ, OMP_NUM_THREADS="1")  # two shared cores: one thread per process is far faster
-
-
-@contextlib.contextmanager
-def _smp_one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-def _smp_randomize(module, seed, std=0.05):
-    """A fresh Generator outputs zeros (adaLN-Zero, zero head): perturb every weight so samples carry information."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name != "pos_embed":
-                p.add_(torch.randn(p.shape, generator=g) * std)
-    return module.eval()
-
-
-def _smp_ckpt(path, steps="any"):
-    """A checkpoint in train.py's format (model, ema, args, step) with different model and EMA weights."""
-    args = T.resolve_defaults(T.parse_args(["--steps", steps]))
-    G, _ = T.build_models(args, 1, 8, 10)  # the digits model: T/2, 1x8x8, 10 classes
-    ema = Generator(**models["T/2"], input_size=8, in_channels=1, num_classes=10, use_t_src=steps != "1",
-                    use_t_tgt=steps == "any")
-    _smp_randomize(G, 1), _smp_randomize(ema, 2)
-    torch.save({"model": G.state_dict(), "ema": ema.state_dict(), "args": vars(args), "step": 7}, path)
-    return G, ema, args
-
-
-def _smp_main(*argv):
-    with _smp_one_thread():
-        return S.main(S.parse_args([str(a) for a in argv]))
-
-
-def _smp_npz(path):
-    with np.load(path) as f:
-        return {k: f[k] for k in f.files}
-
-
-def _smp_expected(G, indices, labels, steps, pred, seed=0, vae=None):
-    """uint8 NHWC samples computed here from the definition: per-index CPU noise, generate, decode, truncation."""
-    H = int(G.pos_embed.shape[1] ** 0.5) * G.patch_size
-    z = torch.stack([torch.randn(G.in_channels, H, H, generator=torch.Generator().manual_seed(seed * 10**8 + int(i)))
-                     for i in indices])  # (N, C, H, W)
-    with torch.no_grad(), _smp_one_thread():
-        x = T.generate(G, z, torch.as_tensor(np.asarray(labels)), steps, pred)
-        if vae is not None:
-            x = vae.decode(x / SCALE)
-    x = x.float().clamp(-1, 1).expand(-1, 3, -1, -1)
-    return ((x + 1) / 2).clamp(0, 1).mul(255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-# --------------------------------------------------------------------------------------
-# Many samples: determinism, balance, format, order
-# --------------------------------------------------------------------------------------
-
-
-def test_smp_npz_same_for_one_and_two_processes(tmp_path):
+def test_npz_same_for_one_and_two_processes(tmp_path):
     ckpt = tmp_path / "ck.pt"
-    _, ema, args = _smp_ckpt(ckpt)
+    _, ema, args = digits_checkpoint(ckpt)
     N, K = 120, 10
-    _smp_main("--ckpt", ckpt, "--steps", 2, "--num-samples", N, "--batch-size", 40, "--out", tmp_path / "a.npz")
+    sample_main("--ckpt", ckpt, "--steps", 2, "--num-samples", N, "--batch-size", 40, "--out", tmp_path / "a.npz")
     with pytest.raises(SystemExit):  # b.npz: begun by one process, interrupted, finished by two
-        _smp_main("--ckpt", ckpt, "--steps", 2, "--num-samples", N, "--batch-size", 16, "--max-batches", 2,
+        sample_main("--ckpt", ckpt, "--steps", 2, "--num-samples", N, "--batch-size", 16, "--max-batches", 2,
                   "--out", tmp_path / "b.npz")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(_SMP_HERE, "sample.py"), "--ckpt", str(ckpt), "--steps", "2", "--num-samples",
+                        os.path.join(HERE, "sample.py"), "--ckpt", str(ckpt), "--steps", "2", "--num-samples",
                         str(N), "--batch-size", "16", "--save-every", "2", "--out", str(tmp_path / "b.npz")],
-                       capture_output=True, text=True, env=_SMP_ENV, cwd=_SMP_HERE, timeout=300)
+                       capture_output=True, text=True, env=ENV, cwd=HERE, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "2 process(es)" in r.stdout and "32 of 120 samples found" in r.stdout and "44 to make on rank 0" in r.stdout
-    a, b = _smp_npz(tmp_path / "a.npz"), _smp_npz(tmp_path / "b.npz")
+    a, b = read_npz(tmp_path / "a.npz"), read_npz(tmp_path / "b.npz")
     # Format: ADM's sample batch, uint8 NHWC RGB (the gray digit in all three channels), labels beside it.
     assert sorted(a) == ["arr_0", "arr_1"] and a["arr_0"].dtype == np.uint8 and a["arr_0"].shape == (N, 8, 8, 3)
     assert a["arr_1"].dtype == np.int64 and a["arr_1"].shape == (N,)
@@ -1230,59 +1465,54 @@ def test_smp_npz_same_for_one_and_two_processes(tmp_path):
     # The images are what the definition gives: EMA weights, 2 steps of v-prediction, noise seeded by index.
     assert args.pred == "v"
     j = np.arange(16)  # a batch of 16 (tiny CPU batches may round differently)
-    np.testing.assert_array_equal(a["arr_0"][j], _smp_expected(ema, perm[j], a["arr_1"][j], 2, "v"))
+    np.testing.assert_array_equal(a["arr_0"][j], expected_samples(ema, perm[j], a["arr_1"][j], 2, "v"))
     assert not (tmp_path / "a.npz.parts").exists() and not (tmp_path / "b.npz.parts").exists()
 
 
-def test_smp_num_samples_must_divide_and_flags(tmp_path):
+def test_num_samples_must_divide_and_flags(tmp_path):
     ckpt = tmp_path / "ck.pt"
-    _smp_ckpt(ckpt)
+    digits_checkpoint(ckpt)
     with pytest.raises(SystemExit, match="--num-samples 125 is not divisible by the 10 classes"):
-        _smp_main("--ckpt", ckpt, "--num-samples", 125, "--out", tmp_path / "a.npz")
+        sample_main("--ckpt", ckpt, "--num-samples", 125, "--out", tmp_path / "a.npz")
     with pytest.raises(SystemExit, match="writes an .npz"):
-        _smp_main("--ckpt", ckpt, "--num-samples", 100, "--out", tmp_path / "a.png")
+        sample_main("--ckpt", ckpt, "--num-samples", 100, "--out", tmp_path / "a.png")
     with pytest.raises(SystemExit, match="writes an .npz"):
-        _smp_main("--ckpt", ckpt, "--fid", tmp_path / "ref.npz", "--out", tmp_path / "a.png")
+        sample_main("--ckpt", ckpt, "--fid", tmp_path / "ref.npz", "--out", tmp_path / "a.png")
     assert sorted(os.listdir(tmp_path)) == ["ck.pt"]
 
 
-# --------------------------------------------------------------------------------------
-# Resume
-# --------------------------------------------------------------------------------------
-
-
-def test_smp_resume_equals_uninterrupted_run(tmp_path):
+def test_resume_equals_uninterrupted_run(tmp_path):
     ckpt, out = tmp_path / "ck.pt", tmp_path / "b.npz"
-    _smp_ckpt(ckpt, steps="1")
+    digits_checkpoint(ckpt, steps="1")
     flags = ["--ckpt", ckpt, "--num-samples", 120]
-    _smp_main(*flags, "--batch-size", 40, "--out", tmp_path / "a.npz")
+    sample_main(*flags, "--batch-size", 40, "--out", tmp_path / "a.npz")
     parts = tmp_path / "b.npz.parts"
     with pytest.raises(SystemExit) as e:  # interrupted after 3 batches of 16 (as Ctrl-C would, after a batch)
-        _smp_main(*flags, "--batch-size", 16, "--save-every", 2, "--max-batches", 3, "--out", out)
+        sample_main(*flags, "--batch-size", 16, "--save-every", 2, "--max-batches", 3, "--out", out)
     assert e.value.code == 1 and not out.exists()
     shards = sorted(p.name for p in parts.glob("*.npz"))
     assert shards == ["00000000.npz", "00000032.npz"]  # 2 batches, then the last one flushed on stopping
-    assert sorted(np.concatenate([_smp_npz(parts / s)["idx"] for s in shards]).tolist()) == list(range(48))
+    assert sorted(np.concatenate([read_npz(parts / s)["idx"] for s in shards]).tolist()) == list(range(48))
     with pytest.raises(SystemExit, match=r"other settings \(seed: 0 vs 1\)"):  # parts of another run are not mixed in
-        _smp_main(*flags, "--seed", 1, "--out", out)
+        sample_main(*flags, "--seed", 1, "--out", out)
     (parts / "00000048.npz.tmp").write_bytes(b"half a shard")  # a crash mid-write leaves only a temporary name
     with pytest.raises(SystemExit):  # a second interruption, another batch size
-        _smp_main(*flags, "--batch-size", 8, "--save-every", 1, "--max-batches", 2, "--out", out)
+        sample_main(*flags, "--batch-size", 8, "--save-every", 1, "--max-batches", 2, "--out", out)
     assert not list(parts.glob("*.tmp")) and len(list(parts.glob("*.npz"))) == 4
-    _smp_main(*flags, "--batch-size", 24, "--out", out)
-    a, b = _smp_npz(tmp_path / "a.npz"), _smp_npz(out)
+    sample_main(*flags, "--batch-size", 24, "--out", out)
+    a, b = read_npz(tmp_path / "a.npz"), read_npz(out)
     np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
     np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
     assert not parts.exists()
 
 
-def test_smp_sigint_stops_after_a_batch_with_parts_saved(tmp_path):
+def test_sigint_stops_after_a_batch_with_parts_saved(tmp_path):
     ckpt, out = tmp_path / "ck.pt", tmp_path / "s.npz"
-    _, ema, _ = _smp_ckpt(ckpt, steps="1")
+    _, ema, _ = digits_checkpoint(ckpt, steps="1")
     parts = tmp_path / "s.npz.parts"
-    p = subprocess.Popen([sys.executable, os.path.join(_SMP_HERE, "sample.py"), "--ckpt", str(ckpt), "--num-samples",
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "sample.py"), "--ckpt", str(ckpt), "--num-samples",
                           "200000", "--batch-size", "16", "--save-every", "1", "--out", str(out)],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_SMP_ENV, cwd=_SMP_HERE)
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=HERE)
     deadline = time.time() + 120
     while not list(parts.glob("*.npz")) and time.time() < deadline and p.poll() is None:
         time.sleep(0.05)
@@ -1290,67 +1520,47 @@ def test_smp_sigint_stops_after_a_batch_with_parts_saved(tmp_path):
     log, _ = p.communicate(timeout=120)
     assert p.returncode == 1 and "rerun the same command to resume" in log and "Traceback" not in log, log
     assert not out.exists() and not list(parts.glob("*.tmp"))
-    idx = np.sort(np.concatenate([_smp_npz(f)["idx"] for f in parts.glob("*.npz")]))
+    idx = np.sort(np.concatenate([read_npz(f)["idx"] for f in parts.glob("*.npz")]))
     assert 16 <= len(idx) < 200000 and idx.tolist() == list(range(len(idx)))  # whole batches, in order
-    first = _smp_npz(parts / "00000000.npz")
+    first = read_npz(parts / "00000000.npz")
     assert first["images"].shape == (16, 8, 8, 3) and first["idx"].tolist() == list(range(16))
-    np.testing.assert_array_equal(first["images"], _smp_expected(ema, range(16), [0] * 16, 1, "x"))
+    np.testing.assert_array_equal(first["images"], expected_samples(ema, range(16), [0] * 16, 1, "x"))
 
 
-# --------------------------------------------------------------------------------------
-# Loading the release's bare state dicts
-# --------------------------------------------------------------------------------------
-
-
-def _smp_bare(path, seed=0, **kw):
-    cfg = dict(input_size=8, in_channels=1, num_classes=10)
-    cfg.update(kw)
-    G = _smp_randomize(Generator(**models["T/2"], **cfg), seed)
-    torch.save(G.state_dict(), path)  # a plain .pth of generator weights, as released
-    return G
-
-
-def _smp_same_outputs(G1, G2):
-    z, y = torch.randn(8, G1.in_channels, 8, 8), torch.arange(8) % 10
-    t_src, t_tgt = torch.full((8,), 0.75), torch.full((8,), 0.25)
-    with torch.no_grad(), _smp_one_thread():
-        assert torch.equal(G1(z, y, t_src, t_tgt), G2(z, y, t_src, t_tgt))
-
-
-def test_smp_bare_state_dict_inference(tmp_path):
+def test_bare_state_dict_inference(tmp_path):
     f = str(tmp_path / "g.pth")
-    G = _smp_bare(f, use_t_src=True)  # a k-NFE model: t_embedder, no t_tgt_embedder
+    G = bare_generator(f, use_t_src=True)  # a k-NFE model: t_embedder, no t_tgt_embedder
     L, info = S.load_generator(f, model="T/2")  # t-conditioned: v-prediction, as the release's k-NFE recipes
     assert {k: info[k] for k in ("model", "channels", "size", "num_classes", "use_t_src", "use_t_tgt", "repeat",
                                  "steps", "pred")} == dict(model="T/2", channels=1, size=8, num_classes=10,
                                                            use_t_src=True, use_t_tgt=False, repeat=1, steps=1, pred="v")
-    _smp_same_outputs(G, L)
+    same_outputs(G, L)
     assert not any(p.requires_grad for p in L.parameters()) and not L.training
     assert S.load_generator(f, steps=2, pred="x")[1]["pred"] == "x"  # flags win over the defaults
     assert S.load_generator(f)[1]["model"] == "T/2"  # the size is found from depth, width and patch
-    G = _smp_bare(f, use_t_src=True, use_t_tgt=True)  # any-step
+    G = bare_generator(f, use_t_src=True, use_t_tgt=True)  # any-step
     L, info = S.load_generator(f, model="T/2")
     assert info["use_t_src"] and info["use_t_tgt"] and info["pred"] == "v" and info["steps"] == 1
-    _smp_same_outputs(G, L)
-    G = _smp_bare(f, repeat=2)  # the deep generator: a t_embedder, no t_tgt, --repeat 2
+    same_outputs(G, L)
+    G = bare_generator(f, repeat=2)  # the deep generator: a t_embedder, no t_tgt, --repeat 2
     L, info = S.load_generator(f, model="T/2", repeat=2)
     assert L.repeat == 2 and not info["use_t_src"] and info["steps"] == 1 and info["pred"] == "x"
-    _smp_same_outputs(G, L)
+    same_outputs(G, L)
     with pytest.raises(ValueError, match="1-NFE generator .* cannot take --steps 2"):
         S.load_generator(str(tmp_path / "g.pth"), model="T/2", repeat=2, steps=2)
-    G = _smp_bare(f, num_classes=1000, class_dropout_prob=0.1)  # 1001 rows: 1000 classes + the null label
+    G = bare_generator(f, num_classes=1000, class_dropout_prob=0.1)  # 1001 rows: 1000 classes + the null label
     L, info = S.load_generator(f, model="T/2")
     assert info["num_classes"] == 1000 and L.y_embedder.embedding_table.weight.shape[0] == 1001
-    _smp_same_outputs(G, L)
-    _smp_bare(f, num_classes=10, class_dropout_prob=0.1)  # 11 rows: 11 classes unless told
+    same_outputs(G, L)
+    bare_generator(f, num_classes=10, class_dropout_prob=0.1)  # 11 rows: 11 classes unless told
     assert S.load_generator(f)[1]["num_classes"] == 11 and S.load_generator(f, num_classes=10)[1]["num_classes"] == 10
-    _smp_bare(f, in_channels=4, input_size=4)  # SD-VAE latents
+    bare_generator(f, in_channels=4, input_size=4)  # SD-VAE latents
     assert S.load_generator(f)[1]["channels"] == 4 and S.load_generator(f)[1]["size"] == 4
 
 
-def test_smp_mismatch_is_one_line(tmp_path):
+def test_mismatch_is_one_line(tmp_path):
     f = str(tmp_path / "g.pth")
-    _smp_bare(f)
+    bare_generator(f)
     with pytest.raises(ValueError) as e:
         S.load_generator(f, model="S/2")
     msg = str(e.value)
@@ -1359,7 +1569,7 @@ def test_smp_mismatch_is_one_line(tmp_path):
     with pytest.raises(ValueError, match="missing t_embedder.mlp.0.weight"):  # --repeat needs a t_embedder
         S.load_generator(f, repeat=2)
     with pytest.raises(SystemExit) as e:  # the command line: one line, no traceback
-        _smp_main("--ckpt", f, "--model", "B/2")
+        sample_main("--ckpt", f, "--model", "B/2")
     assert str(e.value).startswith("sample.py: error: ") and "\n" not in str(e.value)
     assert "blocks.0.attn.qkv.weight: checkpoint (192, 64) vs model (2304, 768)" in str(e.value)
     torch.save({"pos_embed": torch.zeros(1, 16, 64)}, f)
@@ -1367,61 +1577,56 @@ def test_smp_mismatch_is_one_line(tmp_path):
         S.load_generator(f)
 
 
-# --------------------------------------------------------------------------------------
-# Grid PNG, latent models, FID in the same run
-# --------------------------------------------------------------------------------------
-
-
-def test_smp_grid_png(tmp_path):
+def test_grid_png(tmp_path):
     ckpt = tmp_path / "ck.pt"
-    _, ema, _ = _smp_ckpt(ckpt, steps="1")
-    _smp_main("--ckpt", ckpt, "--out", tmp_path / "g.png")
+    _, ema, _ = digits_checkpoint(ckpt, steps="1")
+    sample_main("--ckpt", ckpt, "--out", tmp_path / "g.png")
     img = np.asarray(Image.open(tmp_path / "g.png"))
     assert img.shape == (10 * 66 + 2, 8 * 66 + 2, 3)  # all 10 digit classes in rows, 8 per row, upscaled to 64 px
     row = 3  # class 3 = sample indices 24..31; cells are 64 px with 2 px borders; save_grid rounds
-    x = _smp_expected(ema, range(24, 32), [3] * 8, 1, "x").astype(np.float64)  # truncated: within 1 of rounded
+    x = expected_samples(ema, range(24, 32), [3] * 8, 1, "x").astype(np.float64)  # truncated: within 1 of rounded
     for c in range(8):
         cell = img[2 + row * 66: 2 + row * 66 + 64: 8, 2 + c * 66: 2 + c * 66 + 64: 8]  # (8, 8, 3)
         assert np.abs(cell.astype(np.float64) - x[c]).max() <= 1
-    _smp_main("--ckpt", ckpt, "--out", tmp_path / "g2.png")
+    sample_main("--ckpt", ckpt, "--out", tmp_path / "g2.png")
     assert (tmp_path / "g.png").read_bytes() == (tmp_path / "g2.png").read_bytes()  # fixed seed
-    _smp_main("--ckpt", ckpt, "--weights", "model", "--classes", 3, 5, "--per-class", 4, "--out", tmp_path / "m.png")
+    sample_main("--ckpt", ckpt, "--weights", "model", "--classes", 3, 5, "--per-class", 4, "--out", tmp_path / "m.png")
     m = np.asarray(Image.open(tmp_path / "m.png"))
     assert m.shape == (2 * 66 + 2, 4 * 66 + 2, 3) and not np.array_equal(m[:66, :66], img[:66, :66])
 
 
-def test_smp_latent_model_through_vae(tmp_path):
+def test_latent_model_through_vae(tmp_path):
     torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8)
+    vae = V.AutoencoderKL(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8)
     torch.save(vae.state_dict(), tmp_path / "vae.pt")
-    vae = load_vae(str(tmp_path / "vae.pt"))  # what sample.py will use (32 groups: shapes fit, numbers differ)
+    vae = V.load_vae(str(tmp_path / "vae.pt"))  # what sample.py will use (32 groups: shapes fit, numbers differ)
     f = str(tmp_path / "g.pth")
-    G = _smp_bare(f, in_channels=4, input_size=4, num_classes=3)
+    G = bare_generator(f, in_channels=4, input_size=4, num_classes=3)
     with pytest.raises(SystemExit, match="needs --vae"):
-        _smp_main("--ckpt", f, "--out", tmp_path / "g.png")
-    _smp_main("--ckpt", f, "--vae", tmp_path / "vae.pt", "--num-samples", 24, "--batch-size", 8,
+        sample_main("--ckpt", f, "--out", tmp_path / "g.png")
+    sample_main("--ckpt", f, "--vae", tmp_path / "vae.pt", "--num-samples", 24, "--batch-size", 8,
               "--out", tmp_path / "a.npz")
-    a = _smp_npz(tmp_path / "a.npz")
+    a = read_npz(tmp_path / "a.npz")
     assert a["arr_0"].shape == (24, 8, 8, 3) and a["arr_0"].dtype == np.uint8  # 4x4 latents -> 8x8 RGB
     assert np.bincount(a["arr_1"]).tolist() == [8, 8, 8] and a["arr_0"].std() > 5
     perm = np.random.RandomState(42).permutation(24)
-    want = np.concatenate([_smp_expected(G, range(i, i + 8), [i // 8] * 8, 1, "x", vae=vae) for i in (0, 8, 16)])
+    want = np.concatenate([expected_samples(G, range(i, i + 8), [i // 8] * 8, 1, "x", vae=vae) for i in (0, 8, 16)])
     np.testing.assert_array_equal(a["arr_0"], want[perm])
-    _smp_main("--ckpt", f, "--vae", tmp_path / "vae.pt", "--out", tmp_path / "g.png")
+    sample_main("--ckpt", f, "--vae", tmp_path / "vae.pt", "--out", tmp_path / "g.png")
     assert np.asarray(Image.open(tmp_path / "g.png")).shape == (3 * 66 + 2, 8 * 66 + 2, 3)
 
 
-def test_smp_fid_in_the_same_run(tmp_path, monkeypatch, capsys):
+def test_fid_in_the_same_run(tmp_path, monkeypatch, capsys):
     ckpt = tmp_path / "ck.pt"
-    _smp_ckpt(ckpt, steps="1")
+    digits_checkpoint(ckpt, steps="1")
     rng = np.random.default_rng(0)
     ref = tmp_path / "ref.npz"
     np.savez(ref, arr_0=rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8))
-    monkeypatch.setattr(fid, "load_inception", lambda path=None, device="cpu": _InceptionStandIn((6, 4, 5)))
-    _smp_main("--ckpt", ckpt, "--num-samples", 50, "--fid", ref, "--out", tmp_path / "a.npz")
+    monkeypatch.setattr(fid, "load_inception", lambda path=None, device="cpu": InceptionStandIn((6, 4, 5)))
+    sample_main("--ckpt", ckpt, "--num-samples", 50, "--fid", ref, "--out", tmp_path / "a.npz")
     line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("FID ")]
-    a = _smp_npz(tmp_path / "a.npz")["arr_0"]
-    net = _InceptionStandIn((6, 4, 5))
+    a = read_npz(tmp_path / "a.npz")["arr_0"]
+    net = InceptionStandIn((6, 4, 5))
     m = fid.evaluate(fid.compute_features(net, a, progress=False), fid.reference_stats(str(ref), net))
     assert line == [f"FID {m['fid']:.4f} | sFID {m['sfid']:.4f} | IS {m['inception_score']:.4f} | "
                     f"precision {m['precision']:.4f} | recall {m['recall']:.4f}"]
@@ -1429,149 +1634,32 @@ def test_smp_fid_in_the_same_run(tmp_path, monkeypatch, capsys):
 
 
 # --------------------------------------------------------------------------------------
-# fid.py: the ADM evaluation suite
+# 9. Metrics equal their direct formulas; fid.py's files and errors
 # --------------------------------------------------------------------------------------
 
 
-def _fid_direct(mu1, s1, mu2, s2):
-    """Frechet distance with tr sqrtm(s1 s2) = tr sqrt(s1^1/2 s2 s1^1/2), both roots by eigendecomposition."""
-    w, v = np.linalg.eigh(s1)
-    r1 = v @ np.diag(np.sqrt(np.clip(w, 0, None))) @ v.T
-    tr = np.sqrt(np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0, None)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr)
-
-
-def _fid_is_direct(logits, split):
-    """Inception Score in float64: exp of the mean KL(p(y|x) || p(y)) per chunk, chunks averaged."""
-    z = logits.astype(np.float64)
-    p = np.exp(z - z.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    scores = []
-    for i in range(0, len(p), split):
-        q = p[i:i + split]
-        scores.append(np.exp((q * (np.log(q) - np.log(q.mean(0)))).sum(1).mean()))
-    return float(np.mean(scores))
-
-
-def _fid_pr_direct(ref, sam, k=3):
-    """Improved precision/recall by brute force: k-th neighbour radii (self excluded), squared distances."""
-    def d2(a, b):
-        return ((a[:, None].astype(np.float64) - b[None]) ** 2).sum(-1)
-    r_ref, r_sam = np.sort(d2(ref, ref), 1)[:, k], np.sort(d2(sam, sam), 1)[:, k]
-    d = d2(ref, sam)  # (n_ref, n_sam)
-    return (d <= r_ref[:, None]).any(0).mean(), (d <= r_sam[None]).any(1).mean()
-
-
-def _fid_random_stats(rng, d, n):
-    x = rng.standard_normal((n, d)) @ rng.standard_normal((d, d))
-    return x.mean(0), np.cov(x, rowvar=False)
-
-
-# --------------------------------------------------------------------------------------
-# Inception network
-# --------------------------------------------------------------------------------------
-
-
-def test_fid_resize_tf1_matches_fixture():
-    fx = fixture("inception_tf.pt")
-    for size in (64, 256):
-        img = fx["inputs"][f"images_{size}"][:1].float()
-        err = (fid.resize_tf1(img) - fx["expected"][f"resize_{size}_to_299"]).abs().max().item()
-        assert err <= 1e-4, (size, err)
-        # PyTorch's bilinear resize (half-pixel centers) is a different function: the test can tell them apart
-        other = F.interpolate(img, size=(299, 299), mode="bilinear", align_corners=False)
-        assert (other - fx["expected"][f"resize_{size}_to_299"]).abs().max().item() > 1.0
-    x = torch.randint(0, 256, (2, 3, 299, 299)).float()
-    assert torch.equal(fid.resize_tf1(x), x)  # the identity at 299
-
-
-def test_fid_state_dict_layouts(tmp_path, monkeypatch):
-    model = fid.InceptionV3()
-    sd = model.state_dict()
-    assert len(sd) == 472 and "fc.bias" in sd and not any(k.endswith("num_batches_tracked") for k in sd)
-    sd = {k: torch.full(v.shape, 1 + i / 1024, dtype=torch.half) for i, (k, v) in enumerate(sd.items())}  # fp16 files
-    nbt = {k.replace("running_mean", "num_batches_tracked"): torch.tensor(0) for k in sd if k.endswith("running_mean")}
-    model.load_state_dict(dict(sd, **nbt), strict=True)  # pytorch-fid's layout
-    with pytest.raises(RuntimeError, match="Missing key"):
-        model.load_state_dict({k: v for k, v in sd.items() if k != "fc.bias"})
-    torch.save(sd, tmp_path / "w.pth")  # torch-fidelity's layout, fp16
-    loaded = fid.load_inception(str(tmp_path / "w.pth"))
-    assert all(p.dtype == torch.float32 for p in loaded.state_dict().values())
-    assert torch.equal(loaded.Mixed_7c.branch_pool.bn.running_var, sd["Mixed_7c.branch_pool.bn.running_var"].float())
-    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
-    # no path: the cache folder is used, and an offline download fails with a one-line hint
-    monkeypatch.setenv("AFM_CACHE", str(tmp_path / "cache"))
-
-    def offline(url, dst, *a, **kw):
-        raise OSError("network unreachable")
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(FileNotFoundError, match="--inception PATH") as e:
-        fid.load_inception()
-    assert "\n" not in str(e.value) and str(tmp_path / "cache") in str(e.value)
-    os.makedirs(tmp_path / "cache", exist_ok=True)
-    torch.save(dict(sd, **nbt), tmp_path / "cache" / fid.WEIGHT_NAMES[1])  # pytorch-fid's file is found too
-    assert torch.equal(fid.load_inception().fc.weight, sd["fc.weight"].float())
-
-
-def test_fid_forward_matches_fixture_and_pytorch_fid():
-    fx = fixture("inception_tf.pt")
-    model = fid.InceptionV3().eval()
-    model.load_state_dict({k: v.float() for k, v in fx["state_dict"].items()})
-    img = fx["inputs"]["images_64"][:1]  # (1, 3, 64, 64) uint8
-    pfid = F.interpolate(img.float() / 255, size=(299, 299), mode="bilinear", align_corners=False) * 2 - 1
-    with torch.no_grad():
-        pool3, spatial, logits = model(img)  # ADM's pipeline
-        pfid_pool3 = model.body(pfid)[0]  # the same network under pytorch-fid's preprocessing
-    for key, got in (("pool3", pool3), ("spatial", spatial), ("logits_unbiased", logits)):
-        ref = fx["expected"][f"{key}_64"][:1]
-        assert got.shape == ref.shape and (got - ref).abs().max() <= 1e-4 * ref.abs().max(), key
-    ref = fx["expected"]["pytorch_fid_pool3_64"][:1]
-    assert (pfid_pool3 - ref).abs().max() <= 1e-4 * ref.abs().max()
-    assert (pool3 - ref).abs().max() > 1e-2 * ref.abs().max()  # the resize matters
-
-
-class _InceptionStandIn(nn.Module):
-    """Stands in for InceptionV3 in plumbing tests: the features (pool3, spatial, logits) are the
-    first pixel values in NCHW order, `widths` of them each."""
-
-    def __init__(self, widths=(4, 2, 3)):
-        super().__init__()
-        self.w = nn.Parameter(torch.ones(()))
-        self.widths = widths
-
-    def forward(self, x):
-        f = x.float().flatten(1) * self.w
-        a, b, c = self.widths
-        return f[:, :a], f[:, a:a + b], f[:, :c]
-
-
-def test_fid_compute_features_batching():
+def test_compute_features_batching():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (11, 4, 5, 3), dtype=np.uint8)
     want = images.transpose(0, 3, 1, 2).reshape(11, -1).astype(np.float32)  # NHWC in, NCHW to the network
     batches = [images[:2], torch.from_numpy(images[2:9]), images[9:]]  # uneven, numpy and torch
     for inp in (images, batches, iter(batches)):
-        f = fid.compute_features(_InceptionStandIn(), inp, batch_size=3, progress=False)
+        f = fid.compute_features(InceptionStandIn(), inp, batch_size=3, progress=False)
         assert f["pool3"].dtype == np.float32
         np.testing.assert_array_equal(f["pool3"], want[:, :4])
         np.testing.assert_array_equal(f["spatial"], want[:, 4:6])
         np.testing.assert_array_equal(f["logits"], want[:, :3])
     with pytest.raises(ValueError, match="uint8"):
-        fid.compute_features(_InceptionStandIn(), images.astype(np.float32), progress=False)
+        fid.compute_features(InceptionStandIn(), images.astype(np.float32), progress=False)
 
 
-# --------------------------------------------------------------------------------------
-# Metrics
-# --------------------------------------------------------------------------------------
-
-
-def test_fid_frechet_distance(monkeypatch):
+def test_frechet_distance(monkeypatch):
     rng = np.random.default_rng(0)
-    mu1, s1 = _fid_random_stats(rng, 8, 50)
-    mu2, s2 = _fid_random_stats(rng, 8, 50)
+    mu1, s1 = random_stats(rng, 8, 50)
+    mu2, s2 = random_stats(rng, 8, 50)
     val = fid.frechet_distance(mu1, s1, mu2, s2)
     assert isinstance(val, float) and val > 1
-    assert abs(val - _fid_direct(mu1, s1, mu2, s2)) <= 1e-9 * val
+    assert abs(val - direct_fid(mu1, s1, mu2, s2)) <= 1e-9 * val
     assert abs(fid.frechet_distance(mu1, s1, mu1, s1)) <= 1e-9 * np.trace(s1)
     # a non-finite sqrtm is retried once with 1e-6 I added to both covariances
     calls, sqrtm = [], fid.linalg.sqrtm
@@ -1591,26 +1679,26 @@ def test_fid_frechet_distance(monkeypatch):
             assert abs(fid.frechet_distance(mu1, s1, mu2, s2) - val) <= 1e-9 * val
 
 
-def test_fid_inception_score_chunks_in_file_order():
+def test_inception_score_chunks_in_file_order():
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(10), 1000)  # 10 classes, class-sorted like an unshuffled sample file
     logits = (0.5 * rng.standard_normal((10000, 1008)) + 12 * np.eye(1008)[labels]).astype(np.float32)
     sorted_is = fid.inception_score(logits)
     shuffled = logits[rng.permutation(10000)]
     shuffled_is = fid.inception_score(shuffled)
-    assert abs(sorted_is - _fid_is_direct(logits, 5000)) <= 1e-4 * sorted_is
-    assert abs(shuffled_is - _fid_is_direct(shuffled, 5000)) <= 1e-4 * shuffled_is
+    assert abs(sorted_is - direct_is(logits, 5000)) <= 1e-4 * sorted_is
+    assert abs(shuffled_is - direct_is(shuffled, 5000)) <= 1e-4 * shuffled_is
     assert sorted_is < 0.6 * shuffled_is  # each 5,000 chunk of the sorted file sees only 5 classes
-    assert abs(fid.inception_score(logits, split_size=10000) - _fid_is_direct(logits, 10000)) <= 1e-4 * shuffled_is
+    assert abs(fid.inception_score(logits, split_size=10000) - direct_is(logits, 10000)) <= 1e-4 * shuffled_is
 
 
-def test_fid_precision_recall_brute_force():
+def test_precision_recall_brute_force():
     rng = np.random.default_rng(0)
     ref = rng.integers(-3, 4, (30, 8)).astype(np.float32)
     sam = rng.integers(-3, 4, (25, 8)).astype(np.float32)
     sam[:12] += 3  # part of the samples off the reference manifold: precision < 1
     ref[:10] -= 3  # a mode of the reference that the samples miss: recall < 1
-    want = _fid_pr_direct(ref, sam)
+    want = direct_pr(ref, sam)
     assert 0 < want[0] < 1 and 0 < want[1] < 1
     for bs in (10000, 7):  # one distance block, and many blocks whose k-NN must be merged
         assert fid.precision_recall(ref, sam, batch_size=bs, device="cpu") == pytest.approx(want, abs=1e-12)
@@ -1620,7 +1708,7 @@ def test_fid_precision_recall_brute_force():
     t = torch.from_numpy(big_ref)
     assert not torch.isfinite(fid._sqdist(t.half(), t.half())).all()
     assert fid.precision_recall(big_ref, big_sam, batch_size=7, device="cpu") == pytest.approx(
-        _fid_pr_direct(big_ref, big_sam), abs=1e-12)
+        direct_pr(big_ref, big_sam), abs=1e-12)
     # ordinary features: the distances are ADM's fp16 ones, within fp16 rounding of the exact ones
     f = torch.from_numpy(rng.random((20, 64)).astype(np.float32))
     exact = ((f[:, None].double() - f[None].double()) ** 2).sum(-1)
@@ -1628,7 +1716,7 @@ def test_fid_precision_recall_brute_force():
     assert 1e-4 < err < 1e-2 * exact.max().item()  # fp32 distances would be ~1e-6 off
 
 
-def test_fid_evaluate_on_given_features():
+def test_evaluate_on_given_features():
     rng = np.random.default_rng(1)
     feats = {"pool3": rng.standard_normal((40, 6)).astype(np.float32),
              "spatial": rng.standard_normal((40, 5)).astype(np.float32),
@@ -1645,12 +1733,7 @@ def test_fid_evaluate_on_given_features():
     assert abs(m2["fid"] - 6.0) < 1e-6  # a mean shift of 1 in 6 dimensions, same covariance
 
 
-# --------------------------------------------------------------------------------------
-# Files and command line
-# --------------------------------------------------------------------------------------
-
-
-def test_fid_bad_npz_one_line_errors(tmp_path):
+def test_bad_npz_one_line_errors(tmp_path):
     imgs = np.zeros((2, 8, 8, 3), np.uint8)
     cases = {"nokey": dict(foo=imgs), "float": dict(arr_0=imgs.astype(np.float32)),
              "nchw": dict(arr_0=imgs.transpose(0, 3, 1, 2)), "partial": dict(mu=np.zeros(2048)),
@@ -1679,43 +1762,19 @@ def test_fid_bad_npz_one_line_errors(tmp_path):
         fid.read_images(str(tmp_path / "mixed"))
 
 
-def test_fid_make_ref_round_trip(tmp_path):
-    fx = fixture("inception_tf.pt")
-    torch.save(fx["state_dict"], tmp_path / "w.pth")  # fp16 as the fixture ships it
-    images = fx["inputs"]["images_64"][:2].permute(0, 2, 3, 1).numpy()  # (2, 64, 64, 3)
+def test_make_ref_round_trip(tmp_path, monkeypatch):
+    """--make-ref on a nested image folder writes ADM's reference format: arr_0 and the statistics of its features."""
+    images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
     for i, img in enumerate(images):  # nested folders; sorted paths keep this order
         os.makedirs(tmp_path / "imgs" / f"d{i // 2}", exist_ok=True)
         Image.fromarray(img).save(tmp_path / "imgs" / f"d{i // 2}" / f"{i}.png")
+    monkeypatch.setattr(fid, "load_inception", lambda path=None, device="cpu": InceptionStandIn((6, 4, 5)))
     out = str(tmp_path / "ref.npz")
-    fid.main(fid.parse_args(["--make-ref", str(tmp_path / "imgs"), "--out", out, "--inception",
-                             str(tmp_path / "w.pth"), "--device", "cpu"]))
-    ref = np.load(out)
-    assert sorted(ref.files) == ["arr_0", "mu", "mu_s", "sigma", "sigma_s"]
+    fid.main(fid.parse_args(["--make-ref", str(tmp_path / "imgs"), "--out", out, "--device", "cpu"]))
+    ref = read_npz(out)
+    assert sorted(ref) == ["arr_0", "mu", "mu_s", "sigma", "sigma_s"] and not os.path.exists(out + ".tmp")
     np.testing.assert_array_equal(ref["arr_0"], images)
-    for key, stat in (("pool3", "mu"), ("spatial", "mu_s")):
-        want = fx["expected"][f"{key}_64"][:2].double().numpy()
-        assert np.abs(ref[stat] - want.mean(0)).max() <= 1e-4 * np.abs(want).max()
-        cov = np.cov(want, rowvar=False)
-        assert np.abs(ref["sigma" + stat[2:]] - cov).max() <= 1e-3 * np.abs(cov).max()
-    # the written file reads back as a reference with the stored statistics
-    ref2 = fid.reference_stats(out, model=_InceptionStandIn())
-    np.testing.assert_array_equal(ref2["mu"], ref["mu"])
-    np.testing.assert_array_equal(ref2["pool3"], images.transpose(0, 3, 1, 2).reshape(2, -1)[:, :4])
-
-
-def test_ds_train_from_folder_and_from_cache(tmp_path):
-    """train.py on an image folder (VAE encoding on the fly) and on the latent cache: the networks
-    see 4x16x16 latents (32 px images, a 2-level tiny VAE) and the grids are decoded to pixels."""
-    root, vae_path, cache, _ = _ds_cache(tmp_path)
-    flags = ["--vae", vae_path, "--image-size", "32", "--model", "T/2", "--global-batch-size", "4",
-             "--max-steps", "2", "--sample-every", "2"]
-    for data in (root, cache):
-        r = _train(tmp_path / "runs", "--data", data, *flags)
-        assert "input 4x16x16" in r.stdout
-    for run in ("000-T-2", "001-T-2"):
-        ck = _load(tmp_path / "runs" / run / "checkpoints" / "0000002.pt")
-        assert ck["model"]["x_embedder.proj.weight"].shape == (64, 4, 2, 2)
-        grid = Image.open(tmp_path / "runs" / run / "samples_0000002.png")
-        assert grid.mode == "RGB" and grid.size[0] > 10 * 32  # 10 decoded 32 px images per row (+ borders)
-    r = _train(tmp_path / "runs", "--data", cache, *flags[:2], "--image-size", "64", "--model", "T/2", check=False)
-    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith(f"--data {cache}: ")
+    feats = images.transpose(0, 3, 1, 2).reshape(3, -1).astype(np.float64)  # the stand-in's features
+    for stat, f in (("mu", feats[:, :6]), ("mu_s", feats[:, 6:10])):
+        np.testing.assert_allclose(ref[stat], f.mean(0), rtol=1e-12)
+        np.testing.assert_allclose(ref["sigma" + stat[2:]], np.cov(f, rowvar=False), rtol=1e-12)

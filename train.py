@@ -1,27 +1,27 @@
 """
-Training of Adversarial Flow Models (AFM, arXiv 2511.22475): the objective and a torchrun/DDP loop.
+Training of Adversarial Flow Models (AFM, arXiv 2511.22475): the objective, then one torchrun/DDP loop.
 
-The first half of this file is the method, self-contained (copy `AdversarialFlowLoss` and the
-few functions above it into another repo): timestep sampling, the relativistic discriminator
-loss with finite-difference R1/R2, the generator loss with the optimal-transport cost, gradient
-normalization, the cosine transport schedule, identical augmentation of real and fake, and
-classifier guidance. The second half is the loop: data, DDP, precision, EMA, checkpoints, logs.
+The first half of this file is the method, self-contained (copy `AdversarialFlowLoss` and the few
+functions above it into another repo): timestep sampling, the relativistic discriminator loss with
+finite-difference R1/R2, the generator loss with the optimal-transport cost, gradient normalization,
+the cosine transport schedule, identical augmentation of real and fake, classifier guidance, and the
+guidance classifier's own loss. Then the release's recipes, and the loop that trains either.
 
-    python train.py                                        # built-in 8x8 digits, tiny model, CPU ok
-    torchrun --nproc_per_node=8 train.py --model XL/2 --data CACHE_DIR --vae sd-vae-ft-mse.bin
-    torchrun --nproc_per_node=8 train.py --model XL/2 --steps 2 --data CACHE_DIR --vae ...  # 2-NFE
-    python train.py --resume results/000-T-2               # continue a run exactly
-    python train.py --train-classifier --model B/2 --data CACHE_DIR   # classifier for guidance
-    python train.py --bench --model B/2 --precision bf16 --compile     # time the train step
+    python train.py                                             # built-in 8x8 digits, tiny model, CPU ok
+    torchrun --nproc_per_node=8 train.py --recipe 1nfe --data CACHE_DIR --vae sd-vae-ft-mse.bin
+    torchrun --nproc_per_node=8 train.py --recipe knfe --steps 2 --data CACHE_DIR --vae ...     # 2 NFE
+    torchrun --nproc_per_node=8 train.py --recipe classifier --data CACHE_DIR --vae ...   # for guidance
+    torchrun --nproc_per_node=8 train.py --recipe 1nfe-cg --cls CLS_RUN --data CACHE_DIR --vae ...
+    python train.py --resume results/000-T-2                    # continue a run exactly
 """
 
 import argparse
 import contextlib
 import copy
-import glob
 import json
 import math
 import os
+import re
 import signal
 import time
 
@@ -29,9 +29,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 
+from dataset import (IndexStream, batches, build_dataset, cleanup, find_checkpoint, load_checkpoint, print0,
+                     save_atomic, save_json, setup)
 from model import Classifier, Discriminator, Generator, models
+from sample import sample_images, save_grid
+from vae import encode, load_vae
 
 # --------------------------------------------------------------------------------------
 # The method (AFM_SPEC sections 3-7). Notation: x_t = (1 - t) x0 + t z, t = 1 is pure noise.
@@ -257,88 +260,13 @@ class AdversarialFlowLoss:
         return torch.where((t_cg >= lo) & (t_cg <= hi), ce, 0.0).mean()
 
 
-@torch.no_grad()
-def generate(G, z, y, steps=1, pred="x"):
-    """Sampling (AFM_SPEC section 9): t = linspace(1, 0, steps + 1); each jump t_i -> t_{i+1} is
-    one generator evaluation. x-prediction returns the target, v-prediction a velocity."""
-    t = torch.linspace(1, 0, steps + 1, device=z.device)
-    x = z
-    for i in range(steps):
-        t_i, t_j = t[i].expand(z.shape[0]), t[i + 1].expand(z.shape[0])
-        out = G(x, y, t_i, t_j).float()
-        x = out if pred == "x" else x - (t[i] - t[i + 1]) * out
-    return x
-
-
-# --------------------------------------------------------------------------------------
-# Distributed set-up, data stream, checkpoints
-# --------------------------------------------------------------------------------------
-
-
-def setup(device_arg="auto"):
-    """torchrun's environment when present (NCCL on GPU, gloo on CPU), else one process."""
-    cuda = torch.cuda.is_available() and device_arg != "cpu"
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if cuda else "gloo")
-        rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-    else:
-        rank, world, local = 0, 1, 0
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # as the release: TF32 matmuls and convolutions
-        torch.backends.cudnn.allow_tf32 = True
-    return rank, world, device
-
-
-def print0(*a, **k):
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*a, **k, flush=True)
-
-
-def all_mean(values, device):
-    """Average a dict of scalars over ranks (one all-reduce)."""
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], device=device, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return dict(zip(keys, t.tolist()))
-
-
-class IndexStream:
-    """An endless, resumable stream of this rank's example indices: epoch e is a permutation
-    drawn from (seed, e); rank r takes every world-th index. `position` (examples consumed) is
-    all the state, so a resumed run reads exactly the batches the interrupted one would have."""
-
-    def __init__(self, n, rank, world, seed, position=0):
-        self.n, self.rank, self.world, self.seed, self.position = n, rank, world, seed, position
-        self.per_rank = n // world
-
-    def __iter__(self):
-        while True:
-            epoch, offset = divmod(self.position, self.per_rank)
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
-            mine = perm[self.rank::self.world][: self.per_rank]
-            for i in mine[offset:].tolist():
-                self.position += 1
-                yield i
-
-
-def batches(dataset, stream, batch_size, workers):
-    """Yield (x, y) batches. In-memory datasets (the digits) are indexed directly; the others go
-    through a DataLoader fed by the stream (per-item randomness, e.g. flips, then comes from the
-    worker seeds, so only the index order is exactly resumable)."""
-    if hasattr(dataset, "tensors"):
-        xs, ys = dataset.tensors
-        it = iter(stream)
-        while True:
-            idx = torch.tensor([next(it) for _ in range(batch_size)])
-            yield xs[idx], ys[idx]
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=stream, num_workers=workers,
-                                         pin_memory=torch.cuda.is_available(), drop_last=True,
-                                         persistent_workers=workers > 0)
-    yield from loader
+def classifier_loss(C, x0, y):
+    """The guidance classifier's own objective (AFM_SPEC section 7): cross-entropy on x_t = interp(x0, z, t),
+    t ~ U(0, 1), so that it reads the class at every noise level the guidance will show it."""
+    t = torch.rand(x0.shape[0], device=x0.device)
+    logits = C(interp(x0, torch.randn_like(x0), t), t).float()
+    loss = F.cross_entropy(logits, y)
+    return loss, {"cls_loss": loss, "acc": (logits.argmax(1) == y).float().mean()}
 
 
 @torch.no_grad()
@@ -347,167 +275,223 @@ def ema_update(ema, model, decay):
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
-def save_checkpoint(path, obj):
-    """Write to a temporary name, then rename: a crash mid-save never destroys the last good file."""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+# --------------------------------------------------------------------------------------
+# Recipes: the release's configurations (AFM_SPEC section 6; its configs/train/*.yaml), one flag each
+# --------------------------------------------------------------------------------------
+
+# train_1nfe.yaml. Clip 50 "effectively disables [clipping], but kept for logging"; decay over 1M steps; logs
+# every 100 steps, sample grids every 1,000, checkpoints every 20,000 as the release's writer and persistence.
+RELEASE = dict(model="XL/2", global_batch_size=256, steps=1, pred="x", repeat=1, ot=0.2, ot_end=0.005,
+               decay_steps=1_000_000, gp=0.25, gp_ratio=0.25, gp_eps=0.01, cp=0.01, augment_p=0.0, ttur=1, lr=1e-4,
+               lr_d=None, clip=50.0, ema=0.9999, cg=0.0, cg_range=[0.0, 0.1], cg_t="uniform",
+               max_steps=5_000_000, log_every=100, sample_every=1000, ckpt_every=20_000)
+# What every multi-step recipe changes: velocity prediction, a larger transport weight, clip 5, and the
+# guidance (when on) read at t_tgt on [0, 0.49] instead of a re-noised fake on [0, 0.1].
+MULTI = dict(pred="v", ot=0.25, clip=5.0, cg_range=[0.0, 0.49], cg_t="tgt")
+RECIPES = {
+    "1nfe": RELEASE,
+    "1nfe-cg": {**RELEASE, "cg": 0.003, "augment_p": 0.4},  # train_1nfe_cg.yaml
+    "knfe": {**RELEASE, **MULTI, "steps": 2},  # train_fix_nfe.yaml: --steps 2 or 4
+    "knfe-cg": {**RELEASE, **MULTI, "steps": 2, "cg": 0.02, "augment_p": 0.4},  # train_fix_nfe_cg.yaml
+    "any": {**RELEASE, **MULTI, "steps": "any", "model": "B/2", "global_batch_size": 32},  # train_any_nfe.yaml
+    # train_1nfe_deep.yaml: "gen_lr: 5e-5 # lr / depth" (so 2.5e-5 for --repeat 4), dis_lr 1e-4, clip 5.
+    "deep": {**RELEASE, "repeat": 2, "lr": 5e-5, "lr_d": 1e-4, "clip": 5.0},
+    # train_classifier.yaml: B/2, lr 1e-4, clip 50, EMA 0.9995 (AdamW betas (0.9, 0.95): see `optimizer`).
+    "classifier": {**RELEASE, "model": "B/2", "ema": 0.9995},
+}
+# The built-in digits: a tiny DiT that learns recognizable, correctly conditioned digits in about 10 minutes
+# on a 2-core CPU. A scale, not a method: it is laid over the release's recipe for --steps (1nfe, knfe, any).
+# The transport weight decays only to 0.05: decayed to the ImageNet recipe's 0.005 within such a short run,
+# within-class diversity collapsed (the plain-GAN failure); at 0.05 it did not. EMA 0.995: a short run.
+DIGITS = dict(model="T/2", global_batch_size=32, lr=3e-4, ot_end=0.05, decay_steps=8000, max_steps=8000,
+              ema=0.995, log_every=200, sample_every=1000, ckpt_every=2000)
+# Flags outside the recipes.
+DEFAULTS = dict(data="digits", vae=None, image_size=256, dis_model=None, grad_checkpoint=False, cls=None,
+                cls_model="B/2", cg_renoise=True, precision="fp32", compile=False, device="auto", workers=4, seed=0,
+                results_dir="results", resume=None, sample_steps=None)
 
 
-def find_checkpoint(path):
-    """A checkpoint file, or the newest one of a run folder."""
-    if os.path.isfile(path):
-        return path
-    found = sorted(glob.glob(os.path.join(path, "checkpoints", "*.pt")) + glob.glob(os.path.join(path, "*.pt")))
-    if not found:
-        raise SystemExit(f"--resume {path}: no checkpoint (*.pt) found there")
-    return found[-1]
+def recipe(name, steps=None):
+    """The values of a named recipe (digits: over the release's recipe for `steps`)."""
+    if name != "digits":
+        return dict(RECIPES[name], recipe=name)
+    method = "1nfe" if steps in (None, 1) else "any" if steps == "any" else "knfe"
+    return {**RECIPES[method], **DIGITS, "recipe": name, "steps": steps or 1}
 
 
-def rng_state(device):
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def restore_rng(ckpt, seed, rank, world, device):
-    """This rank's saved RNG state (exact resume), or a fresh seed if the world size changed."""
-    if len(ckpt["rng"]) == world:
-        set_rng_state(ckpt["rng"][rank], device)
+def resolve(argv=None):
+    """-> (settings, checkpoint or None, its path). Settings: the recipe's values, then (with --resume) the
+    run's own, then every flag given explicitly now. Flag combinations the release never uses are errors."""
+    p = parser()
+    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    ckpt = path = None
+    if "resume" in given:
+        path = find_checkpoint(given["resume"])
+        if path is None:
+            raise SystemExit(f"--resume {given['resume']}: no checkpoint (checkpoints/*.pt) there")
+        ckpt = load_checkpoint(path)
+        base = {k: v for k, v in ckpt["args"].items() if k in DEFAULTS or k in RELEASE or k == "recipe"}
+        base.setdefault("recipe", "classifier" if ckpt["args"].get("train_classifier") else "digits")
     else:
-        print0(f"resume: {len(ckpt['rng'])} RNG states for {world} processes; reseeding")
-        torch.manual_seed((seed + ckpt["step"]) * world + rank)
+        base = recipe(given.get("recipe") or ("digits" if given.get("data", "digits") == "digits" else "1nfe"),
+                      given.get("steps"))
+        if base["recipe"] == "deep" and "lr" not in given:
+            base["lr"] = 1e-4 / given.get("repeat", 2)  # "lr / depth"
+    s = argparse.Namespace(**{**DEFAULTS, **base, **given})
+    s.dis_model = s.dis_model or s.model
+    s.lr_d = s.lr if s.lr_d is None else s.lr_d  # the release: dis_lr = gen_lr, except the deep recipe
+    error = check(s, given, ckpt is not None)
+    if error:
+        p.error(error)
+    return s, ckpt, path
 
 
-def gather_rng(device):
-    """Every rank's RNG state (rank 0 writes them all to the checkpoint)."""
-    states = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
+def check(s, given, resumed):
+    """The first problem with these settings (a one-line message), or None."""
+    one = s.steps == 1
+    positive = ["global_batch_size", "max_steps", "log_every", "ckpt_every", "decay_steps", "repeat", "ttur", "lr",
+                "lr_d", "clip", "gp_eps", "gp_ratio"]
+    for k in positive:
+        if not getattr(s, k) > 0:
+            return f"--{k.replace('_', '-')} must be positive, got {getattr(s, k)}"
+    for k in ("ot", "ot_end", "gp", "cp", "cg", "augment_p", "sample_every", "workers"):
+        if not getattr(s, k) >= 0:
+            return f"--{k.replace('_', '-')} must be >= 0, got {getattr(s, k)}"
+    if not (0 <= s.ema < 1 and s.gp_ratio <= 1 and s.augment_p <= 1 and 0 <= s.cg_range[0] <= s.cg_range[1] <= 1):
+        return "--ema must be in [0, 1), --gp-ratio in (0, 1], --augment-p in [0, 1], --cg-range LO HI in [0, 1]"
+    if s.recipe == "classifier" or resumed:
+        return None
+    kind = {1: "1nfe", "any": "any"}.get(RECIPES.get(s.recipe, RELEASE)["steps"], "knfe")
+    if s.recipe != "digits" and kind != ({1: "1nfe", "any": "any"}.get(s.steps, "knfe")):
+        return (f"--steps {s.steps} does not fit --recipe {s.recipe} (a {kind} recipe): use --recipe "
+                f"{'1nfe' if one else 'any' if s.steps == 'any' else 'knfe'}")
+    if (s.repeat > 1) != (s.recipe == "deep"):
+        return "--recipe deep is the deep generator, with --repeat 2 or 4; other recipes have --repeat 1"
+    if s.cls and s.cg <= 0:
+        return f"--cls without a guidance weight (--recipe {s.recipe} has cg 0): use --recipe 1nfe-cg or knfe-cg"
+    if s.cg > 0 and not s.cls:
+        return f"--recipe {s.recipe} with guidance weight {s.cg} needs --cls CLASSIFIER (train it with --recipe classifier)"
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# The loop's parts: data, what a checkpoint holds, run folders
+# --------------------------------------------------------------------------------------
+
+
+def load_data(s, device):
+    """Dataset, VAE and what the networks see: pixels, or SD-VAE latents (cached, or encoded per batch)."""
+    try:
+        data = build_dataset(s.data, s.image_size, s.vae)
+    except (ValueError, FileNotFoundError) as e:  # one line, naming the flag
+        raise SystemExit(f"--data {s.data}: {e}")
+    try:
+        vae = load_vae(s.vae, device) if s.vae else None
+    except (RuntimeError, FileNotFoundError) as e:
+        raise SystemExit(f"--vae {s.vae}: {e}")
+    C, H, _ = data.shape
+    encode_batches = data.space == "pixel" and vae is not None  # image folder + VAE: encode on the fly
+    if encode_batches:  # the latent shape, read off one encoding (any VAE depth)
+        C, H = vae.encode(torch.zeros(1, C, H, H, device=device))[0].shape[1:3]
+    return data, vae, encode_batches, C, H
+
+
+def load_classifier(s, C, H, num_classes, device):
+    """The frozen guidance classifier: our checkpoint (its EMA weights) or the release's bare classifier.pth."""
+    sd = load_checkpoint(find_checkpoint(s.cls) or s.cls)
+    name = sd.get("args", {}).get("model", s.cls_model)
+    cls = Classifier(**models[name], input_size=H, in_channels=C, num_classes=num_classes)
+    try:
+        cls.load_state_dict(sd.get("ema", sd), strict=True)
+    except RuntimeError as e:
+        raise SystemExit(f"--cls {s.cls}: does not fit a {name} classifier on {C}x{H}x{H} with "
+                         f"{num_classes} classes (--cls-model?): {str(e).splitlines()[1].strip()}")
+    return cls.to(device).eval().requires_grad_(False)
+
+
+def build(s, C, H, num_classes, device):
+    """Everything a checkpoint holds, under its key there: the networks ("model": the generator or the
+    classifier; "dis"), the EMA, the AdamW optimizers and the objective's gradient-normalization state."""
+    kw = dict(input_size=H, in_channels=C, num_classes=num_classes)
+
+    def adamw(net, lr, betas):  # AFM: betas (0, 0.9); the classifier (0.9, 0.95); weight decay 0.01, eps 1e-8
+        return torch.optim.AdamW(net.parameters(), lr=lr, betas=betas, weight_decay=0.01, eps=1e-8,
+                                 fused=device.type == "cuda")
+    if s.recipe == "classifier":
+        net = Classifier(**models[s.model], **kw).to(device)
+        return {"model": net, "ema": copy.deepcopy(net).requires_grad_(False).eval(),
+                "opt": adamw(net, s.lr, (0.9, 0.95))}
+    G = Generator(**models[s.model], **kw, use_t_src=s.steps != 1 and s.repeat == 1, use_t_tgt=s.steps == "any",
+                  repeat=s.repeat)
+    D = Discriminator(**models[s.dis_model], **kw, use_t=s.steps != 1)
+    for net in (G, D):
+        net.grad_checkpointing = s.grad_checkpoint
+        net.to(device)
+    ema = copy.deepcopy(G).requires_grad_(False).eval()
+    afm = AdversarialFlowLoss(steps=s.steps, pred=s.pred, ot=s.ot, ot_end=s.ot_end, decay_steps=s.decay_steps,
+                              gp=s.gp, gp_ratio=s.gp_ratio, gp_eps=s.gp_eps, cp=s.cp, augment_p=s.augment_p,
+                              classifier=load_classifier(s, C, H, num_classes, device) if s.cls else None,
+                              cg=s.cg, cg_range=tuple(s.cg_range), cg_t=s.cg_t, cg_renoise=s.cg_renoise)
+    afm.gradnorm.to(device)
+    return {"model": G, "dis": D, "ema": ema, "opt_g": adamw(G, s.lr, (0.0, 0.9)),
+            "opt_d": adamw(D, s.lr_d, (0.0, 0.9)), "gradnorm": afm}
+
+
+def rng_states(device):
+    """Every rank's RNG state (rank 0 writes them all to the checkpoint: an exact resume)."""
+    mine = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
+    states = [mine]
     if dist.is_initialized():
-        dist.all_gather_object(states, rng_state(device))
-    else:
-        states[0] = rng_state(device)
+        states = [None] * dist.get_world_size()
+        dist.all_gather_object(states, mine)
     return states
 
 
-def save_grid(images, path, nrow, upscale=1):
-    """Images in [-1, 1], (N, C, H, W) -> one PNG grid, `nrow` images per row."""
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()  # (N, C, H, W)
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    x = x[:, :3]
-    if upscale > 1:
-        x = x.repeat_interleave(upscale, 2).repeat_interleave(upscale, 3)
-    N, C, H, W = x.shape
-    rows = math.ceil(N / nrow)
-    grid = torch.full((C, rows * (H + 2) + 2, nrow * (W + 2) + 2), 255, dtype=torch.uint8)
-    for i in range(N):
-        r, c = divmod(i, nrow)
-        grid[:, 2 + r * (H + 2): 2 + r * (H + 2) + H, 2 + c * (W + 2): 2 + c * (W + 2) + W] = x[i]
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
-
-
-# --------------------------------------------------------------------------------------
-# The training loop
-# --------------------------------------------------------------------------------------
-
-# The built-in digits recipe (applied when --data digits and the flag is not given): a tiny DiT
-# learns recognizable, correctly conditioned digits in about 10 minutes on a 2-core CPU. The
-# transport weight decays only to 0.05: decayed to the ImageNet recipe's 0.005 within such a
-# short run, within-class diversity collapsed (the plain-GAN failure); at 0.05 it did not.
-DIGITS_RECIPE = dict(model="T/2", global_batch_size=32, lr=3e-4, ot_end=0.05, decay_steps=8000, max_steps=8000,
-                     ema=0.995, log_every=200, sample_every=1000, ckpt_every=2000)
-IMAGENET_RECIPE = dict(model="XL/2", global_batch_size=256, lr=1e-4, ot_end=0.005, decay_steps=1_000_000,
-                       max_steps=5_000_000, ema=0.9999, log_every=100, sample_every=1000, ckpt_every=20000)
-
-
-def resolve_defaults(args):
-    """Fill the flags left unset (None) from the recipe of the data and of the number of steps."""
-    recipe = DIGITS_RECIPE if args.data == "digits" else IMAGENET_RECIPE
-    for k, v in recipe.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    if args.steps != "any":
-        args.steps = int(args.steps)
-    one = args.steps == 1
-    if args.pred is None:
-        args.pred = "x" if one else "v"  # 1 NFE: x-prediction; multi-step: velocity
-    if args.ot is None:
-        args.ot = 0.2 if one else 0.25
-    if args.clip is None:
-        args.clip = 50.0 if one else 5.0  # 50 "effectively disables, kept for logging" (release)
-    if args.lr_d is None:
-        args.lr_d = args.lr
-    if args.dis_model is None:
-        args.dis_model = args.model
-    if args.cg_t is None:
-        args.cg_t = "uniform" if one else "tgt"
-    if args.cg_range is None:
-        args.cg_range = [0.0, 0.1] if one else [0.0, 0.49]
-    return args
-
-
-def load_data(args, device):
-    """Dataset, and what the networks see: pixels, or SD-VAE latents (cached or encoded here)."""
-    from dataset import build_dataset
+def restore(ckpt, path, state, s, rank, world, device):
+    """Load every part of `state` and this rank's RNG from a checkpoint -> (step, data position)."""
     try:
-        data = build_dataset(args.data, args.image_size, args.vae)
-    except (ValueError, FileNotFoundError) as e:  # one line, naming the flag
-        raise SystemExit(f"--data {args.data}: {e}")
-    vae = None
-    if args.vae:
-        from vae import load_vae
-        vae = load_vae(args.vae, device)
-    C, H, _ = data.shape
-    encode = data.space == "pixel" and vae is not None  # image folder + VAE: encode on the fly
-    if encode:  # the latent shape, read off one encoding (any VAE depth)
-        with torch.no_grad():
-            C, H = vae.encode(torch.zeros(1, C, H, H, device=device))[0].shape[1:3]
-    if getattr(data, "skipped", 0):
-        print0(f"{data.skipped} unreadable image(s) skipped so far (warned above)")
-    return data, vae, encode, C, H
+        for key, part in state.items():
+            part.load_state_dict(ckpt[key])
+    except (RuntimeError, ValueError) as e:  # e.g. --model given explicitly and different from the run's
+        raise SystemExit(f"--resume {path}: written by a {ckpt['args']['model']} run, does not fit "
+                         f"--model {s.model}: {(str(e).splitlines() + [''])[1].strip() or e}")
+    if len(ckpt["rng"]) == world:
+        torch.set_rng_state(ckpt["rng"][rank]["cpu"])
+        if device.type == "cuda" and "cuda" in ckpt["rng"][rank]:
+            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
+    else:  # another number of processes: the data order is kept, the noise is new
+        print0(f"resume: {len(ckpt['rng'])} RNG states for {world} processes; reseeding")
+        torch.manual_seed((s.seed + ckpt["step"]) * world + rank)
+    print0(f"resumed from {path} at step {ckpt['step']}")
+    return ckpt["step"], ckpt["data_position"]
 
 
-@torch.no_grad()
-def vae_encode(vae, x, device):
-    from vae import SCALE
-    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-        mean, logvar = vae.encode(x.clamp(-1, 1))
-    return ((mean.float() + (0.5 * logvar.float()).exp() * torch.randn_like(mean.float())) * SCALE)
+def save_checkpoint(run_dir, state, s, step, position, rank, device):
+    """Plain tensors and plain Python (torch.load(weights_only=True) reads it), written atomically."""
+    rng = rng_states(device)  # collective: every rank calls this
+    if rank == 0:
+        path = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
+        save_atomic({**{key: part.state_dict() for key, part in state.items()}, "args": vars(s), "step": step,
+                     "data_position": position, "rng": rng}, path)
+        print0(f"saved checkpoint {path}")
 
 
-@torch.no_grad()
-def vae_decode(vae, z, device):
-    from vae import SCALE
-    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-        return vae.decode(z / SCALE).float().clamp(-1, 1)
-
-
-def build_models(args, C, H, num_classes):
-    kw = dict(input_size=H, in_channels=C, num_classes=num_classes)
-    G = Generator(**models[args.model], **kw, use_t_src=args.steps != 1 and args.repeat == 1,
-                  use_t_tgt=args.steps == "any", repeat=args.repeat)
-    D = Discriminator(**models[args.dis_model], **kw, use_t=args.steps != 1)
-    return G, D
-
-
-def make_run_dir(args, rank):
-    """results/NNN-MODEL with checkpoints/, args.json, log.jsonl and sample grids (rank 0 makes it)."""
+def make_run_dir(s, rank):
+    """results/NNN-MODEL with checkpoints/ and args.json (rank 0 makes it). NNN is one past the largest index
+    in use, and the folder is created exclusively: a new run never writes into another's folder."""
     run_dir = None
     if rank == 0:
-        os.makedirs(args.results_dir, exist_ok=True)
-        idx = len(glob.glob(os.path.join(args.results_dir, "*")))
-        tag = ("cls-" if args.train_classifier else "") + args.model.replace("/", "-")
-        run_dir = os.path.join(args.results_dir, f"{idx:03d}-{tag}")
-        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
+        os.makedirs(s.results_dir, exist_ok=True)
+        tag = ("cls-" if s.recipe == "classifier" else "") + s.model.replace("/", "-")
+        while run_dir is None:
+            used = [int(m[1]) for n in os.listdir(s.results_dir) if (m := re.match(r"(\d+)-", n))]
+            try:
+                os.mkdir(path := os.path.join(s.results_dir, f"{max(used, default=-1) + 1:03d}-{tag}"))
+                run_dir = path
+            except FileExistsError:  # another launch took this index first: look again
+                pass
+        os.mkdir(os.path.join(run_dir, "checkpoints"))
+        save_atomic(vars(s), os.path.join(run_dir, "args.json"), save_json)
     if dist.is_initialized():
         box = [run_dir]
         dist.broadcast_object_list(box)
@@ -515,372 +499,169 @@ def make_run_dir(args, rank):
     return run_dir
 
 
-def main(args):
-    ckpt = None
-    if args.resume:  # the run's own settings, except flags given explicitly now
-        path = find_checkpoint(args.resume)
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        defaults = vars(parse_args([]))
-        for k, v in ckpt["args"].items():
-            if k not in ("resume", "device") and getattr(args, k, None) == defaults.get(k):
-                setattr(args, k, v)
-    args = resolve_defaults(args)
-    rank, world, device = setup(args.device)
-    if args.global_batch_size % world:
-        raise SystemExit(f"--global-batch-size {args.global_batch_size} is not divisible by {world} processes")
-    if args.bench:
-        return bench(args, device)
-    if args.train_classifier:
-        return train_classifier(args, rank, world, device, ckpt)
-    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(path))) if ckpt else make_run_dir(args, rank)
-    torch.manual_seed(args.seed * world + rank)  # per-rank seeds
-
-    data, vae, encode, C, H = load_data(args, device)
-    G, D = build_models(args, C, H, data.num_classes)
-    G.grad_checkpointing = D.grad_checkpointing = args.grad_checkpoint
-    G.to(device)
-    D.to(device)
-    ema = copy.deepcopy(G).requires_grad_(False).eval()
-    classifier = None
-    if args.cls:
-        classifier = load_classifier(args.cls, args.cls_model, C, H, data.num_classes, device)
-    afm = AdversarialFlowLoss(steps=args.steps, pred=args.pred, ot=args.ot, ot_end=args.ot_end,
-                              decay_steps=args.decay_steps, gp=args.gp, gp_ratio=args.gp_ratio, gp_eps=args.gp_eps,
-                              cp=args.cp, augment_p=args.augment_p, classifier=classifier, cg=args.cg,
-                              cg_range=tuple(args.cg_range), cg_t=args.cg_t, cg_renoise=args.cg_renoise)
-    afm.gradnorm.to(device)
-    fused = device.type == "cuda"
-    opt_g = torch.optim.AdamW(G.parameters(), lr=args.lr, betas=(0.0, 0.9), weight_decay=0.01, eps=1e-8, fused=fused)
-    opt_d = torch.optim.AdamW(D.parameters(), lr=args.lr_d, betas=(0.0, 0.9), weight_decay=0.01, eps=1e-8,
-                              fused=fused)
-    step, position = 0, 0
-    if ckpt is not None:
-        try:
-            G.load_state_dict(ckpt["model"])
-            ema.load_state_dict(ckpt["ema"])
-            D.load_state_dict(ckpt["dis"])
-        except RuntimeError as e:  # e.g. --model given explicitly and different from the run's
-            raise SystemExit(f"--resume {path}: written by a {ckpt['args']['model']} run, does not fit "
-                             f"--model {args.model}: {str(e).splitlines()[1].strip()}")
-        opt_g.load_state_dict(ckpt["opt_g"])
-        opt_d.load_state_dict(ckpt["opt_d"])
-        afm.load_state_dict(ckpt["gradnorm"])
-        step, position = ckpt["step"], ckpt["data_position"]
-        restore_rng(ckpt, args.seed, rank, world, device)
-        print0(f"resumed from {path} at step {step}")
-        del ckpt
-    print0(f"G {args.model}: {sum(p.numel() for p in G.parameters()):,} parameters, "
-           f"D {args.dis_model}: {sum(p.numel() for p in D.parameters()):,}; input {C}x{H}x{H}; "
-           f"{world} process(es) on {device}; run folder {run_dir}")
-
-    # The modules keep their plain state-dict keys: compile in place, wrap DDP around them.
-    if args.compile:
-        G.compile(dynamic=False)
-        D.compile(dynamic=False)
-    G_train, D_train = G, D
+def all_mean(values, device, op=dist.ReduceOp.SUM):
+    """Average a dict of scalars over ranks (one all-reduce); op=MAX: their maximum."""
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], device=device, dtype=torch.float64)
     if dist.is_initialized():
-        ids = [device.index] if device.type == "cuda" else None
-        G_train = nn.parallel.DistributedDataParallel(G, device_ids=ids)
-        D_train = nn.parallel.DistributedDataParallel(D, device_ids=ids)
-    amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
+        dist.all_reduce(t, op=op)
+        t /= dist.get_world_size() if op == dist.ReduceOp.SUM else 1
+    return dict(zip(keys, t.tolist()))
 
-    local_batch = args.global_batch_size // world
-    stream = IndexStream(len(data), rank, world, args.seed, position)
-    # Examples consumed, for resuming (the DataLoader's workers read ahead of the loop).
-    consumed = lambda step: position + (step - start_step) * local_batch  # noqa: E731
-    start_step = step
-    data_iter = batches(data, stream, local_batch, args.workers)
-    # Fixed noise and labels for the sample grids: classes in rows.
-    gen = torch.Generator().manual_seed(args.seed)
-    n_cls = min(data.num_classes, 10)
-    grid_y = torch.arange(n_cls).repeat_interleave(10 if n_cls <= 10 else 1).to(device)
-    grid_z = torch.randn(len(grid_y), C, H, H, generator=gen).to(device)
 
-    received = {"signal": None}  # set by the handler, in this process only
+# --------------------------------------------------------------------------------------
+# The training loop
+# --------------------------------------------------------------------------------------
 
-    def on_signal(signum, frame):
-        received["signal"] = signum
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-
-    def checkpoint(step):
-        rng = gather_rng(device)
-        if rank == 0:
-            obj = {"model": G.state_dict(), "ema": ema.state_dict(), "dis": D.state_dict(),
-                   "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "gradnorm": afm.state_dict(),
-                   "args": vars(args), "step": step, "data_position": consumed(step), "rng": rng}
-            save_checkpoint(os.path.join(run_dir, "checkpoints", f"{step:07d}.pt"), obj)
-            print0(f"saved checkpoint {run_dir}/checkpoints/{step:07d}.pt")
-
-    def sample_grid(step):
-        if rank != 0:
-            return
-        with amp:
-            x = generate(ema, grid_z, grid_y, args.sample_steps or (1 if args.steps == "any" else args.steps),
-                         args.pred)
-        if vae is not None and (encode or data.space == "latent"):
-            x = vae_decode(vae, x, device)
-        if x.shape[1] in (1, 3):
-            save_grid(x, os.path.join(run_dir, f"samples_{step:07d}.png"), nrow=10, upscale=max(1, 64 // x.shape[-1]))
+def main(s, ckpt=None, ckpt_path=None):
+    rank, world, device = setup(s.device)
+    if s.global_batch_size % world:
+        raise SystemExit(f"--global-batch-size {s.global_batch_size} is not divisible by {world} processes")
+    print0("settings: " + " ".join(f"{k}={v}" for k, v in sorted(vars(s).items()) if v is not None))
+    torch.manual_seed(s.seed * world + rank)  # per-rank seeds
+    data, vae, encode_batches, C, H = load_data(s, device)
+    state = build(s, C, H, data.num_classes, device)
+    G, D, afm, ema = state["model"], state.get("dis"), state.get("gradnorm"), state["ema"]
+    step, position = restore(ckpt, ckpt_path, state, s, rank, world, device) if ckpt else (0, 0)
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path))) if ckpt else make_run_dir(s, rank)
+    nets = {k: state[k] for k in ("model", "dis") if k in state}
+    print0(f"{s.recipe}: " + ", ".join(f"{k} {sum(p.numel() for p in n.parameters()):,} parameters"
+                                        for k, n in nets.items()) +
+           f"; input {C}x{H}x{H}; {world} process(es) on {device}; run folder {run_dir}")
+    train = dict(nets)  # the modules keep their plain state-dict keys: compile in place, wrap DDP around them
+    for k, net in nets.items():
+        net.compile(dynamic=False) if s.compile else None
+        if dist.is_initialized():
+            train[k] = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    amp = torch.autocast(device.type, torch.bfloat16, enabled=s.precision == "bf16")
+    local_batch, start_step, start_position = s.global_batch_size // world, step, position
+    data_iter = batches(data, IndexStream(len(data), rank, world, s.seed, position), local_batch, s.workers)
+    grid_y = torch.arange(min(data.num_classes, 10)).repeat_interleave(10 if data.num_classes <= 10 else 1)
+    grid_z = torch.randn(len(grid_y), C, H, H, generator=torch.Generator().manual_seed(s.seed))  # fixed noise
+    received = []  # signals this process got: the loop stops at the next step all ranks agree on
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: received.append(signum))
 
     logs, t0, window = {}, time.time(), 0
-    non_finite = torch.zeros((), device=device)  # no host sync per step: checked at log time
-    while step < args.max_steps:
-        d_step = step % (1 + args.ttur) < args.ttur  # ttur D steps, then one G step
+    non_finite = torch.zeros((), device=device)  # 1 + the first step with a non-finite loss; no host sync per step
+    while step < s.max_steps:
         x0, y = next(data_iter)
         x0, y = x0.to(device, non_blocking=True), y.to(device, non_blocking=True).long()
-        if encode:
-            x0 = vae_encode(vae, x0, device)
-        with amp:
-            if d_step:
-                loss, out = afm.d_loss(G, D_train, x0, y, step)  # G without DDP: no grad needed
-            else:
-                loss, out = afm.g_loss(G_train, D, x0, y, step)  # D without DDP: frozen, see `frozen`
-        loss.backward()
-        opt, net = (opt_d, D) if d_step else (opt_g, G)
-        out["grad_norm_" + ("d" if d_step else "g")] = nn.utils.clip_grad_norm_(net.parameters(), args.clip)
+        if encode_batches:
+            x0 = encode(vae, x0)  # SD-VAE latents x 0.18215, a fresh posterior sample
+        # One step: ttur discriminator steps, then a generator step (AFM_SPEC section 5); or a classifier step.
+        # In the G step the raw D (no DDP) is frozen through the backward pass too: gradients flow through it
+        # into G, its weights get none, and with grad checkpointing its recomputation sees the same graph.
+        d_step = afm is not None and step % (1 + s.ttur) < s.ttur
+        with frozen(D if afm is not None and not d_step else None):
+            with amp:
+                if afm is None:
+                    loss, out = classifier_loss(train["model"], x0, y)
+                elif d_step:
+                    loss, out = afm.d_loss(G, train["dis"], x0, y, step)  # G without DDP: no grad needed
+                else:
+                    loss, out = afm.g_loss(train["model"], D, x0, y, step)
+            loss.backward()
+        net, opt = (D, state["opt_d"]) if d_step else (G, state.get("opt_g", state.get("opt")))
+        out["grad_norm_" + ("d" if d_step else "g")] = nn.utils.clip_grad_norm_(net.parameters(), s.clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if not d_step:  # EMA after each generator update
-            ema_update(ema, G, args.ema)
+        if not d_step:  # EMA after each generator (or classifier) update
+            ema_update(ema, G, s.ema)
         non_finite = torch.where((non_finite == 0) & ~torch.isfinite(loss.detach()), step + 1, non_finite)
         for k, v in out.items():  # (sum, count): D-step and G-step terms are averaged separately
             total, count = logs.get(k, (0.0, 0))
             logs[k] = (total + v.detach().float(), count + 1)
-        window += 1
-        step += 1
+        step, window = step + 1, window + 1
 
-        must_check = step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.max_steps
-        # Stopping on a signal needs every rank at the same step (the checkpoint is collective):
-        # ranks agree every 10 steps; a single process stops at once.
-        stop = received["signal"] is not None
-        if world > 1:
-            if step % 10 == 0 or must_check:
-                flag = torch.tensor([float(stop)], device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stop = bool(flag.item())
-            else:
-                stop = False
-        if must_check or stop:
-            first_bad = int(non_finite)  # 1 + the first step with a non-finite loss on this rank, or 0
-            flag = torch.tensor([float(first_bad > 0)], device=device)
-            if dist.is_initialized():
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if flag.item():
-                where = f"at step {first_bad - 1}" if first_bad else "on another rank"
-                print(f"[rank {rank}] non-finite loss {where}; stopping. The last good checkpoint in "
-                      f"{run_dir}/checkpoints is unaffected.", flush=True)
-                raise SystemExit(1)
-        if step % args.log_every == 0:
+        # A checkpoint needs every rank: a signal stops the loop at a step all ranks agree on (checked every
+        # 10 steps and at log/checkpoint steps), and a non-finite loss stops it before anything is saved.
+        boundary = step % s.log_every == 0 or step % s.ckpt_every == 0 or step == s.max_steps
+        agree = world == 1 or step % 10 == 0 or boundary
+        stop = agree and all_mean({"s": len(received)}, device, dist.ReduceOp.MAX)["s"] > 0
+        if (boundary or stop) and all_mean({"n": non_finite}, device, dist.ReduceOp.MAX)["n"] > 0:
+            where = f"at step {int(non_finite) - 1}" if non_finite > 0 else "on another rank"
+            print(f"[rank {rank}] non-finite loss {where}; stopping. The last good checkpoint in "
+                  f"{run_dir}/checkpoints is unaffected.", flush=True)
+            raise SystemExit(1)
+        if step % s.log_every == 0:
             means = all_mean({k: total / count for k, (total, count) in logs.items()}, device)
-            if not hasattr(data, "tensors"):  # unreadable images met so far, all ranks together
+            if hasattr(data, "bad"):  # unreadable images met so far, all ranks together
                 means["skipped_images"] = all_mean({"s": data.skipped}, device)["s"] * world
-            dt = time.time() - t0
-            print0(f"step {step:07d} | " + " ".join(f"{k} {v:.4g}" for k, v in means.items()) +
-                   f" | {window / dt:.2f} it/s")
+            means["it_per_s"] = window / (time.time() - t0)
+            print0(f"step {step:07d} | " + " ".join(f"{k} {v:.4g}" for k, v in means.items()))
             if rank == 0:
                 with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
-                    f.write(json.dumps({"step": step, **means, "it_per_s": window / dt}) + "\n")
+                    f.write(json.dumps({"step": step, **means}) + "\n")
             logs, t0, window = {}, time.time(), 0
-        if args.sample_every and step % args.sample_every == 0:
-            sample_grid(step)
-        if step % args.ckpt_every == 0 or step == args.max_steps or stop:
-            checkpoint(step)
+        if afm is not None and rank == 0 and s.sample_every and (step % s.sample_every == 0 or step == s.max_steps):
+            x = sample_images(ema, grid_z.to(device), grid_y.to(device), s.sample_steps or (
+                1 if s.steps == "any" else s.steps), s.pred, vae if data.space == "latent" or encode_batches else None, amp)
+            if x.shape[1] == 3:
+                save_grid(x, os.path.join(run_dir, f"samples_{step:07d}.png"), nrow=10)
+        if step % s.ckpt_every == 0 or step == s.max_steps or stop:
+            save_checkpoint(run_dir, state, s, step, start_position + (step - start_step) * local_batch, rank, device)
         if stop:
             print0(f"stopped by a signal at step {step}; resume with --resume {run_dir}")
             break
-    if step == args.max_steps and args.sample_every and step % args.sample_every:
-        sample_grid(step)  # the final grid, when the last step is not a multiple of --sample-every
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    cleanup()
 
 
-# --------------------------------------------------------------------------------------
-# Classifier for guidance (AFM_SPEC section 7), and loading one
-# --------------------------------------------------------------------------------------
-
-
-def load_classifier(path, model_name, C, H, num_classes, device):
-    """Our classifier checkpoint (its EMA weights) or the release's bare `classifier.pth`."""
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    if "ema" in sd:
-        model_name = sd.get("args", {}).get("model", model_name)
-        sd = sd["ema"]
-    cls = Classifier(**models[model_name], input_size=H, in_channels=C, num_classes=num_classes)
-    try:
-        cls.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        raise SystemExit(f"--cls {path}: does not fit a {model_name} classifier on {C}x{H}x{H} with "
-                         f"{num_classes} classes (--cls-model?): {str(e).splitlines()[1].strip()}")
-    return cls.to(device).eval().requires_grad_(False)
-
-
-def train_classifier(args, rank, world, device, ckpt=None):
-    """Cross-entropy on x_t = interp(x0, z, t), t ~ U(0, 1); AdamW lr 1e-4 betas (0.9, 0.95) and
-    EMA 0.9995 as the release. Its checkpoint is what `--cls` takes."""
-    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(find_checkpoint(args.resume)))) if ckpt \
-        else make_run_dir(args, rank)
-    torch.manual_seed(args.seed * world + rank)
-    data, vae, encode, C, H = load_data(args, device)
-    net = Classifier(**models[args.model], input_size=H, in_channels=C, num_classes=data.num_classes).to(device)
-    ema = copy.deepcopy(net).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01, eps=1e-8)
-    step, position = 0, 0
-    if ckpt is not None:
-        net.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        step, position = ckpt["step"], ckpt["data_position"]
-        restore_rng(ckpt, args.seed, rank, world, device)
-    if args.compile:
-        net.compile(dynamic=False)
-    net_train = nn.parallel.DistributedDataParallel(net) if dist.is_initialized() else net
-    amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
-    stream = IndexStream(len(data), rank, world, args.seed, position)
-    data_iter = batches(data, stream, args.global_batch_size // world, args.workers)
-    logs, t0, start_step = {"loss": 0.0, "acc": 0.0}, time.time(), step
-    while step < args.max_steps:
-        x0, y = next(data_iter)
-        x0, y = x0.to(device), y.to(device).long()
-        if encode:
-            x0 = vae_encode(vae, x0, device)
-        t = torch.rand(x0.shape[0], device=device)
-        with amp:
-            logits = net_train(interp(x0, torch.randn_like(x0), t), t).float()
-        loss = F.cross_entropy(logits, y)
-        loss.backward()
-        nn.utils.clip_grad_norm_(net.parameters(), 50.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema_update(ema, net, 0.9995)
-        logs["loss"] += loss.detach()
-        logs["acc"] += (logits.argmax(1) == y).float().mean()
-        step += 1
-        if step % args.log_every == 0:
-            means = all_mean({k: v / args.log_every for k, v in logs.items()}, device)
-            print0(f"step {step:07d} | cls_loss {means['loss']:.4f} acc {means['acc']:.3f} | "
-                   f"{args.log_every / (time.time() - t0):.2f} it/s")
-            logs, t0 = {"loss": 0.0, "acc": 0.0}, time.time()
-        if step % args.ckpt_every == 0 or step == args.max_steps:
-            rng = gather_rng(device)
-            if rank == 0:
-                save_checkpoint(os.path.join(run_dir, "checkpoints", f"{step:07d}.pt"),
-                                {"model": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                                 "args": vars(args), "step": step, "rng": rng,
-                                 "data_position": position + (step - start_step) * (args.global_batch_size // world)})
-    print0(f"classifier checkpoints in {run_dir}/checkpoints (use with --cls)")
-
-
-# --------------------------------------------------------------------------------------
-# Benchmark: time of one D step + one G step, images/s, achieved TFLOP/s
-# --------------------------------------------------------------------------------------
-
-
-def bench(args, device, pairs=10):
-    from torch.utils.flop_counter import FlopCounterMode
-    C, H = (1, 8) if args.model.startswith("T/") else (4, args.image_size // 8)
-    G, D = build_models(args, C, H, 10 if args.model.startswith("T/") else 1000)
-    G.grad_checkpointing = D.grad_checkpointing = args.grad_checkpoint
-    G.to(device)
-    D.to(device)
-    afm = AdversarialFlowLoss(steps=args.steps, pred=args.pred)
-    afm.gradnorm.to(device)
-    opt_g = torch.optim.AdamW(G.parameters(), lr=1e-4, betas=(0.0, 0.9), fused=device.type == "cuda")
-    opt_d = torch.optim.AdamW(D.parameters(), lr=1e-4, betas=(0.0, 0.9), fused=device.type == "cuda")
-    B = args.bench_batch
-    x0, y = torch.randn(B, C, H, H, device=device), torch.randint(0, 10, (B,), device=device)
-    amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
-
-    def pair():
-        for d_step, (net, opt) in ((True, (D, opt_d)), (False, (G, opt_g))):
-            with amp:
-                loss, _ = afm.d_loss(G, D, x0, y, 0) if d_step else afm.g_loss(G, D, x0, y, 0)
-            loss.backward()
-            nn.utils.clip_grad_norm_(net.parameters(), 50.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-    with FlopCounterMode(display=False) as counter:  # eager, before compiling: forward + backward
-        pair()
-    flops = counter.get_total_flops()
-    if args.compile:
-        G.compile(dynamic=False)
-        D.compile(dynamic=False)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    t_compile = time.time()
-    for _ in range(3):  # warm-up (and compilation)
-        pair()
-    sync()
-    t0 = time.time()
-    for _ in range(pairs):
-        pair()
-    sync()
-    dt = (time.time() - t0) / pairs
-    mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
-    print(f"bench {args.model} batch {B} {args.precision}{' compile' if args.compile else ''} on "
-          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}: "
-          f"D+G step {dt * 1000:.1f} ms, {B / dt:.1f} img/s (one image = one D and one G step), "
-          f"{flops / dt / 1e12:.2f} TFLOP/s ({flops / 1e9:.1f} GFLOP per D+G step), "
-          f"warm-up {time.time() - t_compile - dt * pairs:.0f} s, peak mem {mem:.1f} GiB", flush=True)
-
-
-# --------------------------------------------------------------------------------------
-
-
-def parse_args(argv=None):
+def parser():
+    """Every flag defaults to None: unset flags come from the recipe (or the resumed run), see `resolve`."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda msg: p.exit(2, f"train.py: error: {msg}\n")  # one line, no usage block
     a = p.add_argument
-    # Data and models. Unset (None) flags come from the recipe: digits or ImageNet (resolve_defaults).
-    a("--data", default="digits", help='"digits" (built-in), an image folder, or a latent cache (dataset.py)')
-    a("--vae", default=None, help="SD-VAE weights (sd-vae-ft-mse): encode images / decode sample grids")
-    a("--image-size", type=int, default=256)
-    a("--model", choices=list(models), default=None, help="generator size (digits: T/2, ImageNet: XL/2)")
-    a("--dis-model", choices=list(models), default=None, help="discriminator size (default: as --model)")
-    a("--repeat", type=int, default=1, help="deep generator: run the blocks this many times (2: 56, 4: 112 layers)")
-    a("--grad-checkpoint", action="store_true", help="recompute block activations in backward (saves memory)")
-    # The method (AFM_SPEC section 6; defaults are the release's).
-    a("--steps", default="1", help='NFE the generator is trained for: 1, k, or "any"')
-    a("--pred", choices=["x", "v"], default=None, help="x-prediction (default for 1 NFE) or velocity (multi-step)")
-    a("--ot", type=float, default=None, help="transport weight at step 0 (1 NFE: 0.2, multi-step: 0.25)")
-    a("--ot-end", type=float, default=None, help="transport weight after the decay (ImageNet 0.005, digits 0.05)")
-    a("--decay-steps", type=int, default=None, help="length of the cosine decay in loop steps (release: 1M)")
-    a("--gp", type=float, default=0.25, help="R1/R2 weight")
-    a("--gp-ratio", type=float, default=0.25, help="fraction of the batch used for R1/R2")
-    a("--gp-eps", type=float, default=0.01, help="finite-difference step of R1/R2")
-    a("--cp", type=float, default=0.01, help="logit-centering weight")
-    a("--augment-p", type=float, default=0.0, help="discriminator augmentation probability (guided: 0.4)")
-    a("--ttur", type=int, default=1, help="discriminator steps per generator step")
-    a("--lr", type=float, default=None, help="generator learning rate (ImageNet 1e-4, deep 5e-5, digits 3e-4)")
-    a("--lr-d", type=float, default=None, help="discriminator learning rate (default: --lr)")
-    a("--clip", type=float, default=None, help="gradient clipping (1 NFE: 50, multi-step: 5)")
-    a("--ema", type=float, default=None, help="EMA decay of the generator (ImageNet 0.9999; digits 0.995: short run)")
-    a("--cls", default=None, help="classifier checkpoint for guidance (ours or the release's classifier.pth)")
-    a("--cls-model", choices=list(models), default="B/2", help="classifier size for a bare state dict")
-    a("--cg", type=float, default=0.0, help="guidance weight (1 NFE: 0.003, k NFE: 0.02)")
-    a("--cg-range", type=float, nargs=2, default=None, help="t_cg range (1 NFE: 0 0.1, k NFE: 0 0.49)")
-    a("--cg-t", choices=["uniform", "tgt"], default=None, help="t_cg ~ U(range) (1 NFE) or t_tgt (k NFE)")
-    a("--cg-renoise", action=argparse.BooleanOptionalAction, default=True,
-      help="re-noise the fake to t_cg before the classifier (see AdversarialFlowLoss.guidance)")
+    a("--recipe", choices=["digits", *RECIPES], help="the release's configuration (default: digits for --data "
+      "digits, else 1nfe); flags given explicitly override its values")
+    # Data and networks.
+    a("--data", help='"digits" (built-in), an image folder, or a latent cache (dataset.py)')
+    a("--vae", help="SD-VAE weights (sd-vae-ft-mse): encode images / decode sample grids")
+    a("--image-size", type=int, help="image folders: crop size (256)")
+    a("--model", choices=list(models), help="generator (or classifier) size")
+    a("--dis-model", choices=list(models), help="discriminator size (default: as --model)")
+    a("--repeat", type=int, help="deep generator: run the blocks this many times (2: 56, 4: 112 layers)")
+    a("--grad-checkpoint", action="store_true", default=None, help="recompute activations in backward (memory)")
+    # The method (AFM_SPEC sections 3-7).
+    a("--steps", type=lambda v: v if v == "any" else int(v), help='NFE the generator is trained for: 1, k or "any"')
+    a("--pred", choices=["x", "v"], help="x-prediction (1 NFE) or velocity (multi-step)")
+    a("--ot", type=float, help="transport weight at step 0")
+    a("--ot-end", type=float, help="transport weight after the cosine decay")
+    a("--decay-steps", type=int, help="length of the cosine decay in loop steps")
+    a("--gp", type=float, help="R1/R2 weight")
+    a("--gp-ratio", type=float, help="fraction of the batch used for R1/R2")
+    a("--gp-eps", type=float, help="finite-difference step of R1/R2")
+    a("--cp", type=float, help="logit-centering weight")
+    a("--augment-p", type=float, help="discriminator augmentation probability")
+    a("--ttur", type=int, help="discriminator steps per generator step")
+    a("--lr", type=float, help="generator (or classifier) learning rate")
+    a("--lr-d", type=float, help="discriminator learning rate")
+    a("--clip", type=float, help="gradient-norm clipping")
+    a("--ema", type=float, help="EMA decay of the generator (or classifier)")
+    a("--cls", help="guidance classifier: a --recipe classifier run or checkpoint, or the release's classifier.pth")
+    a("--cls-model", choices=list(models), help="classifier size of a bare state dict (B/2)")
+    a("--cg", type=float, help="guidance weight")
+    a("--cg-range", type=float, nargs=2, help="t_cg range LO HI")
+    a("--cg-t", choices=["uniform", "tgt"], help="t_cg ~ U(range) (1 NFE) or t_tgt (k NFE)")
+    a("--cg-renoise", action=argparse.BooleanOptionalAction, help="re-noise the fake to t_cg before the "
+      "classifier (default; see AdversarialFlowLoss.guidance)")
     # The loop.
-    a("--global-batch-size", type=int, default=None, help="split over processes (ImageNet 256, digits 32)")
-    a("--max-steps", type=int, default=None, help="loop steps (each a D or a G step)")
-    a("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 autocast or fp32 (+TF32 on GPU)")
-    a("--compile", action="store_true", help="torch.compile the networks")
-    a("--device", choices=["auto", "cpu"], default="auto")
-    a("--workers", type=int, default=4, help="DataLoader workers per process (image folders, caches)")
-    a("--seed", type=int, default=0)
-    a("--results-dir", default="results")
-    a("--resume", default=None, help="a run folder or a checkpoint file to continue from")
-    a("--log-every", type=int, default=None)
-    a("--sample-every", type=int, default=None, help="sample grid from fixed noise (0: never)")
-    a("--sample-steps", type=int, default=None, help="NFE of the grids (default: --steps; any-step: 1)")
-    a("--ckpt-every", type=int, default=None)
-    a("--train-classifier", action="store_true", help="train the guidance classifier instead (section 7)")
-    a("--bench", action="store_true", help="time the train step of --model on this device and exit")
-    a("--bench-batch", type=int, default=32, help="per-device batch of --bench")
-    return p.parse_args(argv)
+    a("--global-batch-size", type=int, help="split over processes")
+    a("--max-steps", type=int, help="loop steps (each a D or a G step)")
+    a("--precision", choices=["fp32", "bf16"], help="bf16 autocast or fp32 (+TF32 on GPU; the default)")
+    a("--compile", action="store_true", default=None, help="torch.compile the networks")
+    a("--device", choices=["auto", "cpu"])
+    a("--workers", type=int, help="DataLoader workers per process (image folders, caches; 4)")
+    a("--seed", type=int)
+    a("--results-dir", help="where run folders are made (results)")
+    a("--resume", help="a run folder or a checkpoint file to continue from")
+    a("--log-every", type=int)
+    a("--sample-every", type=int, help="sample grid from fixed noise (0: never)")
+    a("--sample-steps", type=int, help="NFE of the grids (default: --steps; any-step: 1)")
+    a("--ckpt-every", type=int)
+    return p
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    main(*resolve())

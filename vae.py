@@ -14,7 +14,8 @@ and .ckpt files in any of the three layouts the published VAEs ship in:
     python vae.py                                          # self-check: shapes, parameter count
     python vae.py --ckpt vae-ft-mse-840000-ema-pruned.safetensors --image cat.png   # reconstruct
 
-Callers apply the scaling: `z = mean * SCALE` to encode, `decode(z / SCALE)` to decode.
+The modules take and give unscaled latents; `encode(vae, x)` and `decode(vae, z)` below apply
+the scaling (z = latent * SCALE) and are what the other scripts call.
 """
 
 import argparse
@@ -344,6 +345,33 @@ def load_vae(path, device="cpu", dtype=torch.float32, norm_num_groups=32):
     except RuntimeError as e:
         raise RuntimeError(f"load_vae: {path!r}: {e}") from None
     return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------
+# Pixels <-> scaled latents, as training and sampling use them
+# --------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def posterior(vae, x):
+    """Images (N, 3, H, W) in [-1, 1] -> the posterior's mean and std, fp32, each (N, 4, H/8, W/8).
+    The VAE runs in bf16 on GPU, as the release's (fp32 on CPU)."""
+    with torch.autocast("cuda", torch.bfloat16, enabled=x.is_cuda):
+        mean, logvar = vae.encode(x)
+    return mean.float(), (0.5 * logvar.float()).exp()
+
+
+def encode(vae, x):
+    """Images in [-1, 1] -> latents x SCALE, a fresh posterior sample each call: the release samples
+    the posterior, not its mean, every time it encodes an image."""
+    mean, std = posterior(vae, x.clamp(-1, 1))
+    return (mean + std * torch.randn_like(mean)) * SCALE
+
+
+@torch.no_grad()
+def decode(vae, z):
+    """Latents x SCALE (N, 4, h, w) -> images (N, 3, 8h, 8w) clamped to [-1, 1], under the caller's autocast."""
+    return vae.decode(z / SCALE).float().clamp(-1, 1)
 
 
 # --------------------------------------------------------------------------------------
