@@ -324,6 +324,24 @@ def build_dataset(data: str, image_size: int = 256, vae_path: str | None = None)
     return ImageFolder(data, image_size)
 
 
+def open_data(data, image_size=256, vae_path=None, device="cpu"):
+    """(dataset, VAE or None, encode per batch?, C, H): the dataset and what the networks see, pixels or
+    SD-VAE latents (cached, or encoded per batch from an image folder). Bad input: one line naming the flag."""
+    try:
+        ds = build_dataset(data, image_size, vae_path)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"--data {data}: {e}")
+    try:
+        vae = load_vae(vae_path, device) if vae_path else None
+    except (RuntimeError, FileNotFoundError) as e:
+        raise SystemExit(f"--vae {vae_path}: {e}")
+    C, H, _ = ds.shape
+    encode = ds.space == "pixel" and vae is not None
+    if encode:  # the latent shape, read off one encoding (any VAE depth)
+        C, H = vae.encode(torch.zeros(1, C, H, H, device=device))[0].shape[1:3]
+    return ds, vae, encode, C, H
+
+
 # --------------------------------------------------------------------------------------
 # Cache writer: shard k holds files [k * shard_size, (k + 1) * shard_size) of the sorted
 # list (minus unreadable ones), so a rerun knows what is done; rank r writes k = r mod world.

@@ -30,11 +30,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dataset import (IndexStream, batches, build_dataset, cleanup, find_checkpoint, load_checkpoint, print0,
-                     save_atomic, save_json, setup)
+from dataset import (IndexStream, batches, cleanup, find_checkpoint, load_checkpoint, open_data,
+                     print0, save_atomic, save_json, setup)
 from model import Classifier, Discriminator, Generator, models
 from sample import sample_images, save_grid
-from vae import encode, load_vae
+from vae import encode
 
 # --------------------------------------------------------------------------------------
 # The method (AFM_SPEC sections 3-7). Notation: x_t = (1 - t) x0 + t z, t = 1 is pure noise.
@@ -331,7 +331,7 @@ def resolve(argv=None):
             raise SystemExit(f"--resume {given['resume']}: no checkpoint (checkpoints/*.pt) there")
         ckpt = load_checkpoint(path)
         base = {k: v for k, v in ckpt["args"].items() if k in DEFAULTS or k in RELEASE or k == "recipe"}
-        base.setdefault("recipe", "classifier" if ckpt["args"].get("train_classifier") else "digits")
+        base.setdefault("recipe", "classifier" if ckpt["args"].get("train_classifier") else "unnamed")  # older runs
     else:
         base = recipe(given.get("recipe") or ("digits" if given.get("data", "digits") == "digits" else "1nfe"),
                       given.get("steps"))
@@ -340,60 +340,38 @@ def resolve(argv=None):
     s = argparse.Namespace(**{**DEFAULTS, **base, **given})
     s.dis_model = s.dis_model or s.model
     s.lr_d = s.lr if s.lr_d is None else s.lr_d  # the release: dis_lr = gen_lr, except the deep recipe
-    error = check(s, given, ckpt is not None)
+    error = check(s, ckpt is not None)
     if error:
         p.error(error)
     return s, ckpt, path
 
 
-def check(s, given, resumed):
+def check(s, resumed):
     """The first problem with these settings (a one-line message), or None."""
-    one = s.steps == 1
-    positive = ["global_batch_size", "max_steps", "log_every", "ckpt_every", "decay_steps", "repeat", "ttur", "lr",
-                "lr_d", "clip", "gp_eps", "gp_ratio"]
-    for k in positive:
-        if not getattr(s, k) > 0:
-            return f"--{k.replace('_', '-')} must be positive, got {getattr(s, k)}"
-    for k in ("ot", "ot_end", "gp", "cp", "cg", "augment_p", "sample_every", "workers"):
-        if not getattr(s, k) >= 0:
-            return f"--{k.replace('_', '-')} must be >= 0, got {getattr(s, k)}"
-    if not (0 <= s.ema < 1 and s.gp_ratio <= 1 and s.augment_p <= 1 and 0 <= s.cg_range[0] <= s.cg_range[1] <= 1):
-        return "--ema must be in [0, 1), --gp-ratio in (0, 1], --augment-p in [0, 1], --cg-range LO HI in [0, 1]"
+    for k, ok, want in [("global_batch_size max_steps log_every ckpt_every decay_steps repeat ttur lr lr_d clip gp_eps",
+                         lambda v: v > 0, "positive"), ("ot ot_end gp cp cg sample_every workers", lambda v: v >= 0, ">= 0"),
+                        ("gp_ratio augment_p", lambda v: 0 <= v <= 1, "in [0, 1]"), ("ema", lambda v: 0 <= v < 1, "in [0, 1)"),
+                        ("cg_range", lambda v: 0 <= v[0] <= v[1] <= 1, "LO HI with 0 <= LO <= HI <= 1")]:
+        for key in k.split():
+            if getattr(s, key) is not None and not ok(getattr(s, key)):
+                return f"--{key.replace('_', '-')} must be {want}, got {getattr(s, key)}"
+    kind = {1: "1nfe", "any": "any"}
     if s.recipe == "classifier" or resumed:
         return None
-    kind = {1: "1nfe", "any": "any"}.get(RECIPES.get(s.recipe, RELEASE)["steps"], "knfe")
-    if s.recipe != "digits" and kind != ({1: "1nfe", "any": "any"}.get(s.steps, "knfe")):
-        return (f"--steps {s.steps} does not fit --recipe {s.recipe} (a {kind} recipe): use --recipe "
-                f"{'1nfe' if one else 'any' if s.steps == 'any' else 'knfe'}")
+    if s.recipe != "digits" and kind.get(s.steps, "knfe") != kind.get(RECIPES[s.recipe]["steps"], "knfe"):
+        return f"--steps {s.steps} does not fit --recipe {s.recipe}: use --recipe {kind.get(s.steps, 'knfe')}"
     if (s.repeat > 1) != (s.recipe == "deep"):
         return "--recipe deep is the deep generator, with --repeat 2 or 4; other recipes have --repeat 1"
     if s.cls and s.cg <= 0:
         return f"--cls without a guidance weight (--recipe {s.recipe} has cg 0): use --recipe 1nfe-cg or knfe-cg"
     if s.cg > 0 and not s.cls:
-        return f"--recipe {s.recipe} with guidance weight {s.cg} needs --cls CLASSIFIER (train it with --recipe classifier)"
+        return f"--recipe {s.recipe} has guidance weight {s.cg}: it needs --cls (train one with --recipe classifier)"
     return None
 
 
 # --------------------------------------------------------------------------------------
 # The loop's parts: data, what a checkpoint holds, run folders
 # --------------------------------------------------------------------------------------
-
-
-def load_data(s, device):
-    """Dataset, VAE and what the networks see: pixels, or SD-VAE latents (cached, or encoded per batch)."""
-    try:
-        data = build_dataset(s.data, s.image_size, s.vae)
-    except (ValueError, FileNotFoundError) as e:  # one line, naming the flag
-        raise SystemExit(f"--data {s.data}: {e}")
-    try:
-        vae = load_vae(s.vae, device) if s.vae else None
-    except (RuntimeError, FileNotFoundError) as e:
-        raise SystemExit(f"--vae {s.vae}: {e}")
-    C, H, _ = data.shape
-    encode_batches = data.space == "pixel" and vae is not None  # image folder + VAE: encode on the fly
-    if encode_batches:  # the latent shape, read off one encoding (any VAE depth)
-        C, H = vae.encode(torch.zeros(1, C, H, H, device=device))[0].shape[1:3]
-    return data, vae, encode_batches, C, H
 
 
 def load_classifier(s, C, H, num_classes, device):
@@ -520,7 +498,7 @@ def main(s, ckpt=None, ckpt_path=None):
         raise SystemExit(f"--global-batch-size {s.global_batch_size} is not divisible by {world} processes")
     print0("settings: " + " ".join(f"{k}={v}" for k, v in sorted(vars(s).items()) if v is not None))
     torch.manual_seed(s.seed * world + rank)  # per-rank seeds
-    data, vae, encode_batches, C, H = load_data(s, device)
+    data, vae, encode_batches, C, H = open_data(s.data, s.image_size, s.vae, device)
     state = build(s, C, H, data.num_classes, device)
     G, D, afm, ema = state["model"], state.get("dis"), state.get("gradnorm"), state["ema"]
     step, position = restore(ckpt, ckpt_path, state, s, rank, world, device) if ckpt else (0, 0)
