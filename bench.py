@@ -47,7 +47,7 @@ def latent_shape(args):
 
 def bench_train(args, device):
     """Time of one discriminator step + one generator step of --recipe, as train.py runs them."""
-    flags = ["--recipe", args.recipe, "--model", args.model, "--data", "none"] + ["--steps", args.steps] * bool(
+    flags = ["--recipe", args.recipe, "--model", args.model, "--data", "digits"] + ["--steps", args.steps] * bool(
         args.steps) + ["--grad-checkpoint"] * args.grad_checkpoint
     s = train.resolve(flags)[0]
     C, H, K = latent_shape(args)

@@ -13,7 +13,7 @@ examples out, through `build_dataset(data, image_size, vae_path)`:
                   the release samples the posterior (not its mean) each time it encodes an image.
 
 It also holds what every script needs on the way in: torchrun set-up (`setup`, `print0`), the
-resumable index stream that feeds training, and safe files (`save_atomic`, `save_npz`, `load_checkpoint`).
+resumable index stream that feeds training, and safe files (`save_atomic`, `load_checkpoint`).
 
     python dataset.py                                                  # self-check: digits stats
     python dataset.py cache --data /data/imagenet/train --vae sd-vae-ft-mse.pt --out cache/in256
@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import warnings
 
 import numpy as np
@@ -74,16 +75,42 @@ def cleanup():
         dist.destroy_process_group()
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (`prog: error: ...`, exit status 2), no usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive(text):
+    """argparse type: an integer >= 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
 def print0(*a, **k):
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*a, **k, flush=True)
 
 
 def save_atomic(obj, path, save=torch.save):
-    """`save(obj, path)` under a temporary name, then a rename: a crash mid-write never leaves half
-    a file under the real name, and never destroys the previous file of that name."""
-    save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    """`save(obj, path)` under a temporary name, then a rename: a crash mid-write never leaves half a file
+    under the real name and never destroys the previous file of that name. A failed write (a full disk)
+    removes the partial file and stops with one line."""
+    try:
+        save(obj, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**30
+        raise SystemExit(f"error: cannot write {path} ({free:.2f} GiB free there): {str(e).strip().splitlines()[0]}")
+
+
+def save_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
 
 
 def save_npz(path, **arrays):
@@ -94,17 +121,46 @@ def save_npz(path, **arrays):
     save_atomic(arrays, path, write)
 
 
-def load_checkpoint(path):
-    """torch.load of a checkpoint onto the CPU, plain tensors only (weights_only)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+def read_checkpoint(path, flag):
+    """torch.load of a checkpoint file onto the CPU, plain tensors only, memory-mapped where the format allows
+    (reading the step of a large file is then cheap). Anything unreadable: a ValueError naming flag and file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{flag} {path}: no such file")
+    try:
+        with warnings.catch_warnings():  # torch's own warnings about a foreign pickle: the line below says it
+            warnings.simplefilter("ignore")
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:  # a file of the pre-zip torch.save format cannot be memory-mapped
+                if "mmap" not in str(e):
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        why = (str(e).strip().splitlines() or [""])[0][:150]
+        raise ValueError(f"{flag} {path}: not a readable checkpoint ({type(e).__name__}: {why})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{flag} {path}: holds a {type(obj).__name__}, not a checkpoint or state dict")
+    return obj
 
 
-def find_checkpoint(path):
-    """A checkpoint file, or the newest of a run folder's checkpoints/ (None if there is none)."""
-    if os.path.isfile(path):
-        return path
-    found = sorted(glob.glob(os.path.join(path, "checkpoints", "*.pt")))
-    return found[-1] if found else None
+def load_checkpoint(path, flag="--ckpt"):
+    """-> (file, checkpoint) for a checkpoint file, or for a run folder its newest readable checkpoint in
+    checkpoints/, newest by the step stored in it (a truncated newest file is passed over, and said so)."""
+    if not os.path.isdir(path):
+        return path, read_checkpoint(path, flag)
+    found, bad = [], []
+    for f in glob.glob(os.path.join(path, "checkpoints", "*.pt")):
+        try:
+            ckpt = read_checkpoint(f, flag)
+            found.append((ckpt.get("step", -1), f, ckpt))
+        except ValueError as e:
+            bad.append(str(e))
+    if not found:
+        raise ValueError(f"{flag} {path}: no readable checkpoint in {path}/checkpoints" + (f" ({bad[0]})" if bad else ""))
+    step, f, ckpt = max(found, key=lambda c: (c[0], c[1]))
+    for msg in bad:
+        print0(f"warning: {msg}; using {f} (step {step}), the newest readable one")
+    return f, ckpt
 
 
 # --------------------------------------------------------------------------------------
@@ -192,6 +248,8 @@ class ImageFolder(Dataset):
         # A flag per file in shared memory: DataLoader workers (fork or spawn) mark unreadable
         # files here, so the training process sees `skipped` and nobody re-reads a bad file.
         self.bad = torch.zeros(len(self.files), dtype=torch.uint8).share_memory_()
+        if not any(self.load(i) is not None for i in range(len(self.files))):  # stops at the first readable one
+            raise ValueError(f"none of the {len(self.files)} image files in {root} is readable")
 
     @property
     def skipped(self):
@@ -292,6 +350,10 @@ class LatentCache(Dataset):
         self.num_classes, self.class_names = m["num_classes"], m["class_names"]
         self.skipped, self.skipped_files = len(m["skipped"]), m["skipped"]
         self.offsets = np.cumsum([0] + m["shard_counts"])  # shard k: examples offsets[k]..[k+1]-1
+        missing = [SHARD.format(k) for k in range(len(m["shard_counts"])) if not os.path.isfile(
+            os.path.join(root, SHARD.format(k)))]
+        if missing:
+            raise ValueError(f"latent cache {root} lacks {', '.join(missing[:3])}: rebuild it (dataset.py cache)")
         self.shards = {}  # memory-mapped on first use, by each DataLoader worker for itself
 
     def __getstate__(self):
@@ -330,11 +392,11 @@ def open_data(data, image_size=256, vae_path=None, device="cpu"):
     try:
         ds = build_dataset(data, image_size, vae_path)
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"--data {data}: {e}")
+        raise SystemExit(f"error: --data {data}: {e}")
     try:
         vae = load_vae(vae_path, device) if vae_path else None
     except (RuntimeError, FileNotFoundError) as e:
-        raise SystemExit(f"--vae {vae_path}: {e}")
+        raise SystemExit(f"error: --vae {vae_path}: {e}")
     C, H, _ = ds.shape
     encode = ds.space == "pixel" and vae is not None
     if encode:  # the latent shape, read off one encoding (any VAE depth)
@@ -367,11 +429,6 @@ class _Crops(Dataset):  # unflipped uint8 crops for the writer; unreadable -> ok
         if arr is None:
             return torch.zeros(self.folder.shape, dtype=torch.uint8), i, False
         return torch.from_numpy(arr.copy()).permute(2, 0, 1), i, True  # (3, S, S)
-
-
-def save_json(obj, path):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
 
 
 def build_cache(data, vae_path, out, image_size=256, batch_size=64, shard_size=1024,
@@ -454,25 +511,28 @@ def self_check():
     print(f"ADM crop 517x300 -> {center_crop_arr(Image.new('RGB', (517, 300)), 256).shape}")
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description="AFM data: self-check (no command) or cache")
+def parse_args(argv=None):
+    p = ArgumentParser(prog="dataset.py", description="AFM data: self-check (no command) or cache")
     sub = p.add_subparsers(dest="command")
     c = sub.add_parser("cache", help="encode an image folder and its mirror into a latent cache")
     c.add_argument("--data", required=True, help="image folder, ImageNet train layout")
     c.add_argument("--vae", required=True, help="VAE weights (the release: sd-vae-ft-mse)")
     c.add_argument("--out", required=True, help="cache folder; rerun the same command to resume")
-    c.add_argument("--image-size", type=int, default=256)  # paper: ImageNet 256x256
-    c.add_argument("--batch-size", type=int, default=64)  # images per VAE call, per rank
-    c.add_argument("--shard-size", type=int, default=1024)  # images per shard: 32 MiB at 256px
+    c.add_argument("--image-size", type=positive, default=256)  # paper: ImageNet 256x256
+    c.add_argument("--batch-size", type=positive, default=64)  # images per VAE call, per rank
+    c.add_argument("--shard-size", type=positive, default=1024)  # images per shard: 32 MiB at 256px
     c.add_argument("--num-workers", type=int, default=8)  # decode + crop processes per rank
-    c.add_argument("--max-images", type=int, default=None)  # first N files only (smoke tests)
-    return p.parse_args()
+    c.add_argument("--max-images", type=positive, default=None)  # first N files only (smoke tests)
+    return p.parse_args(argv)
 
 
 def main(args):
     if args.command == "cache":
-        build_cache(args.data, args.vae, args.out, args.image_size, args.batch_size,
-                    args.shard_size, args.num_workers, args.max_images)
+        try:
+            build_cache(args.data, args.vae, args.out, args.image_size, args.batch_size,
+                        args.shard_size, args.num_workers, args.max_images)
+        except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad folder, VAE file, or another cache's --out
+            raise SystemExit(f"dataset.py cache: error: {e}")
         cleanup()
     else:
         self_check()

@@ -18,7 +18,6 @@ is taken over 5,000-sample chunks in file order; class-sorted files score far lo
 any nesting, sorted by path, all of one size (nothing is resized or cropped here: prepare them like the samples).
 """
 
-import argparse
 import contextlib
 import os
 import sys
@@ -32,7 +31,7 @@ from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
 
-from dataset import save_npz
+from dataset import ArgumentParser, positive, read_checkpoint, save_npz
 
 URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 WEIGHT_NAMES = ("weights-inception-2015-12-05-6726825d.pth", "pt_inception-2015-12-05-6726825d.pth")
@@ -232,10 +231,13 @@ def load_inception(path=None, device="cpu"):
             except Exception as e:
                 raise FileNotFoundError(f"no Inception weights in {cache}/ and the download of {URL} failed "
                                         f"({type(e).__name__}); put the file there or pass --inception PATH") from None
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = read_checkpoint(path, "--inception")
     with torch.device("meta"):  # no random init: every tensor comes from the file
         model = InceptionV3()
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, assign=True)  # fp16 ok
+    try:
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, assign=True)
+    except RuntimeError as e:  # fp16 files are fine; another network's keys are not
+        raise ValueError(f"--inception {path}: not the FID Inception's weights: {str(e).splitlines()[1].strip()}")
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -294,6 +296,8 @@ def _read_npz(path):
     for k, shape in stat_shapes.items():
         if k in data and (data[k].shape != shape or data[k].dtype.kind != "f"):
             raise ValueError(f"{path}: '{k}' should be float {shape}, got {data[k].dtype} {data[k].shape}")
+        if k in data and not np.isfinite(data[k]).all():
+            raise ValueError(f"{path}: '{k}' holds non-finite values (NaN or inf)")
     a = data.get("arr_0")
     if a is not None and (a.dtype != np.uint8 or a.ndim != 4 or a.shape[-1] != 3):
         raise ValueError(f"{path}: 'arr_0' should be uint8 images (N, H, W, 3), got {a.dtype} {a.shape}")
@@ -324,6 +328,11 @@ def read_images(path):
 def feature_stats(features):
     """ADM's statistics in float64: np.mean(axis=0) and the unbiased np.cov(rowvar=False)."""
     p, s = features["pool3"].astype(np.float64), features["spatial"].astype(np.float64)
+    if len(p) < 2:  # one sample has no covariance (NaN), and sqrtm of NaN never returns
+        raise ValueError(f"statistics need at least 2 images, got {len(p)}")
+    if len(p) < p.shape[1]:
+        warnings.warn(f"{len(p)} images give a covariance of rank < {p.shape[1]}: the FID is biased high; "
+                      f"use at least {p.shape[1]} (ADM: 50,000)")
     return dict(mu=p.mean(axis=0), sigma=np.cov(p, rowvar=False), mu_s=s.mean(axis=0), sigma_s=np.cov(s, rowvar=False))
 
 
@@ -352,7 +361,10 @@ def reference_stats(path, model=None, batch_size=250, device=None):
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """|mu1 - mu2|^2 + tr(s1 + s2 - 2 sqrtm(s1 s2)), exactly as ADM / pytorch-fid (scipy's sqrtm)."""
     mu1, mu2, sigma1, sigma2 = np.atleast_1d(mu1), np.atleast_1d(mu2), np.atleast_2d(sigma1), np.atleast_2d(sigma2)
-    assert mu1.shape == mu2.shape and sigma1.shape == sigma2.shape, "statistics of different dimensions"
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape}")
+    if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
+        raise ValueError("the statistics hold non-finite values (NaN or inf)")
     diff = mu1 - mu2
     covmean = linalg.sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():  # the product is close to singular: regularize and retry
@@ -363,7 +375,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f"Imaginary component {np.max(np.abs(covmean.imag))}")
         covmean = covmean.real
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    out = float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    if not np.isfinite(out):
+        raise ValueError(f"the Frechet distance is not finite ({out})")
+    return out
 
 
 def inception_score(logits, split_size=5000):
@@ -434,13 +449,16 @@ def evaluate(features, ref, device=None):
 def main(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
+        images = read_images(args.make_ref or args.samples)  # a bad file fails here, before any Inception work
+        if len(images) < 2:
+            raise ValueError(f"{args.make_ref or args.samples}: {len(images)} image(s); statistics need at least 2")
         if args.make_ref:
-            images = read_images(args.make_ref)
             feats = compute_features(load_inception(args.inception, device), images, args.batch_size)
             save_npz(args.out, **feature_stats(feats), arr_0=images)
             print(f"wrote {args.out}: mu, sigma, mu_s, sigma_s and arr_0 {images.shape} from {args.make_ref}")
             return
-        images = read_images(args.samples)  # a bad file fails here, before any Inception work
+        if not os.path.isdir(args.ref):
+            _read_npz(args.ref)  # a bad reference fails here too, before any Inception work
         model = load_inception(args.inception, device)
         ref = reference_stats(args.ref, model, args.batch_size)
         m = evaluate(compute_features(model, images, args.batch_size), ref, device)
@@ -454,12 +472,12 @@ def main(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="ADM-suite FID, sFID, IS, precision/recall.",
+    p = ArgumentParser(prog="fid.py", description="ADM-suite FID, sFID, IS, precision/recall.",
                                 epilog="e.g. python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz")
     p.add_argument("samples", nargs="?", help="npz with arr_0 uint8 (N, H, W, 3), or an image folder")
     p.add_argument("ref", nargs="?", help="ADM reference batch npz (mu, sigma, mu_s, sigma_s, arr_0) or folder")
     p.add_argument("--inception", help="weights file (default: $AFM_CACHE or ~/.cache/afm, else download)")
-    p.add_argument("--batch-size", type=int, default=250, help="Inception batch size")
+    p.add_argument("--batch-size", type=positive, default=250, help="Inception batch size")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--make-ref", metavar="FOLDER_OR_NPZ", help="write a reference batch from these images")
     p.add_argument("--out", help="output npz for --make-ref")

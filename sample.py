@@ -30,7 +30,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from dataset import cleanup, find_checkpoint, load_checkpoint, print0, save_atomic, save_json, save_npz, setup
+from dataset import ArgumentParser, cleanup, load_checkpoint, positive, print0, save_atomic, save_json, save_npz, setup
 from model import Generator, models
 from vae import decode, load_vae
 
@@ -104,13 +104,14 @@ def save_grid(images, path, nrow, upscale=None):
 
 
 def load_generator(path, model=None, weights="ema", steps=None, pred=None, repeat=None, num_classes=None):
-    """-> (Generator in eval mode on the CPU, info dict). Flags left None come from our checkpoint's
-    args, else from the keys (see the top of the file); a file that does not fit is a one-line ValueError."""
-    path = find_checkpoint(path) or path  # a run folder: its newest checkpoint
-    if not os.path.isfile(path):
-        raise ValueError(f"--ckpt {path}: no such file (or no checkpoints/*.pt in that folder)")
-    obj = load_checkpoint(path)
-    ours = isinstance(obj, dict) and "args" in obj and weights in obj
+    """-> (Generator in eval mode on the CPU, info dict); a file that does not fit is a one-line ValueError.
+    Flags left None come from our checkpoint's args, else from the keys: input channels and size (x_embedder,
+    pos_embed), classes (y_embedder rows; 1001 = 1000 + the class-dropout null row), depth and width (hence
+    the size), t_src / t_tgt conditioning (t_embedder, t_tgt_embedder). Not in the keys: steps (default 1),
+    pred (x without timestep conditioning, else v, as the release's recipes) and repeat (a t_embedder without
+    t_tgt_embedder is a k-NFE model unless repeat > 1 makes it the deep 1-NFE generator)."""
+    path, obj = load_checkpoint(path, "--ckpt")  # a run folder: its newest readable checkpoint
+    ours = "args" in obj and weights in obj
     a, sd = (obj["args"], obj[weights]) if ours else ({}, obj)
     try:
         (_, C, p, _), (_, T, hidden) = sd["x_embedder.proj.weight"].shape, sd["pos_embed"].shape
@@ -260,12 +261,7 @@ def main(args):
     rank, world, device = setup(args.device)
     amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
     npz = args.num_samples > 0
-    args.out = args.out or ("samples.npz" if npz else "grid.png")
     try:
-        if npz != args.out.endswith(".npz") or (args.fid and not npz):
-            raise ValueError("--num-samples N writes an .npz (and --fid needs it); without it --out is an image")
-        if args.fid and not os.path.exists(args.fid):
-            raise ValueError(f"--fid {args.fid}: no such file")
         G, info = load_generator(args.ckpt, args.model, args.weights, args.steps, args.pred, args.repeat,
                                  args.num_classes)
         C, H, K = info["channels"], info["size"], info["num_classes"]
@@ -314,30 +310,41 @@ def main(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--ckpt", required=True, help="our checkpoint (file or run folder) or a bare generator state dict (.pth)")
     a("--weights", choices=["ema", "model"], default="ema", help="which weights of our checkpoints")
     a("--model", choices=list(models), default=None, help="generator size (default: checkpoint's, or from the keys)")
-    a("--steps", type=int, default=None, help="NFE (default: as trained; any-step and bare files: 1)")
+    a("--steps", type=positive, default=None, help="NFE (default: as trained; any-step and bare files: 1)")
     a("--pred", choices=["x", "v"], default=None, help="x or v (default: as trained; bare: v if t-conditioned, else x)")
-    a("--repeat", type=int, default=None, help="deep generator: block repetitions (release: 2 = 56, 4 = 112 layers)")
-    a("--num-classes", type=int, default=None, help="classes (default: label-table rows; 1001 rows = 1000 + null)")
+    a("--repeat", type=positive, default=None, help="deep generator: block repetitions (release: 2 = 56, 4 = 112 layers)")
+    a("--num-classes", type=positive, default=None, help="classes (default: label-table rows; 1001 rows = 1000 + null)")
     a("--vae", default=None, help="SD-VAE weights to decode latent models (default: the checkpoint's --vae)")
     a("--classes", type=int, nargs="+", default=None, help="grid rows (default: all of <= 10 classes, else DiT's 8)")
-    a("--per-class", type=int, default=8, help="grid columns")
+    a("--per-class", type=positive, default=8, help="grid columns")
     a("--num-samples", type=int, default=0, help="write this many samples as an npz (FID-50K: 50000)")
     a("--out", default=None, help="grid.png, or samples.npz with --num-samples")
-    a("--batch-size", type=int, default=64, help="per process")
+    a("--batch-size", type=positive, default=64, help="per process")
     a("--seed", type=int, default=0, help="sample i uses noise seeded with seed * 10**8 + i")
-    a("--save-every", type=int, default=10, help="batches per resumable shard in OUT.parts/")
+    a("--save-every", type=positive, default=10, help="batches per resumable shard in OUT.parts/")
     a("--max-batches", type=int, default=0, help="stop after this many batches per process, as if interrupted")
     a("--fid", default=None, metavar="REF.npz", help="score the samples against this ADM reference batch (fid.py)")
     a("--inception", default=None, help="Inception weights for --fid (default: fid.py's cache / download)")
     a("--precision", choices=["fp32", "bf16"], default="fp32", help="the release samples in fp32 (TF32 on GPU)")
     a("--compile", action="store_true", help="torch.compile the generator")
     a("--device", choices=["auto", "cpu"], default="auto")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    npz = args.num_samples > 0
+    args.out = args.out or ("samples.npz" if npz else "grid.png")
+    if args.num_samples < 0 or args.max_batches < 0:
+        p.error(f"--num-samples and --max-batches must be >= 0, got {args.num_samples} and {args.max_batches}")
+    if npz != args.out.endswith(".npz") or (args.fid and not npz):
+        p.error("--num-samples N writes an .npz (and --fid needs it); without it --out is an image")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        p.error(f"--out {args.out}: the folder {os.path.dirname(os.path.abspath(args.out))} does not exist")
+    if args.fid and not os.path.isfile(args.fid):
+        p.error(f"--fid {args.fid}: no such file")
+    return args
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ Tests, organised by what they guarantee (CPU, tiny models; a few minutes on 2 co
 7. Data: ADM's center crop, image folders, the latent cache and its posterior sampling.
 8. Sample files do not depend on the number of processes or on interruptions; bare state dicts load.
 9. Metrics equal their direct formulas (FID, IS, precision/recall); fid.py's files and errors.
+10. Bad input gets one line and changes no file; runs never overwrite each other; a full disk loses nothing.
 """
 
 import contextlib
@@ -97,11 +98,11 @@ def tiny_inputs(n=3, c=4, s=8, seed=1):
             torch.rand(n, generator=g), torch.rand(n, generator=g))
 
 
-def run(script, *args, torchrun=False, check=True, **kw):
+def run(script, *args, torchrun=False, check=True, timeout=300):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun \
         else [sys.executable]
     r = subprocess.run(launcher + [os.path.join(HERE, script), *map(str, args)], capture_output=True, text=True,
-                       env=ENV, cwd=HERE, timeout=300, **kw)
+                       env=ENV, cwd=HERE, timeout=timeout)
     if check:
         assert r.returncode == 0, r.stdout + r.stderr
     return r
@@ -1081,8 +1082,9 @@ RECIPE_KEYS = "model global_batch_size steps pred repeat ot ot_end lr lr_d clip 
 
 @pytest.mark.parametrize("name", list(RECIPE_TABLE) + ["classifier"])
 def test_recipe_values(name, tmp_path):
+    (tmp_path / "c.pt").write_bytes(b"")  # --cls must name a file (read when the run starts)
     cls = ["--cls", tmp_path / "c.pt"] * name.endswith("-cg")
-    s = T.resolve(["--recipe", name, "--data", "x" if name != "digits" else "digits", *map(str, cls)])[0]
+    s = T.resolve(["--recipe", name, "--data", str(tmp_path) if name != "digits" else "digits", *map(str, cls)])[0]
     if name == "classifier":  # train_classifier.yaml: B/2, batch 256, lr 1e-4, clip 50, EMA 0.9995
         assert (s.model, s.global_batch_size, s.lr, s.clip, s.ema) == ("B/2", 256, 1e-4, 50, 0.9995)
         return
@@ -1091,7 +1093,7 @@ def test_recipe_values(name, tmp_path):
     assert s.decay_steps == (8000 if name == "digits" else 1_000_000) and s.cg_renoise and s.precision == "fp32"
 
 
-def test_recipe_overrides_and_errors(capsys):
+def test_recipe_overrides_and_errors(capsys, tmp_path):
     def settings(*argv):
         return T.resolve(list(argv))[0]
     assert settings("--recipe", "deep", "--repeat", "4").lr == 2.5e-5  # "gen_lr: 5e-5 # lr / depth"
@@ -1102,7 +1104,7 @@ def test_recipe_overrides_and_errors(capsys):
     for argv, needle in [(["--recipe", "1nfe", "--steps", "2"], "use --recipe knfe"),
                          (["--recipe", "knfe", "--steps", "1"], "use --recipe 1nfe"),
                          (["--repeat", "2"], "--recipe deep"),
-                         (["--cls", "c.pt"], "--cls without a guidance weight"),
+                         (["--cls", HERE], "--cls without a guidance weight"),
                          (["--recipe", "1nfe-cg"], "needs --cls"),
                          (["--steps", "abc"], "--steps"), (["--global-batch-size", "0"], "--global-batch-size"),
                          (["--ema", "2"], "--ema"), (["--recipe", "nope"], "invalid choice")]:
@@ -1209,7 +1211,7 @@ def test_train_from_folder_and_from_cache(tmp_path):
         grid = Image.open(tmp_path / "runs" / run_dir / "samples_0000002.png")
         assert grid.mode == "RGB" and grid.size[0] > 10 * 32  # 10 decoded 32 px images per row (+ borders)
     r = train(tmp_path / "runs", "--data", cache, *flags[:2], "--image-size", "64", "--model", "T/2", check=False)
-    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith(f"--data {cache}: ")
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(f"error: --data {cache}: ")
 
 
 # --------------------------------------------------------------------------------------
@@ -1467,18 +1469,6 @@ def test_npz_same_for_one_and_two_processes(tmp_path):
     j = np.arange(16)  # a batch of 16 (tiny CPU batches may round differently)
     np.testing.assert_array_equal(a["arr_0"][j], expected_samples(ema, perm[j], a["arr_1"][j], 2, "v"))
     assert not (tmp_path / "a.npz.parts").exists() and not (tmp_path / "b.npz.parts").exists()
-
-
-def test_num_samples_must_divide_and_flags(tmp_path):
-    ckpt = tmp_path / "ck.pt"
-    digits_checkpoint(ckpt)
-    with pytest.raises(SystemExit, match="--num-samples 125 is not divisible by the 10 classes"):
-        sample_main("--ckpt", ckpt, "--num-samples", 125, "--out", tmp_path / "a.npz")
-    with pytest.raises(SystemExit, match="writes an .npz"):
-        sample_main("--ckpt", ckpt, "--num-samples", 100, "--out", tmp_path / "a.png")
-    with pytest.raises(SystemExit, match="writes an .npz"):
-        sample_main("--ckpt", ckpt, "--fid", tmp_path / "ref.npz", "--out", tmp_path / "a.png")
-    assert sorted(os.listdir(tmp_path)) == ["ck.pt"]
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
@@ -1778,3 +1768,125 @@ def test_make_ref_round_trip(tmp_path, monkeypatch):
     for stat, f in (("mu", feats[:, :6]), ("mu_s", feats[:, 6:10])):
         np.testing.assert_allclose(ref[stat], f.mean(0), rtol=1e-12)
         np.testing.assert_allclose(ref["sigma" + stat[2:]], np.cov(f, rowvar=False), rtol=1e-12)
+
+
+# --------------------------------------------------------------------------------------
+# 10. Bad input gets one line (exit 2 for usage, 1 for the rest) and changes no file; runs never collide
+# --------------------------------------------------------------------------------------
+
+
+def snapshot(root):
+    return {str(p): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def main_of(script):
+    return {"train.py": lambda argv: T.main(*T.resolve(argv)), "sample.py": lambda argv: S.main(S.parse_args(argv)),
+            "fid.py": lambda argv: fid.main(fid.parse_args(argv)), "dataset.py": lambda argv: DS.main(DS.parse_args(argv))}[script]
+
+
+def test_bad_input_is_one_line_and_changes_nothing(tmp_path, capsys):
+    """Each case: the exit status, one line on stderr naming the input, no traceback, every file as it was."""
+    train(tmp_path / "runs", "--max-steps", "2")  # a finished run: 000-T-2, checkpoint at step 2
+    run_dir = tmp_path / "runs" / "000-T-2"
+    good = run_dir / "checkpoints" / "0000002.pt"
+    files = {"zero.pt": b"", "text.pt": b"not a checkpoint\n", "trunc.pt": good.read_bytes()[:5000],
+             "garbage.pkl": b"\x80\x04\x95\x0c\x00\x00\x00\x00\x00\x00\x00\x8c\x08builtins\x94."}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    torch.save(load(good)["ema"], tmp_path / "bare.pth")
+    (tmp_path / "afile").write_text("x")
+    bad_images = tmp_path / "bad_images" / "cls"
+    bad_images.mkdir(parents=True)
+    (bad_images / "a.png").write_bytes(b"not a png")
+    root, vae_path, cache, _ = cached_folder(tmp_path / "c")
+    os.remove(os.path.join(cache, DS.SHARD.format(1)))
+    np.savez(tmp_path / "empty.npz", arr_0=np.zeros((0, 8, 8, 3), np.uint8))
+    np.savez(tmp_path / "one.npz", arr_0=np.zeros((1, 8, 8, 3), np.uint8))
+    np.savez(tmp_path / "two.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    np.savez(tmp_path / "nan_ref.npz", mu=np.full(2048, np.nan), sigma=np.eye(2048), mu_s=np.zeros(2023),
+             sigma_s=np.eye(2023))
+    t, ck = str(tmp_path), str(good)
+    cases = [  # (script, argv, exit status, words the line must hold)
+        *[("train.py", ["--resume", f"{t}/{n}"], 1, [n, "not a readable checkpoint"]) for n in files],
+        ("train.py", ["--resume", f"{t}/bare.pth"], 1, ["bare.pth", "not a checkpoint of train.py"]),
+        ("train.py", ["--resume", f"{t}/nothing.pt"], 1, ["nothing.pt", "no such file"]),
+        ("train.py", ["--resume", str(tmp_path / "bad_images")], 1, ["no readable checkpoint"]),
+        *[("train.py", [flag, value], 2, [flag]) for flag, value in [
+            ("--global-batch-size", "0"), ("--global-batch-size", "-4"), ("--steps", "abc"), ("--steps", "0"),
+            ("--steps", "-1"), ("--log-every", "0"), ("--ckpt-every", "0"), ("--lr", "-1"), ("--ot", "-1"),
+            ("--ttur", "0"), ("--ema", "2"), ("--repeat", "0"), ("--vae", f"{t}/nothing.pt"),
+            ("--cls", f"{t}/nothing.pt"), ("--results-dir", f"{t}/afile"), ("--data", f"{t}/nothing")]],
+        ("train.py", ["--data", str(tmp_path / "bad_images"), "--results-dir", f"{t}/r2"], 1, ["none of the 1 image"]),
+        ("train.py", ["--data", cache, "--image-size", "32", "--model", "T/2", "--results-dir", f"{t}/r2"], 1,
+         ["shard_00001.pt"]),
+        ("train.py", ["--cls", ck, "--cg", "0.01", "--results-dir", f"{t}/r2"], 1, ["--cls", "does not fit"]),
+        *[("sample.py", ["--ckpt", ck, *argv], 2, [word]) for argv, word in [
+            (["--batch-size", "0"], "--batch-size"), (["--per-class", "0"], "--per-class"),
+            (["--out", f"{t}/no/g.png"], "does not exist"), (["--num-samples", "-10"], "--num-samples"),
+            (["--steps", "0"], "--steps"), (["--num-samples", "100", "--out", f"{t}/a.png"], "writes an .npz")]],
+        ("sample.py", ["--ckpt", f"{t}/zero.pt"], 1, ["zero.pt", "not a readable checkpoint"]),
+        ("sample.py", ["--ckpt", ck, "--num-samples", "125", "--out", f"{t}/s.npz"], 1, ["not divisible"]),
+        ("fid.py", [f"{t}/empty.npz", f"{t}/one.npz"], 1, ["empty.npz", "at least 2"]),
+        ("fid.py", [f"{t}/one.npz", f"{t}/one.npz"], 1, ["one.npz", "at least 2"]),
+        ("fid.py", [f"{t}/one.npz", f"{t}/one.npz", "--batch-size", "0"], 2, ["--batch-size"]),
+        ("fid.py", [f"{t}/two.npz", f"{t}/nan_ref.npz"], 1, ["nan_ref.npz", "non-finite"]),
+        ("dataset.py", ["cache", "--data", root, "--vae", vae_path, "--out", cache, "--image-size", "64"], 1, ["64"]),
+        ("dataset.py", ["cache", "--data", root, "--vae", vae_path, "--out", cache, "--batch-size", "0"], 2, ["--batch-size"]),
+    ]
+    before = snapshot(tmp_path)
+    for script, argv, status, words in cases:
+        with pytest.raises(SystemExit) as e, one_thread(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            main_of(script)(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        code, line = (1, e.value.code) if isinstance(e.value.code, str) else (e.value.code, err[-1] if err else "")
+        assert code == status and "\n" not in line and all(w in line for w in words), (script, argv, code, line)
+        assert snapshot(tmp_path) == before, (script, argv)
+    # the same refusals as real processes: the exit status and a single line, no traceback, within seconds
+    for script, argv, status in [("train.py", ["--resume", f"{t}/garbage.pkl"], 1), ("fid.py", [f"{t}/one.npz"] * 2, 1),
+                                 ("sample.py", ["--ckpt", ck, "--batch-size", "0"], 2)]:
+        r = run(script, *argv, check=False, timeout=60)
+        assert r.returncode == status and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r
+
+
+def test_runs_never_collide_and_resume_survives_bad_files(tmp_path, capsys):
+    """Three runs, the first deleted, a stray file: the next run takes a new index and the other folders stay
+    byte-identical. A truncated newest checkpoint is passed over; a finished run says so."""
+    def train_here(*argv):
+        with one_thread():
+            T.main(*T.resolve(["--results-dir", str(tmp_path), *TRAIN_FLAGS, "--ckpt-every", "2", *argv]))
+    for _ in range(3):
+        train_here("--max-steps", "2")
+    assert sorted(os.listdir(tmp_path)) == ["000-T-2", "001-T-2", "002-T-2"]
+    import shutil
+    shutil.rmtree(tmp_path / "000-T-2")
+    (tmp_path / "notes.txt").write_text("a stray file")
+    kept = snapshot(tmp_path)
+    train_here("--max-steps", "4")
+    assert sorted(os.listdir(tmp_path)) == ["001-T-2", "002-T-2", "003-T-2", "notes.txt"]
+    assert {k: v for k, v in snapshot(tmp_path).items() if "003-T-2" not in k} == kept
+    run_dir = tmp_path / "003-T-2"
+    (run_dir / "checkpoints" / "0000004.pt").write_bytes(b"truncated")
+    torch.save(load(run_dir / "checkpoints" / "0000002.pt") | {"step": 99}, run_dir / "stray.pt")  # not in checkpoints/
+    capsys.readouterr()
+    train_here("--resume", str(run_dir), "--max-steps", "6")
+    out = capsys.readouterr().out
+    assert "0000004.pt: not a readable checkpoint" in out and "at step 2" in out
+    assert load(run_dir / "checkpoints" / "0000006.pt")["step"] == 6 and len(read_log(run_dir)) == 2 + 2
+    train_here("--resume", str(run_dir), "--max-steps", "6")
+    assert "is finished: step 6 of --max-steps 6" in capsys.readouterr().out
+
+
+def test_full_disk_keeps_the_previous_file(tmp_path):
+    path = str(tmp_path / "ck.pt")
+    DS.save_atomic({"step": 1}, path)
+
+    def full_disk(obj, tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"half")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(SystemExit) as e:
+        DS.save_atomic({"step": 2}, path, full_disk)
+    msg = str(e.value.code)
+    assert path in msg and "GiB free" in msg and "No space left" in msg and "\n" not in msg
+    assert load(path) == {"step": 1} and os.listdir(tmp_path) == ["ck.pt"]

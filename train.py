@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dataset import (IndexStream, batches, cleanup, find_checkpoint, load_checkpoint, open_data,
+from dataset import (ArgumentParser, IndexStream, batches, cleanup, load_checkpoint, open_data,
                      print0, save_atomic, save_json, setup)
 from model import Classifier, Discriminator, Generator, models
 from sample import sample_images, save_grid
@@ -326,10 +326,13 @@ def resolve(argv=None):
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     ckpt = path = None
     if "resume" in given:
-        path = find_checkpoint(given["resume"])
-        if path is None:
-            raise SystemExit(f"--resume {given['resume']}: no checkpoint (checkpoints/*.pt) there")
-        ckpt = load_checkpoint(path)
+        try:
+            path, ckpt = load_checkpoint(given["resume"], "--resume")
+        except ValueError as e:
+            raise SystemExit(f"train.py: error: {e}")
+        if {"args", "step", "model", "ema", "rng", "data_position"} - set(ckpt):
+            raise SystemExit(f"train.py: error: --resume {path}: not a checkpoint of train.py (a bare state dict "
+                             f"has no optimizer, step or data position to resume; sample from it with sample.py)")
         base = {k: v for k, v in ckpt["args"].items() if k in DEFAULTS or k in RELEASE or k == "recipe"}
         base.setdefault("recipe", "classifier" if ckpt["args"].get("train_classifier") else "unnamed")  # older runs
     else:
@@ -355,6 +358,13 @@ def check(s, resumed):
         for key in k.split():
             if getattr(s, key) is not None and not ok(getattr(s, key)):
                 return f"--{key.replace('_', '-')} must be {want}, got {getattr(s, key)}"
+    if s.steps != "any" and s.steps < 1:
+        return f"--steps must be 1, 2, ... or any, got {s.steps}"
+    for flag, path in (("--vae", s.vae), ("--cls", s.cls), ("--data", None if s.data == "digits" else s.data)):
+        if path and not os.path.exists(path):
+            return f"{flag} {path}: no such file or folder"
+    if os.path.exists(s.results_dir) and not os.path.isdir(s.results_dir):
+        return f"--results-dir {s.results_dir} is a file, not a folder"
     kind = {1: "1nfe", "any": "any"}
     if s.recipe == "classifier" or resumed:
         return None
@@ -376,13 +386,16 @@ def check(s, resumed):
 
 def load_classifier(s, C, H, num_classes, device):
     """The frozen guidance classifier: our checkpoint (its EMA weights) or the release's bare classifier.pth."""
-    sd = load_checkpoint(find_checkpoint(s.cls) or s.cls)
+    try:
+        sd = load_checkpoint(s.cls, "--cls")[1]
+    except ValueError as e:
+        raise SystemExit(f"train.py: error: {e}")
     name = sd.get("args", {}).get("model", s.cls_model)
     cls = Classifier(**models[name], input_size=H, in_channels=C, num_classes=num_classes)
     try:
         cls.load_state_dict(sd.get("ema", sd), strict=True)
     except RuntimeError as e:
-        raise SystemExit(f"--cls {s.cls}: does not fit a {name} classifier on {C}x{H}x{H} with "
+        raise SystemExit(f"train.py: error: --cls {s.cls}: does not fit a {name} classifier on {C}x{H}x{H} with "
                          f"{num_classes} classes (--cls-model?): {str(e).splitlines()[1].strip()}")
     return cls.to(device).eval().requires_grad_(False)
 
@@ -431,7 +444,7 @@ def restore(ckpt, path, state, s, rank, world, device):
         for key, part in state.items():
             part.load_state_dict(ckpt[key])
     except (RuntimeError, ValueError) as e:  # e.g. --model given explicitly and different from the run's
-        raise SystemExit(f"--resume {path}: written by a {ckpt['args']['model']} run, does not fit "
+        raise SystemExit(f"train.py: error: --resume {path}: written by a {ckpt['args']['model']} run, does not fit "
                          f"--model {s.model}: {(str(e).splitlines() + [''])[1].strip() or e}")
     if len(ckpt["rng"]) == world:
         torch.set_rng_state(ckpt["rng"][rank]["cpu"])
@@ -459,16 +472,19 @@ def make_run_dir(s, rank):
     in use, and the folder is created exclusively: a new run never writes into another's folder."""
     run_dir = None
     if rank == 0:
-        os.makedirs(s.results_dir, exist_ok=True)
         tag = ("cls-" if s.recipe == "classifier" else "") + s.model.replace("/", "-")
-        while run_dir is None:
-            used = [int(m[1]) for n in os.listdir(s.results_dir) if (m := re.match(r"(\d+)-", n))]
-            try:
-                os.mkdir(path := os.path.join(s.results_dir, f"{max(used, default=-1) + 1:03d}-{tag}"))
-                run_dir = path
-            except FileExistsError:  # another launch took this index first: look again
-                pass
-        os.mkdir(os.path.join(run_dir, "checkpoints"))
+        try:
+            os.makedirs(s.results_dir, exist_ok=True)
+            while run_dir is None:
+                used = [int(m[1]) for n in os.listdir(s.results_dir) if (m := re.match(r"(\d+)-", n))]
+                try:
+                    os.mkdir(path := os.path.join(s.results_dir, f"{max(used, default=-1) + 1:03d}-{tag}"))
+                    run_dir = path
+                except FileExistsError:  # another launch took this index first: look again
+                    pass
+            os.mkdir(os.path.join(run_dir, "checkpoints"))
+        except OSError as e:
+            raise SystemExit(f"train.py: error: --results-dir {s.results_dir}: {e.strerror}")
         save_atomic(vars(s), os.path.join(run_dir, "args.json"), save_json)
     if dist.is_initialized():
         box = [run_dir]
@@ -495,14 +511,20 @@ def all_mean(values, device, op=dist.ReduceOp.SUM):
 def main(s, ckpt=None, ckpt_path=None):
     rank, world, device = setup(s.device)
     if s.global_batch_size % world:
-        raise SystemExit(f"--global-batch-size {s.global_batch_size} is not divisible by {world} processes")
+        raise SystemExit(f"train.py: error: --global-batch-size {s.global_batch_size} is not divisible by {world} processes")
     print0("settings: " + " ".join(f"{k}={v}" for k, v in sorted(vars(s).items()) if v is not None))
     torch.manual_seed(s.seed * world + rank)  # per-rank seeds
     data, vae, encode_batches, C, H = open_data(s.data, s.image_size, s.vae, device)
     state = build(s, C, H, data.num_classes, device)
     G, D, afm, ema = state["model"], state.get("dis"), state.get("gradnorm"), state["ema"]
     step, position = restore(ckpt, ckpt_path, state, s, rank, world, device) if ckpt else (0, 0)
-    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path))) if ckpt else make_run_dir(s, rank)
+    folder = os.path.dirname(os.path.abspath(ckpt_path)) if ckpt else ""
+    # A resumed run writes where it was; a new run, or a checkpoint file from elsewhere, gets a new run folder.
+    run_dir = os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else make_run_dir(s, rank)
+    if step >= s.max_steps:
+        print0(f"{run_dir} is finished: step {step} of --max-steps {s.max_steps}. To train it further: "
+               f"--resume {run_dir} --max-steps N (and --decay-steps N to stretch the transport schedule)")
+        return cleanup()
     nets = {k: state[k] for k in ("model", "dis") if k in state}
     print0(f"{s.recipe}: " + ", ".join(f"{k} {sum(p.numel() for p in n.parameters()):,} parameters"
                                         for k, n in nets.items()) +
@@ -518,8 +540,8 @@ def main(s, ckpt=None, ckpt_path=None):
     grid_y = torch.arange(min(data.num_classes, 10)).repeat_interleave(10 if data.num_classes <= 10 else 1)
     grid_z = torch.randn(len(grid_y), C, H, H, generator=torch.Generator().manual_seed(s.seed))  # fixed noise
     received = []  # signals this process got: the loop stops at the next step all ranks agree on
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: received.append(signum))
+    handlers = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
 
     logs, t0, window = {}, time.time(), 0
     non_finite = torch.zeros((), device=device)  # 1 + the first step with a non-finite loss; no host sync per step
@@ -583,13 +605,20 @@ def main(s, ckpt=None, ckpt_path=None):
         if stop:
             print0(f"stopped by a signal at step {step}; resume with --resume {run_dir}")
             break
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
     cleanup()
+
+
+def steps_type(text):
+    if text != "any" and not text.lstrip("-").isdigit():
+        raise argparse.ArgumentTypeError(f'expected 1, 2, ... or "any", got {text!r}')
+    return text if text == "any" else int(text)
 
 
 def parser():
     """Every flag defaults to None: unset flags come from the recipe (or the resumed run), see `resolve`."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.error = lambda msg: p.exit(2, f"train.py: error: {msg}\n")  # one line, no usage block
+    p = ArgumentParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--recipe", choices=["digits", *RECIPES], help="the release's configuration (default: digits for --data "
       "digits, else 1nfe); flags given explicitly override its values")
@@ -602,7 +631,7 @@ def parser():
     a("--repeat", type=int, help="deep generator: run the blocks this many times (2: 56, 4: 112 layers)")
     a("--grad-checkpoint", action="store_true", default=None, help="recompute activations in backward (memory)")
     # The method (AFM_SPEC sections 3-7).
-    a("--steps", type=lambda v: v if v == "any" else int(v), help='NFE the generator is trained for: 1, k or "any"')
+    a("--steps", type=steps_type, help='NFE the generator is trained for: 1, k or "any"')
     a("--pred", choices=["x", "v"], help="x-prediction (1 NFE) or velocity (multi-step)")
     a("--ot", type=float, help="transport weight at step 0")
     a("--ot-end", type=float, help="transport weight after the cosine decay")
