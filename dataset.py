@@ -32,7 +32,9 @@ import json
 import math
 import os
 import shutil
+import struct
 import warnings
+import zipfile
 
 import numpy as np
 import torch
@@ -196,7 +198,10 @@ def batches(dataset, stream, batch_size, workers):
         it = iter(stream)
         while True:
             idx = torch.tensor([next(it) for _ in range(batch_size)])
-            yield xs[idx], ys[idx]
+            x = xs[idx]
+            if dataset.flip:  # horizontal flip, p = 0.5 per example (the digits are never flipped)
+                x = torch.where(torch.rand(len(idx), 1, 1, 1) < 0.5, x.flip(-1), x)
+            yield x, ys[idx]
     loader = DataLoader(dataset, batch_size=batch_size, sampler=stream, num_workers=workers,
                         pin_memory=torch.cuda.is_available(), drop_last=True, persistent_workers=workers > 0)
     yield from loader
@@ -219,31 +224,35 @@ def center_crop_arr(img: Image.Image, size: int) -> np.ndarray:
     return arr[top : top + size, left : left + size]  # (size, size, 3)
 
 
-def list_images(root):
-    """(files, labels, class_names) of an ImageNet-layout folder, sorted; one-line errors."""
+def list_images(root, unconditional=False):
+    """(files, labels, class_names), sorted. ImageNet's layout (ROOT/<class>/.../<image>, labels = sorted folder
+    names), unless ROOT holds images itself (FFHQ, CelebA, LSUN as one folder) or `unconditional`: then every
+    image below ROOT, one class. One-line errors."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"data folder not found: {root}")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and e.name[0] != ".")
-    if not classes:
-        raise ValueError(f"no class sub-folders in {root} (expected {root}/<class>/<image>)")
+    entries = [e for e in os.scandir(root) if e.name[0] != "."]
+    classes = sorted(e.name for e in entries if e.is_dir())
+    flat = unconditional or not classes or any(e.is_file() and e.name.lower().endswith(IMAGE_EXTS) for e in entries)
+    groups = [root] if flat else [os.path.join(root, c) for c in classes]
     files, labels = [], []
-    for label, name in enumerate(classes):
-        for path, subdirs, names in os.walk(os.path.join(root, name)):
+    for label, folder in enumerate(groups):
+        for path, subdirs, names in os.walk(folder):
             subdirs.sort()
             hits = [os.path.join(path, f) for f in sorted(names) if f.lower().endswith(IMAGE_EXTS)]
             files += hits
             labels += [label] * len(hits)
     if not files:
-        raise ValueError(f"no images ({' '.join(IMAGE_EXTS)}) in the class folders of {root}")
-    return files, labels, classes
+        raise ValueError(f"no images ({' '.join(IMAGE_EXTS)}) in {root} or its sub-folders")
+    return files, labels, [""] if flat else classes
 
 
 class ImageFolder(Dataset):
     space = "pixel"
 
-    def __init__(self, root, image_size=256, flip=True):
+    def __init__(self, root, image_size=256, flip=True, unconditional=False):
         self.root, self.image_size, self.flip = root, image_size, flip
-        self.files, self.labels, self.class_names = list_images(root)
+        self.files, self.labels, self.class_names = list_images(root, unconditional)
+        self.names = [os.path.relpath(f, root) for f in self.files]
         self.num_classes, self.shape = len(self.class_names), (3, image_size, image_size)
         # A flag per file in shared memory: DataLoader workers (fork or spawn) mark unreadable
         # files here, so the training process sees `skipped` and nobody re-reads a bad file.
@@ -295,7 +304,7 @@ class ImageFolder(Dataset):
 class Digits(Dataset):
     """1797 8x8 digits, ink 0..16 -> [-1, 1]. No flip: mirrored handwriting is another glyph."""
 
-    space, num_classes, shape, skipped = "pixel", 10, (1, 8, 8), 0
+    space, num_classes, shape, skipped, flip = "pixel", 10, (1, 8, 8), 0, False
     class_names = [str(d) for d in range(10)]
 
     def __init__(self, path=DIGITS):
@@ -308,6 +317,68 @@ class Digits(Dataset):
 
     def __getitem__(self, i):
         return self.tensors[0][i], self.tensors[1][i]
+
+
+def npz_array(path, key, max_bytes):
+    """npz[key]: read into memory up to max_bytes, else memory-mapped in place (np.savez stores arrays
+    uncompressed: the .npy member's data is a contiguous run of the file)."""
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(key + ".npy")
+        if info.file_size <= max_bytes or info.compress_type != zipfile.ZIP_STORED:
+            with np.load(path, allow_pickle=False) as f:
+                return f[key]
+    with open(path, "rb") as f:
+        f.seek(info.header_offset + 26)  # the local header: 30 bytes, then the name and an extra field
+        name_len, extra_len = struct.unpack("<HH", f.read(4))
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+        return np.memmap(path, dtype, "r", offset=f.tell(), shape=shape, order="F" if fortran else "C")
+
+
+class ArrayImages(Dataset):
+    """Images in an npz, the ADM / sample.py format (CIFAR-10 users keep theirs so): arr_0 uint8 (N, H, W, C)
+    with C 1 or 3 and H == W, optional arr_1 int labels (N,) (without them: one class). Random horizontal flip
+    p=0.5. Up to 2 GiB of floats it is held in memory (`tensors`, indexed by whole batches like the digits);
+    larger files are memory-mapped and read through the DataLoader."""
+
+    space, skipped = "pixel", 0
+
+    def __init__(self, path, image_size=None, flip=True, unconditional=False, in_memory=2 << 30):
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                keys = f.files
+            x = npz_array(path, "arr_0", in_memory // 4)
+            y = npz_array(path, "arr_1", 1 << 40) if "arr_1" in keys and not unconditional else None
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+            why = "arr_0 is an object array (images of different sizes?)" if "allow_pickle" in str(e) else (
+                "no arr_0 (uint8 images N, H, W, C)" if isinstance(e, KeyError) else f"not a readable .npz ({e})")
+            raise ValueError(f"{path}: {why}") from None
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] not in (1, 3) or x.shape[1] != x.shape[2] or not len(x):
+            raise ValueError(f"{path}: arr_0 should be uint8 (N, H, W, C) square images with C 1 or 3, got "
+                             f"{x.dtype} {x.shape}")
+        if y is not None and (y.dtype.kind not in "iu" or y.shape != (len(x),) or (len(y) and y.min() < 0)):
+            raise ValueError(f"{path}: arr_1 should be {len(x)} integer labels >= 0, got {y.dtype} {y.shape}")
+        self.x, self.y = x, np.zeros(len(x), np.int64) if y is None else y.astype(np.int64)
+        self.labels, self.num_classes, self.flip = self.y.tolist(), int(self.y.max()) + 1, flip
+        self.class_names, self.names = [str(c) for c in range(self.num_classes)], [str(i) for i in range(len(x))]
+        self.image_size, self.shape = image_size or x.shape[1], (x.shape[3], x.shape[1], x.shape[1])
+        if not isinstance(x, np.memmap):  # (N, C, H, W) in [-1, 1]
+            self.tensors = (torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1, torch.from_numpy(self.y))
+
+    def __len__(self):
+        return len(self.x)
+
+    def load(self, i):  # uint8 RGB (S, S, 3) at image_size (ADM's crop when it differs), for the cache writer
+        img = Image.fromarray(self.x[i].squeeze(-1) if self.x.shape[3] == 1 else np.asarray(self.x[i])).convert("RGB")
+        return np.asarray(img) if img.size[0] == self.image_size else center_crop_arr(img, self.image_size)
+
+    def __getitem__(self, i):
+        x = torch.from_numpy(np.array(self.x[i])).permute(2, 0, 1).float() / 127.5 - 1  # (C, H, W)
+        if self.flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, self.y[i]
 
 
 def vae_identity(path):
@@ -377,20 +448,23 @@ class LatentCache(Dataset):
         return (mean + std * torch.randn(self.shape)) * SCALE, int(s["label"][j])
 
 
-def build_dataset(data: str, image_size: int = 256, vae_path: str | None = None) -> Dataset:
+def build_dataset(data, image_size=256, vae_path=None, unconditional=False):
+    """"digits", an npz of images, a latent cache (a folder with meta.json), or an image folder."""
     if data == "digits":
         return Digits()
     if os.path.isfile(os.path.join(data, "meta.json")):
         check_cache(data, vae_path, image_size)
         return LatentCache(data)
-    return ImageFolder(data, image_size)
+    if data.endswith(".npz") and not os.path.isdir(data):
+        return ArrayImages(data, flip=True, unconditional=unconditional)
+    return ImageFolder(data, image_size, unconditional=unconditional)
 
 
-def open_data(data, image_size=256, vae_path=None, device="cpu"):
+def open_data(data, image_size=256, vae_path=None, device="cpu", unconditional=False):
     """(dataset, VAE or None, encode per batch?, C, H): the dataset and what the networks see, pixels or
-    SD-VAE latents (cached, or encoded per batch from an image folder). Bad input: one line naming the flag."""
+    SD-VAE latents (cached, or encoded per batch from images). Bad input: one line naming the flag."""
     try:
-        ds = build_dataset(data, image_size, vae_path)
+        ds = build_dataset(data, image_size, vae_path, unconditional)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: --data {data}: {e}")
     try:
@@ -432,14 +506,16 @@ class _Crops(Dataset):  # unflipped uint8 crops for the writer; unreadable -> ok
 
 
 def build_cache(data, vae_path, out, image_size=256, batch_size=64, shard_size=1024,
-                num_workers=8, max_images=None, device=None):
+                num_workers=8, max_images=None, device=None, unconditional=False):
     """Encode every image of `data` and its mirror into `out`; returns the shards this rank wrote.
     device: default cuda (this rank's) if available, else cpu."""
     rank, world, default_device = setup()
     device = torch.device(device or default_device)
-    folder = ImageFolder(data, image_size, flip=False)
+    folder = ArrayImages(data, image_size, flip=False, unconditional=unconditional, in_memory=0) if \
+        data.endswith(".npz") and not os.path.isdir(data) else ImageFolder(data, image_size, flip=False,
+                                                                           unconditional=unconditional)
     n = len(folder) if max_images is None else min(len(folder), max_images)
-    names = [os.path.relpath(f, data) for f in folder.files[:n]]
+    names = folder.names[:n]
     vae = load_vae(vae_path, device=device)
     probe = torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8, device=device)
     meta = dict(vae=vae_identity(vae_path), image_size=image_size, num_files=n,
@@ -515,7 +591,8 @@ def parse_args(argv=None):
     p = ArgumentParser(prog="dataset.py", description="AFM data: self-check (no command) or cache")
     sub = p.add_subparsers(dest="command")
     c = sub.add_parser("cache", help="encode an image folder and its mirror into a latent cache")
-    c.add_argument("--data", required=True, help="image folder, ImageNet train layout")
+    c.add_argument("--data", required=True, help="an image folder (class sub-folders, or flat) or an npz of images")
+    c.add_argument("--unconditional", action="store_true", help="ignore class folders / labels: one class")
     c.add_argument("--vae", required=True, help="VAE weights (the release: sd-vae-ft-mse)")
     c.add_argument("--out", required=True, help="cache folder; rerun the same command to resume")
     c.add_argument("--image-size", type=positive, default=256)  # paper: ImageNet 256x256
@@ -530,7 +607,7 @@ def main(args):
     if args.command == "cache":
         try:
             build_cache(args.data, args.vae, args.out, args.image_size, args.batch_size,
-                        args.shard_size, args.num_workers, args.max_images)
+                        args.shard_size, args.num_workers, args.max_images, unconditional=args.unconditional)
         except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad folder, VAE file, or another cache's --out
             raise SystemExit(f"dataset.py cache: error: {e}")
         cleanup()

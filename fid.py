@@ -336,14 +336,14 @@ def feature_stats(features):
     return dict(mu=p.mean(axis=0), sigma=np.cov(p, rowvar=False), mu_s=s.mean(axis=0), sigma_s=np.cov(s, rowvar=False))
 
 
-def reference_stats(path, model=None, batch_size=250, device=None):
+def reference_stats(path, model=None, batch_size=250, device=None, pool3=True):
     """A reference batch (ADM npz with mu/sigma/mu_s/sigma_s and/or arr_0, a samples npz, or an image folder) ->
     dict(mu, sigma, mu_s, sigma_s, pool3). Stored statistics win, as in ADM; pool3 (for precision/recall) comes from
-    the images in arr_0, and is None without them."""
+    the images in arr_0, and is None without them (or with pool3=False, when stored statistics suffice)."""
     data = {"arr_0": read_images(path)} if os.path.isdir(path) else _read_npz(path)
     ref = {k: data[k].astype(np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s") if k in data}
     ref["pool3"] = None
-    if "arr_0" in data:
+    if "arr_0" in data and (pool3 or "mu" not in ref):
         if model is None:
             model = load_inception(device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
         feats = compute_features(model, data["arr_0"], batch_size, device)
@@ -439,6 +439,28 @@ def evaluate(features, ref, device=None):
     if ref.get("pool3") is not None:
         out["precision"], out["recall"] = precision_recall(ref["pool3"], features["pool3"], device=device)
     return out
+
+
+def pixel_report(images, labels, real, real_labels, seed=0):
+    """Quality of class-conditional samples of a small pixel dataset, without Inception (the built-in digits):
+      agreement  the fraction of samples whose nearest real image (L2 in pixels) has the sample's class;
+      diversity  the mean distance between two samples of one class over that between two real images of the
+                 class, averaged over classes: 1 is as varied as the data, 0 a collapse to one image per class;
+      pixel_fd   the Frechet distance between samples and real images as flat pixel vectors, and beside it
+                 pixel_fd_floor, the same between two random halves of the real images (finite-sample noise).
+    Images are any same-scale arrays (N, ...); labels ints."""
+    x, r = (torch.as_tensor(np.asarray(a), dtype=torch.float64).flatten(1) for a in (images, real))  # (N, D), (M, D)
+    y, ry = torch.as_tensor(np.asarray(labels)), torch.as_tensor(np.asarray(real_labels))
+    agreement = (ry[torch.cdist(x, r).argmin(1)] == y).double().mean()
+    diversity = np.mean([torch.pdist(x[y == c]).mean().item() / torch.pdist(r[ry == c]).mean().item()
+                         for c in y.unique().tolist() if (y == c).sum() > 1])
+
+    def fd(a, b):
+        return frechet_distance(a.mean(0).numpy(), np.cov(a.numpy(), rowvar=False),
+                                b.mean(0).numpy(), np.cov(b.numpy(), rowvar=False))
+    half = torch.randperm(len(r), generator=torch.Generator().manual_seed(seed))
+    return dict(agreement=agreement.item(), diversity=float(diversity), pixel_fd=fd(x, r),
+                pixel_fd_floor=fd(r[half[: len(r) // 2]], r[half[len(r) // 2:]]))
 
 
 # --------------------------------------------------------------------------------------

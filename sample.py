@@ -283,12 +283,12 @@ def main(args):
     def images(idx, y):  # sample indices and their labels -> (n, 3, H, W) in [-1, 1]
         return sample_indices(G, idx, y, (C, H, H), info["steps"], info["pred"], args.seed, args.batch_size, vae, amp)
 
-    if not npz:  # the grid: one row per class, --per-class columns
+    if not npz:  # the grid: one row per class, --per-class columns (an unconditional model: --per-class rows)
         classes = args.classes or (list(range(K)) if K <= 10 else IMAGENET_CLASSES)
         if rank == 0:
             if not all(0 <= c < K for c in classes):
                 raise SystemExit(f"sample.py: error: --classes must be in [0, {K})")
-            y = [c for c in classes for _ in range(args.per_class)]
+            y = [c for c in classes for _ in range(args.per_class)] * (1 if K > 1 else args.per_class)  # uncond.: square
             x = torch.cat([images(list(range(i, min(i + args.batch_size, len(y)))), y[i:i + args.batch_size])
                            for i in range(0, len(y), args.batch_size)])
             save_grid(x, args.out, nrow=args.per_class)
