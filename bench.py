@@ -5,12 +5,12 @@ does not depend on them). Nothing here is imported by the other scripts.
     python bench.py train --model B/2 --precision bf16 --compile      # one D step + one G step: ms, TFLOP/s, memory
     python bench.py train --model B/2 --profile prof/                 # + torch.profiler table and trace of 2 steps
     python bench.py sample --model XL/2 --batch-size 256 --vae sd-vae-ft-mse.bin --precision bf16   # images/s
-    python bench.py inception --batch-size 250                        # Inception images/s (+ FID-50K estimate on GPU)
+    python bench.py inception --batch-size 250                        # Inception images/s
+    python bench.py fid --model XL/2 --num-samples 50000 --precision bf16 --compile   # a FID-50K, stage by stage
     python bench.py data                                              # raw images vs latent cache, samples/s
 """
 
 import argparse
-import contextlib
 import itertools
 import os
 import tempfile
@@ -27,7 +27,7 @@ import fid
 import train
 from dataset import ImageFolder, LatentCache, build_cache
 from model import Generator, models
-from sample import sample_images
+from sample import sample_images, sample_indices, to_uint8
 from vae import AutoencoderKL, encode, load_vae
 
 
@@ -70,9 +70,8 @@ def bench_train(args, device):
     with FlopCounterMode(display=False) as counter:  # eager, before compiling: forward + backward of both steps
         pair()
     flops = counter.get_total_flops()
-    if args.compile:
-        G.compile(dynamic=False)
-        D.compile(dynamic=False)
+    if args.compile:  # regional, as train.py: one compiled graph for all blocks (per input shape)
+        G.compile_blocks(), D.compile_blocks()
     t_warm = time.time()
     for _ in range(3):  # warm-up (and compilation)
         pair()
@@ -109,7 +108,7 @@ def bench_sample(args, device):
     G = Generator(**models[args.model], input_size=H, in_channels=C, num_classes=K, use_t_src=steps > 1,
                   repeat=args.repeat).to(device).eval().requires_grad_(False)
     vae = load_vae(args.vae, device) if args.vae and C == 4 else None
-    G.compile(dynamic=False) if args.compile else None
+    G.compile_blocks() if args.compile else None
     z, y = torch.randn(args.batch_size, C, H, H, device=device), torch.randint(0, K, (args.batch_size,), device=device)
     amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
     for _ in range(2):  # warm-up (compilation, cuDNN autotuning, allocator)
@@ -126,7 +125,7 @@ def bench_sample(args, device):
 
 
 def bench_inception(args, device):
-    """Inception images/s at 256 px (ImageNet samples); on a GPU also the other parts of a FID-50K."""
+    """Inception images/s at 256 px (ImageNet samples)."""
     model = fid.InceptionV3().to(device).eval()
     torch.set_flush_denormal(True)  # random weights' vanishing activations: keep them out of slow denormal math
     x = torch.randint(0, 256, (args.batch_size, 3, 256, 256), dtype=torch.uint8, device=device)
@@ -138,22 +137,37 @@ def bench_inception(args, device):
             n += 1
     rate = n * args.batch_size / (time.time() - t0)
     print(f"inception fp32 on {where(device)}: {rate:.1f} images/s (batch {args.batch_size}, 256x256 uint8 -> 299)")
-    if device.type == "cuda":  # the other parts of a FID-50K (50k samples, 10k reference images), timed at 10k
-        rng = np.random.default_rng(0)
-        f = {k: rng.random((10000, d), dtype=np.float32) for k, d in (("pool3", fid.POOL3), ("spatial", fid.SPATIAL))}
-        t0 = time.time()
-        fid.feature_stats(f)
-        t_stats = 5 * (time.time() - t0)  # linear in N
-        fid.precision_recall(f["pool3"], f["pool3"], device=device), sync(device)  # warm-up
-        t0 = time.time()
-        fid.precision_recall(f["pool3"], f["pool3"], device=device)
-        t_pr = 31 / 3 * (time.time() - t0)  # 3 distance blocks of 10k x 10k here, 50k^2 + 10k^2 + 10k*50k = 31 there
-        c, t0 = np.cov(f["pool3"][:4096], rowvar=False), time.time()
-        fid.frechet_distance(np.zeros(fid.POOL3), c, np.ones(fid.POOL3), c)
-        t_fd = 2 * (time.time() - t0)  # FID and sFID
-        t_inc = 60000 / rate
-        print(f"FID-50K estimate: {t_inc:.0f} s Inception + {t_stats:.0f} s statistics + {t_pr:.1f} s precision/recall "
-              f"+ {t_fd:.0f} s sqrtm = {(t_inc + t_stats + t_pr + t_fd) / 60:.1f} min, plus reading the npz files")
+
+
+@torch.no_grad()
+def bench_fid(args, device):
+    """A FID-N end to end, timed by stage, with random weights: N class-balanced samples of --model (1 NFE, with
+    sample.py's per-index noise) decoded by a full-size SD-VAE (for latent models), Inception features of them,
+    then the statistics and the Frechet distances (FID and sFID) against the first half of the samples."""
+    C, H, K = latent_shape(args)
+    G = Generator(**models[args.model], input_size=H, in_channels=C, num_classes=K).to(device).eval()
+    vae = AutoencoderKL().to(device).eval().requires_grad_(False) if C == 4 else None
+    if args.compile:
+        G.compile_blocks()
+    amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
+    N, B, times = args.num_samples, args.batch_size, {}
+    labels = np.arange(N) // max(N // K, 1) % K
+    t0 = time.time()
+    images = np.concatenate([to_uint8(sample_indices(G, list(range(i, min(i + B, N))), labels[i:i + B].tolist(),
+                                                     (C, H, H), 1, "x", 0, B, vae, amp)) for i in range(0, N, B)])
+    sync(device)
+    times["sampling" + (" + VAE decode" if vae else "")], t0 = time.time() - t0, time.time()
+    torch.set_flush_denormal(True)
+    feats = fid.compute_features(fid.InceptionV3().to(device).eval(), images, 250, device, progress=False)
+    times["Inception features"], t0 = time.time() - t0, time.time()
+    s, r = (fid.feature_stats({k: v[part] for k, v in feats.items()}) for part in (slice(None), slice(N // 2)))
+    times["statistics"], t0 = time.time() - t0, time.time()
+    fid.frechet_distance(s["mu"], s["sigma"], r["mu"], r["sigma"]), fid.frechet_distance(
+        s["mu_s"], s["sigma_s"], r["mu_s"], r["sigma_s"])
+    times["FID + sFID (sqrtm)"] = time.time() - t0
+    print(f"fid {args.model} {N} samples, batch {B}, {args.precision}{' compile' if args.compile else ''} on "
+          f"{where(device)}: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()) +
+          f"; total {sum(times.values()) / 60:.2f} min", flush=True)
 
 
 def bench_data(args, device):
@@ -200,7 +214,8 @@ def bench_data(args, device):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["train", "sample", "inception", "data"])
+    p.add_argument("what", choices=["train", "sample", "inception", "fid", "data"])
+    p.add_argument("--num-samples", type=int, default=50000, help="fid: samples (and a reference of half of them)")
     p.add_argument("--model", choices=list(models), default="T/2", help="train, sample: network size")
     p.add_argument("--recipe", choices=list(train.RECIPES)[:-1], default="1nfe", help="train: the method's recipe")
     p.add_argument("--steps", default=None, help="train, sample: NFE (default: the recipe's; sample: 1)")
@@ -219,7 +234,8 @@ def parse_args(argv=None):
     p.add_argument("--max-images", type=int, default=256, help="data: images read, and cached")
     p.add_argument("--device", choices=["auto", "cpu"], default="auto")
     args = p.parse_args(argv)
-    args.batch_size = args.batch_size or {"train": 32, "sample": 256, "inception": 250, "data": 32}[args.what]
+    default_batch = {"train": 32, "sample": 256, "inception": 250, "fid": 256, "data": 32}
+    args.batch_size = args.batch_size or default_batch[args.what]
     return args
 
 
@@ -227,8 +243,8 @@ def main(args):
     device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py and sample.py
-    {"train": bench_train, "sample": bench_sample, "inception": bench_inception, "data": bench_data}[args.what](
-        args, device)
+    {"train": bench_train, "sample": bench_sample, "inception": bench_inception, "fid": bench_fid,
+     "data": bench_data}[args.what](args, device)
 
 
 if __name__ == "__main__":

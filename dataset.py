@@ -158,7 +158,8 @@ def load_checkpoint(path, flag="--ckpt"):
         except ValueError as e:
             bad.append(str(e))
     if not found:
-        raise ValueError(f"{flag} {path}: no readable checkpoint in {path}/checkpoints" + (f" ({bad[0]})" if bad else ""))
+        why = f" ({bad[0]})" if bad else ""
+        raise ValueError(f"{flag} {path}: no readable checkpoint in {path}/checkpoints{why}")
     step, f, ckpt = max(found, key=lambda c: (c[0], c[1]))
     for msg in bad:
         print0(f"warning: {msg}; using {f} (step {step}), the newest readable one")

@@ -276,7 +276,7 @@ def main(args):
     except (ValueError, RuntimeError, FileNotFoundError) as e:  # one line, no traceback
         raise SystemExit(f"sample.py: error: {e}")
     G.to(device)
-    G.compile(dynamic=False) if args.compile else None
+    G.compile_blocks() if args.compile else None
     print0(f"{args.ckpt} ({info['source']}): {info['desc']}; {info['steps']} step(s), pred {info['pred']}; "
            f"{world} process(es) on {device}")
 
@@ -288,7 +288,8 @@ def main(args):
         if rank == 0:
             if not all(0 <= c < K for c in classes):
                 raise SystemExit(f"sample.py: error: --classes must be in [0, {K})")
-            y = [c for c in classes for _ in range(args.per_class)] * (1 if K > 1 else args.per_class)  # uncond.: square
+            y = [c for c in classes for _ in range(args.per_class)]
+            y = y * (1 if K > 1 else args.per_class)  # unconditional: a square grid
             x = torch.cat([images(list(range(i, min(i + args.batch_size, len(y)))), y[i:i + args.batch_size])
                            for i in range(0, len(y), args.batch_size)])
             save_grid(x, args.out, nrow=args.per_class)
@@ -317,7 +318,7 @@ def parse_args(argv=None):
     a("--model", choices=list(models), default=None, help="generator size (default: checkpoint's, or from the keys)")
     a("--steps", type=positive, default=None, help="NFE (default: as trained; any-step and bare files: 1)")
     a("--pred", choices=["x", "v"], default=None, help="x or v (default: as trained; bare: v if t-conditioned, else x)")
-    a("--repeat", type=positive, default=None, help="deep generator: block repetitions (release: 2 = 56, 4 = 112 layers)")
+    a("--repeat", type=positive, default=None, help="deep generator: block repetitions (2 = 56, 4 = 112 layers)")
     a("--num-classes", type=positive, default=None, help="classes (default: label-table rows; 1001 rows = 1000 + null)")
     a("--vae", default=None, help="SD-VAE weights to decode latent models (default: the checkpoint's --vae)")
     a("--classes", type=int, nargs="+", default=None, help="grid rows (default: all of <= 10 classes, else DiT's 8)")
@@ -331,7 +332,7 @@ def parse_args(argv=None):
     a("--fid", default=None, metavar="REF.npz", help="score the samples against this ADM reference batch (fid.py)")
     a("--inception", default=None, help="Inception weights for --fid (default: fid.py's cache / download)")
     a("--precision", choices=["fp32", "bf16"], default="fp32", help="the release samples in fp32 (TF32 on GPU)")
-    a("--compile", action="store_true", help="torch.compile the generator")
+    a("--compile", action="store_true", help="torch.compile the generator's blocks (regional)")
     a("--device", choices=["auto", "cpu"], default="auto")
     args = p.parse_args(argv)
     npz = args.num_samples > 0

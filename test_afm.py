@@ -108,7 +108,7 @@ def run(script, *args, torchrun=False, check=True, timeout=300):
     return r
 
 
-TRAIN_FLAGS = ["--log-every", "2", "--sample-every", "0", "--ckpt-every", "4", "--workers", "0"]
+TRAIN_FLAGS = ["--log-every", "2", "--sample-every", "0", "--ckpt-every", "4", "--workers", "0", "--eval-every", "0"]
 
 
 def train(tmp, *flags, **kw):
@@ -292,7 +292,8 @@ def to_ldm(sd):
         k = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", k)
         k = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", k)
         k = re.sub(r"^decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{n - 1 - int(m[1])}.block.", k)
-        k = re.sub(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{n - 1 - int(m[1])}.upsample.", k)
+        k = re.sub(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+                   lambda m: f"decoder.up.{n - 1 - int(m[1])}.upsample.", k)
         k = k.replace(".mid_block.resnets.0.", ".mid.block_1.").replace(".mid_block.resnets.1.", ".mid.block_2.")
         k = k.replace(".mid_block.attentions.0.group_norm.", ".mid.attn_1.norm.")
         for ours, ldm in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")):
@@ -422,7 +423,8 @@ def test_release_networks_load_and_match():
         m = classes[e["class"]](**e["kwargs"]).eval()
         assert set(m.state_dict()) == set(e["state_dict"]), name
         m.load_state_dict(e["state_dict"], strict=True)
-        for inputs, ref in [(e["inputs"], e["output"])] + [(c["inputs"], c["output"]) for c in e.get("extra_cases", [])]:
+        cases = [(e["inputs"], e["output"])] + [(c["inputs"], c["output"]) for c in e.get("extra_cases", [])]
+        for inputs, ref in cases:
             with torch.no_grad():
                 out = m(*[inputs[k] for k in e["input_order"]])
             assert out.shape == ref.shape
@@ -550,7 +552,8 @@ def test_vae_files_in_every_layout(tmp_path):
                 "encoder.down.1.block.0.nin_shortcut.weight", "encoder.mid.block_1.conv1.weight",
                 "encoder.mid.block_2.norm2.bias", "encoder.norm_out.weight", "decoder.mid.attn_1.norm.weight",
                 "decoder.up.0.block.0.nin_shortcut.weight", "decoder.up.0.block.1.conv2.bias",
-                "decoder.up.2.upsample.conv.weight", "decoder.norm_out.bias", "quant_conv.weight", "post_quant_conv.bias"):
+                "decoder.up.2.upsample.conv.weight", "decoder.norm_out.bias", "quant_conv.weight",
+                "post_quant_conv.bias"):
         assert key in ldm, key
     assert "decoder.up.0.upsample.conv.weight" not in ldm and "encoder.down.2.downsample.conv.weight" not in ldm
     assert ldm["encoder.mid.attn_1.q.weight"].shape == (16, 16, 1, 1)
@@ -571,7 +574,8 @@ def test_vae_errors(tmp_path):
     with pytest.raises(RuntimeError) as e:
         m.load_state_dict(bad)
     msg = str(e.value)
-    assert "\n" not in msg and "unexpected 1 (encoder.stem.weight)" in msg and "missing 1 (encoder.conv_in.weight)" in msg
+    assert "\n" not in msg and "unexpected 1 (encoder.stem.weight)" in msg
+    assert "missing 1 (encoder.conv_in.weight)" in msg
     with pytest.raises(RuntimeError, match="shape mismatches 1"):  # weights of another config
         m.load_state_dict(dict(sd, **{"post_quant_conv.bias": torch.zeros(5)}))
     torch.save(bad, tmp_path / "odd.pt")
@@ -705,23 +709,6 @@ def test_registry_shapes(name):
         assert M.Classifier(**kw)(x, t).shape == (2, 10)
 
 
-@pytest.mark.parametrize("name", list(M.models))
-def test_registry_shapes(name):
-    """Every registry entry builds and maps its usual input to the right shapes (meta device:
-    shapes only, no memory)."""
-    c, s = M.default_input(name)
-    cfg = M.models[name]
-    if s % cfg["patch_size"]:
-        pytest.skip("input not divisible by the patch")
-    kw = dict(cfg, input_size=s, in_channels=c, num_classes=10)
-    with torch.device("meta"):
-        x, y, t = torch.randn(2, c, s, s), torch.randint(0, 10, (2,)), torch.rand(2)
-        assert M.Generator(**kw, use_t_src=True, use_t_tgt=True)(x, y, t, t).shape == x.shape
-        assert M.Generator(**kw, repeat=2)(x, y, t, t).shape == x.shape
-        assert M.Discriminator(**kw, use_t=True)(x, y, t).shape == (2,)
-        assert M.Classifier(**kw)(x, t).shape == (2, 10)
-
-
 def test_xl2_parameter_count_matches_dit():
     """DiT-XL/2 has 675,129,632 parameters (learn_sigma=True: 8 output channels; 1001 label rows
     because of class dropout). The same configuration of our Generator must count exactly that."""
@@ -729,14 +716,6 @@ def test_xl2_parameter_count_matches_dit():
         g = M.Generator(**M.models["XL/2"], input_size=32, in_channels=4, learn_sigma=True,
                         class_dropout_prob=0.1, use_t_src=True)
     assert sum(p.numel() for p in g.parameters()) == 675_129_632
-
-
-@pytest.mark.parametrize("c,s,p", [(1, 8, 2), (3, 16, 4), (4, 8, 1)])
-def test_pixel_and_latent_inputs(c, s, p):
-    G = randomize(M.Generator(s, p, c, 32, 1, 2, num_classes=10))
-    D = randomize(M.Discriminator(s, p, c, 32, 1, 2, num_classes=10))
-    x, y = torch.randn(2, c, s, s), torch.tensor([0, 9])
-    assert G(x, y).shape == x.shape and D(x, y).shape == (2,)
 
 
 @pytest.mark.parametrize("c,s,p", [(1, 8, 2), (3, 16, 4), (4, 8, 1)])
@@ -819,15 +798,33 @@ def test_grad_checkpointing_same_gradients():
         torch.testing.assert_close(a, b)
 
 
-def test_compile_fullgraph():
-    """The tiny generator and discriminator compile as single graphs and agree with eager."""
-    G = randomize(M.Generator(**TINY, use_t_src=True, use_t_tgt=True))
-    D = randomize(M.Discriminator(**TINY, use_t=True))
-    x, y, t1, t2 = tiny_inputs()
-    with torch.no_grad():
-        torch.testing.assert_close(torch.compile(G, fullgraph=True)(x, y, t1, t2), G(x, y, t1, t2),
-                                   atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(torch.compile(D, fullgraph=True)(x, y, t1), D(x, y, t1), atol=1e-5, rtol=1e-4)
+def test_regional_compile_equals_eager():
+    """--compile compiles the blocks in place: one compiled graph for all of them, plain state-dict keys, and a
+    D step and a G step (forward and backward) that equal eager ones within float tolerance."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    kw = dict(TINY, depth=3)
+    nets = [randomize(M.Generator(**kw, use_t_src=True)).train(), randomize(M.Discriminator(**kw, use_t=True)).train()]
+    twins = [M.Generator(**kw, use_t_src=True).train(), M.Discriminator(**kw, use_t=True).train()]
+    for net, twin in zip(nets, twins):
+        twin.load_state_dict(net.state_dict())
+        twin.compile_blocks()
+        assert set(twin.state_dict()) == set(net.state_dict())
+    x0, y, _, _ = tiny_inputs(4)
+    for (G, D) in (nets, twins):
+        loss_fn = T.AdversarialFlowLoss(steps=2, pred="v")  # its own gradient-normalization state
+        torch.manual_seed(0)
+        with one_thread():
+            loss = loss_fn.d_loss(G, D, x0, y, 0)[0] + loss_fn.g_loss(G, D, x0, y, 0)[0]
+            loss.backward()
+    for eager, compiled in zip(nets, twins):
+        for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+            if p.grad is not None:
+                torch.testing.assert_close(q.grad, p.grad, atol=1e-4, rtol=1e-3)  # measured: up to 1.4e-5
+    # One block graph per (input shape, grad mode): 5 here (G with and without grad, D on 2B+2n, D on B with and
+    # without trainable weights), not one per block (that would be a multiple of the 3 blocks).
+    assert counters["stats"]["unique_graphs"] == 5
 
 
 def test_constructor_errors():
@@ -1075,18 +1072,22 @@ RECIPE_TABLE = {
     "knfe-cg": ("XL/2", 256, 2, "v", 1, 0.25, 0.005, 1e-4, 1e-4, 5, 0.9999, 0.4, 0.02, [0, 0.49], "tgt"),
     "any": ("B/2", 32, "any", "v", 1, 0.25, 0.005, 1e-4, 1e-4, 5, 0.9999, 0.0, 0.0, [0, 0.49], "tgt"),
     "deep": ("XL/2", 256, 1, "x", 2, 0.2, 0.005, 5e-5, 1e-4, 5, 0.9999, 0.0, 0.0, [0, 0.1], "uniform"),
-    "digits": ("T/2", 32, 1, "x", 1, 0.2, 0.2, 3e-4, 3e-4, 50, 0.995, 0.0, 0.0, [0, 0.1], "uniform"),
+    "digits": ("T/2", 32, 1, "x", 1, 0.25, 0.25, 5e-4, 5e-4, 50, 0.999, 0.0, 0.0, [0, 0.1], "uniform"),
 }
 RECIPE_KEYS = "model global_batch_size steps pred repeat ot ot_end lr lr_d clip ema augment_p cg cg_range cg_t".split()
 
 
-@pytest.mark.parametrize("name", list(RECIPE_TABLE) + ["classifier"])
+@pytest.mark.parametrize("name", list(RECIPE_TABLE) + ["classifier", "pixel32", "pixel64"])
 def test_recipe_values(name, tmp_path):
     (tmp_path / "c.pt").write_bytes(b"")  # --cls must name a file (read when the run starts)
     cls = ["--cls", tmp_path / "c.pt"] * name.endswith("-cg")
     s = T.resolve(["--recipe", name, "--data", str(tmp_path) if name != "digits" else "digits", *map(str, cls)])[0]
     if name == "classifier":  # train_classifier.yaml: B/2, batch 256, lr 1e-4, clip 50, EMA 0.9995
         assert (s.model, s.global_batch_size, s.lr, s.clip, s.ema) == ("B/2", 256, 1e-4, 50, 0.9995)
+        return
+    if name.startswith("pixel"):  # 256 tokens of B width, the release's batch, lr and EMA, a constant transport weight
+        assert (s.model, s.global_batch_size, s.lr, s.lr_d, s.ema, s.ot, s.ot_end, s.steps, s.pred, s.clip) == (
+            {"pixel32": "B/2", "pixel64": "B/4"}[name], 256, 1e-4, 1e-4, 0.9999, 0.2, 0.2, 1, "x", 50)
         return
     assert [getattr(s, k) for k in RECIPE_KEYS] == list(RECIPE_TABLE[name]), name
     assert (s.gp, s.gp_ratio, s.gp_eps, s.cp, s.ttur, s.dis_model) == (0.25, 0.25, 0.01, 0.01, 1, s.model)
@@ -1100,7 +1101,7 @@ def test_recipe_overrides_and_errors(capsys, tmp_path):
     s = settings("--recipe", "knfe", "--steps", "4", "--lr", "3e-4", "--clip", "7")
     assert (s.steps, s.lr, s.lr_d, s.clip, s.pred) == (4, 3e-4, 3e-4, 7, "v")
     s = settings("--steps", "any")  # digits laid over the any-step recipe
-    assert (s.model, s.steps, s.pred, s.ot, s.clip, s.ot_end) == ("T/2", "any", "v", 0.2, 5, 0.2)
+    assert (s.model, s.steps, s.pred, s.ot, s.clip, s.ot_end) == ("T/2", "any", "v", 0.25, 5, 0.25)
     for argv, needle in [(["--recipe", "1nfe", "--steps", "2"], "use --recipe knfe"),
                          (["--recipe", "knfe", "--steps", "1"], "use --recipe 1nfe"),
                          (["--repeat", "2"], "--recipe deep"),
@@ -1142,7 +1143,8 @@ def test_resume_is_bitwise_exact(tmp_path):
 
 def test_sigint_saves_and_resumes(tmp_path):
     p = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), "--results-dir", str(tmp_path), *TRAIN_FLAGS,
-                          "--max-steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
+                          "--max-steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env=ENV,
                          cwd=HERE)
     run_dir = tmp_path / "000-T-2"
     deadline = time.time() + 120
@@ -1359,7 +1361,7 @@ def test_npz_images(tmp_path):
            "float.npz": dict(arr_0=x.astype(np.float32)), "neg.npz": dict(arr_0=x, arr_1=y - 1),
            "short.npz": dict(arr_0=x, arr_1=y[:5]), "nokey.npz": dict(images=x), "rect.npz": dict(arr_0=x[:, :4])}
     for name, arrays in bad.items():
-        np.savez(tmp_path / name, **arrays, allow_pickle=True) if name == "obj.npz" else np.savez(tmp_path / name, **arrays)
+        np.savez(tmp_path / name, **arrays)  # (np.savez pickles the object array of obj.npz)
         with pytest.raises(ValueError) as e:
             DS.build_dataset(str(tmp_path / name))
         assert name in str(e.value) and "\n" not in str(e.value), (name, str(e.value))
@@ -1818,7 +1820,8 @@ def test_bad_npz_one_line_errors(tmp_path):
     imgs = np.zeros((2, 8, 8, 3), np.uint8)
     cases = {"nokey": dict(foo=imgs), "float": dict(arr_0=imgs.astype(np.float32)),
              "nchw": dict(arr_0=imgs.transpose(0, 3, 1, 2)), "partial": dict(mu=np.zeros(2048)),
-             "badmu": dict(mu=np.zeros(10), sigma=np.zeros((2048, 2048)), mu_s=np.zeros(2023), sigma_s=np.zeros((2023, 2023)))}
+             "badmu": dict(mu=np.zeros(10), sigma=np.zeros((2048, 2048)), mu_s=np.zeros(2023),
+                           sigma_s=np.zeros((2023, 2023)))}
     for name, arrays in cases.items():
         path = str(tmp_path / f"{name}.npz")
         np.savez(path, **arrays)
@@ -1872,7 +1875,8 @@ def snapshot(root):
 
 def main_of(script):
     return {"train.py": lambda argv: T.main(*T.resolve(argv)), "sample.py": lambda argv: S.main(S.parse_args(argv)),
-            "fid.py": lambda argv: fid.main(fid.parse_args(argv)), "dataset.py": lambda argv: DS.main(DS.parse_args(argv))}[script]
+            "fid.py": lambda argv: fid.main(fid.parse_args(argv)),
+            "dataset.py": lambda argv: DS.main(DS.parse_args(argv))}[script]
 
 
 def test_bad_input_is_one_line_and_changes_nothing(tmp_path, capsys):
@@ -1924,7 +1928,8 @@ def test_bad_input_is_one_line_and_changes_nothing(tmp_path, capsys):
         ("fid.py", [f"{t}/one.npz", f"{t}/one.npz", "--batch-size", "0"], 2, ["--batch-size"]),
         ("fid.py", [f"{t}/two.npz", f"{t}/nan_ref.npz"], 1, ["nan_ref.npz", "non-finite"]),
         ("dataset.py", ["cache", "--data", root, "--vae", vae_path, "--out", cache, "--image-size", "64"], 1, ["64"]),
-        ("dataset.py", ["cache", "--data", root, "--vae", vae_path, "--out", cache, "--batch-size", "0"], 2, ["--batch-size"]),
+        ("dataset.py", ["cache", "--data", root, "--vae", vae_path, "--out", cache, "--batch-size", "0"], 2,
+         ["--batch-size"]),
     ]
     before = snapshot(tmp_path)
     for script, argv, status, words in cases:

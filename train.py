@@ -303,26 +303,34 @@ RECIPES = {
     "classifier": {**RELEASE, "model": "B/2", "ema": 0.9995},
 }
 # The built-in digits: a tiny DiT that learns clean, correctly conditioned digits in minutes on a 2-core CPU.
-# A scale, not a method: laid over the release's recipe for --steps (1nfe, knfe, any). The transport weight
-# stays at 0.2, where the release decays it: measured with fid.pixel_report every 1,000 steps, any decay
-# within a run of this length (0.2 -> 0.05 over 8k steps) let within-class diversity collapse after the decay
-# (0.83 at 8k, 0.58 at 16k steps of the real digits'), while at a constant 0.2 it stayed at 0.90 to 64k
-# steps and the agreement kept rising (README). The release decays over 1M steps: for most of a practical run
-# its weight is high too. EMA 0.995: a short run.
-DIGITS = dict(model="T/2", global_batch_size=32, lr=3e-4, ot=0.2, ot_end=0.2, max_steps=16_000, ema=0.995,
+# A scale, not a method: laid over the release's recipe for --steps (1nfe, knfe, any). Tuned with
+# fid.pixel_report every 1,000 steps (README): the transport weight stays constant, where the release decays it
+# over 1M steps, because any decay within a run this short let within-class diversity collapse after it
+# (0.2 -> 0.05 over 8k steps: 0.83 of the real digits' at 8k, 0.58 at 16k; a constant 0.1: 0.76 at 15k); at a
+# constant 0.2-0.25 it held at 0.90-0.94 up to 64k steps while the agreement kept rising. 0.25 (the release's
+# multi-step start) keeps a margin; lr 5e-4 and EMA 0.999 reach agreement 0.97 within 16k steps (3e-4: ~20k).
+DIGITS = dict(model="T/2", global_batch_size=32, lr=5e-4, ot=0.25, ot_end=0.25, max_steps=16_000, ema=0.999,
               log_every=500, sample_every=2000, ckpt_every=4000, eval_every=1000, eval_samples=1000)
-# Flags outside the recipes.
-DEFAULTS = dict(data="digits", vae=None, eval_ref=None, inception=None, unconditional=False, image_size=256, dis_model=None, grad_checkpoint=False, cls=None,
+# Pixel space, no VAE, 32x32 and 64x64 RGB (CIFAR-10, FFHQ/CelebA-64): scales laid over the release's recipe for
+# --steps, as the digits. The patch keeps 256 tokens, the sequence of the ImageNet-256 latent recipe (32 / 2,
+# 64 / 4), B width for one GPU; batch 256, lr 1e-4, EMA 0.9999 as the release. The transport weight stays at
+# 0.2 for the reason measured on the digits, and measured again on 32 px coloured digits (README): decayed within
+# the run, diversity collapsed; constant, it did not.
+PIXEL = dict(global_batch_size=256, lr=1e-4, ot=0.2, ot_end=0.2, max_steps=400_000, ema=0.9999, log_every=100,
+             sample_every=2000, ckpt_every=10_000, eval_every=10_000, eval_samples=10_000)
+SCALES = {"digits": DIGITS, "pixel32": {**PIXEL, "model": "B/2"}, "pixel64": {**PIXEL, "model": "B/4"}}
+DEFAULTS = dict(data="digits", vae=None, eval_ref=None, inception=None, unconditional=False, image_size=256,
+                dis_model=None, grad_checkpoint=False, cls=None,
                 cls_model="B/2", cg_renoise=True, precision="fp32", compile=False, device="auto", workers=4, seed=0,
                 results_dir="results", resume=None, sample_steps=None)
 
 
 def recipe(name, steps=None):
-    """The values of a named recipe (digits: over the release's recipe for `steps`)."""
-    if name != "digits":
+    """The values of a named recipe (a scale: over the release's recipe for `steps`)."""
+    if name not in SCALES:
         return dict(RECIPES[name], recipe=name)
     method = "1nfe" if steps in (None, 1) else "any" if steps == "any" else "knfe"
-    return {**RECIPES[method], **DIGITS, "recipe": name, "steps": steps or 1}
+    return {**RECIPES[method], **SCALES[name], "recipe": name, "steps": steps or 1}
 
 
 def resolve(argv=None):
@@ -357,10 +365,12 @@ def resolve(argv=None):
 
 def check(s, resumed):
     """The first problem with these settings (a one-line message), or None."""
-    for k, ok, want in [("global_batch_size max_steps log_every ckpt_every decay_steps repeat ttur lr lr_d clip gp_eps",
-                         lambda v: v > 0, "positive"), ("ot ot_end gp cp cg sample_every workers eval_every eval_samples", lambda v: v >= 0, ">= 0"),
-                        ("gp_ratio augment_p", lambda v: 0 <= v <= 1, "in [0, 1]"), ("ema", lambda v: 0 <= v < 1, "in [0, 1)"),
-                        ("cg_range", lambda v: 0 <= v[0] <= v[1] <= 1, "LO HI with 0 <= LO <= HI <= 1")]:
+    for k, ok, want in [
+            ("global_batch_size max_steps log_every ckpt_every decay_steps repeat ttur lr lr_d clip gp_eps",
+             lambda v: v > 0, "positive"),
+            ("ot ot_end gp cp cg sample_every workers eval_every eval_samples", lambda v: v >= 0, ">= 0"),
+            ("gp_ratio augment_p", lambda v: 0 <= v <= 1, "in [0, 1]"), ("ema", lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("cg_range", lambda v: 0 <= v[0] <= v[1] <= 1, "LO HI with 0 <= LO <= HI <= 1")]:
         for key in k.split():
             if getattr(s, key) is not None and not ok(getattr(s, key)):
                 return f"--{key.replace('_', '-')} must be {want}, got {getattr(s, key)}"
@@ -375,7 +385,7 @@ def check(s, resumed):
     kind = {1: "1nfe", "any": "any"}
     if s.recipe == "classifier" or resumed:
         return None
-    if s.recipe != "digits" and kind.get(s.steps, "knfe") != kind.get(RECIPES[s.recipe]["steps"], "knfe"):
+    if s.recipe not in SCALES and kind.get(s.steps, "knfe") != kind.get(RECIPES[s.recipe]["steps"], "knfe"):
         return f"--steps {s.steps} does not fit --recipe {s.recipe}: use --recipe {kind.get(s.steps, 'knfe')}"
     if (s.repeat > 1) != (s.recipe == "deep"):
         return "--recipe deep is the deep generator, with --repeat 2 or 4; other recipes have --repeat 1"
@@ -437,7 +447,9 @@ def build(s, C, H, num_classes, device):
 
 def rng_states(device):
     """Every rank's RNG state (rank 0 writes them all to the checkpoint: an exact resume)."""
-    mine = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
+    mine = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(device)
     states = [mine]
     if dist.is_initialized():
         states = [None] * dist.get_world_size()
@@ -500,12 +512,13 @@ def make_run_dir(s, rank):
     return run_dir
 
 
-def write_log(run_dir, record, rank):
-    """One line of log.jsonl, and the curves picture redrawn from it (rank 0)."""
+def write_log(run_dir, record, rank, plot=False):
+    """One line of log.jsonl (rank 0); with plot, curves.png redrawn from the whole log (at evaluations and
+    checkpoints: a long run's log is long)."""
     if rank == 0:
         with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
-        plot_curves(run_dir)
+        plot_curves(run_dir) if plot else None
 
 
 def all_mean(values, device, op=dist.ReduceOp.SUM):
@@ -527,8 +540,8 @@ def evaluate(s, G, data, vae, shape, inception, ref, rank, world, device, amp):
     labels = np.arange(N) // (N // K)
     mine, B = list(range(rank, N, world)), s.global_batch_size // world
     steps = s.sample_steps or (1 if s.steps == "any" else s.steps)
-    images = np.concatenate([to_uint8(sample_indices(G, idx, labels[idx].tolist(), shape, steps, s.pred, s.seed, B,
-                                                     vae, amp)) for idx in (mine[i:i + B] for i in range(0, len(mine), B))])
+    images = np.concatenate([to_uint8(sample_indices(G, mine[i:i + B], labels[mine[i:i + B]].tolist(), shape, steps,
+                                                     s.pred, s.seed, B, vae, amp)) for i in range(0, len(mine), B)])
     part = {"idx": mine}
     if inception is not None:  # pool3 and logits of this rank's share: FID and IS
         feats = fid.compute_features(inception, images, device=device, progress=False)
@@ -579,7 +592,7 @@ def plot_curves(run_dir, cols=4, w=320, h=170):
         draw.rectangle([x0, y0, x0 + w - 60, y0 + h - 45], outline=(200, 200, 200))
         draw.line(xy, fill=(31, 119, 180), width=2) if len(xy) > 1 else draw.ellipse([*xy[0], *xy[0]], outline=0)
         floor = next((r[k + "_floor"] for r in rows if k + "_floor" in r), None)  # e.g. pixel_fd of real vs real
-        draw.text((x0, y0 - 16), f"{k}: {ys[-1]:.4g}" + (f" (real data: {floor:.3g})" if floor is not None else ""), fill=0)
+        draw.text((x0, y0 - 16), f"{k}: {ys[-1]:.4g}" + (f" (real data {floor:.3g})" if floor else ""), fill=0)
         draw.text((x0 - 42, y0 - 4), f"{hi:.3g}", fill=(90, 90, 90))
         draw.text((x0 - 42, y0 + h - 55), f"{lo:.3g}", fill=(90, 90, 90))
         draw.text((x0, y0 + h - 42), f"step {s0}", fill=(90, 90, 90))
@@ -595,7 +608,8 @@ def plot_curves(run_dir, cols=4, w=320, h=170):
 def main(s, ckpt=None, ckpt_path=None):
     rank, world, device = setup(s.device)
     if s.global_batch_size % world:
-        raise SystemExit(f"train.py: error: --global-batch-size {s.global_batch_size} is not divisible by {world} processes")
+        raise SystemExit(f"train.py: error: --global-batch-size {s.global_batch_size} is not divisible by {world} "
+                         f"processes")
     print0("settings: " + " ".join(f"{k}={v}" for k, v in sorted(vars(s).items()) if v is not None))
     torch.manual_seed(s.seed * world + rank)  # per-rank seeds
     data, vae, encode_batches, C, H = open_data(s.data, s.image_size, s.vae, device, s.unconditional)
@@ -615,9 +629,10 @@ def main(s, ckpt=None, ckpt_path=None):
            f"; input {C}x{H}x{H}; {world} process(es) on {device}; run folder {run_dir}")
     train = dict(nets)  # the modules keep their plain state-dict keys: compile in place, wrap DDP around them
     for k, net in nets.items():
-        net.compile(dynamic=False) if s.compile else None
+        net.compile_blocks() if s.compile else None
         if dist.is_initialized():
-            train[k] = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+            ids = [device.index] if device.type == "cuda" else None
+            train[k] = nn.parallel.DistributedDataParallel(net, device_ids=ids)
     amp = torch.autocast(device.type, torch.bfloat16, enabled=s.precision == "bf16")
     local_batch, start_step, start_position = s.global_batch_size // world, step, position
     data_iter = batches(data, IndexStream(len(data), rank, world, s.seed, position), local_batch, s.workers)
@@ -626,7 +641,7 @@ def main(s, ckpt=None, ckpt_path=None):
     grid_z = torch.randn(len(grid_y), C, H, H, generator=torch.Generator().manual_seed(s.seed))  # fixed noise
     grid_vae = vae if data.space == "latent" or encode_batches else None  # to decode latent samples
     inception = ref = None  # evaluation: everything that can fail is checked now, not after hours of training
-    if s.eval_every and (s.eval_ref or hasattr(data, "tensors")):
+    if afm is not None and s.eval_every and (s.eval_ref or hasattr(data, "tensors")):
         if s.eval_samples % data.num_classes:
             raise SystemExit(f"train.py: error: --eval-samples {s.eval_samples} is not divisible by the "
                              f"{data.num_classes} classes")
@@ -692,20 +707,21 @@ def main(s, ckpt=None, ckpt_path=None):
             eta = (s.max_steps - step) / means["it_per_s"]
             print0(f"step {step:07d} | " + " ".join(f"{k} {v:.4g}" for k, v in means.items()) +
                    f" | eta {eta // 3600:.0f}h{eta % 3600 // 60:02.0f}m{eta % 60:02.0f}s")
-            write_log(run_dir, {"step": step, **means}, rank)
+            write_log(run_dir, {"step": step, **means}, rank, plot=step % s.ckpt_every == 0 or step == s.max_steps)
             logs, t0, window = {}, time.time(), 0
         if afm is not None and rank == 0 and s.sample_every and (step % s.sample_every == 0 or step == s.max_steps):
             x = sample_images(ema, grid_z.to(device), grid_y.to(device), s.sample_steps or (
                 1 if s.steps == "any" else s.steps), s.pred, grid_vae, amp)
             if x.shape[1] == 3:
                 save_grid(x, os.path.join(run_dir, f"samples_{step:07d}.png"), nrow=10)
-        if (inception or hasattr(data, "tensors")) and s.eval_every and (step % s.eval_every == 0 or step == s.max_steps):
+        evaluating = inception is not None or hasattr(data, "tensors")
+        if afm is not None and evaluating and s.eval_every and (step % s.eval_every == 0 or step == s.max_steps):
             t_eval = time.time()
             metrics = evaluate(s, ema, data, grid_vae, (C, H, H), inception, ref, rank, world, device, amp)
             t0 += time.time() - t_eval  # evaluation time is not training time: excluded from it/s
             print0(f"eval {step:07d} | " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()) +
                    f" | {time.time() - t_eval:.1f} s")
-            write_log(run_dir, {"step": step, **metrics, "eval_seconds": time.time() - t_eval}, rank)
+            write_log(run_dir, {"step": step, **metrics, "eval_seconds": time.time() - t_eval}, rank, plot=True)
         if step % s.ckpt_every == 0 or step == s.max_steps or stop:
             save_checkpoint(run_dir, state, s, step, start_position + (step - start_step) * local_batch, rank, device)
         if stop:
@@ -727,7 +743,7 @@ def parser():
     """Every flag defaults to None: unset flags come from the recipe (or the resumed run), see `resolve`."""
     p = ArgumentParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--recipe", choices=["digits", *RECIPES], help="the release's configuration (default: digits for --data "
+    a("--recipe", choices=[*SCALES, *RECIPES], help="the release's configuration (default: digits for --data "
       "digits, else 1nfe); flags given explicitly override its values")
     # Data and networks.
     a("--data", help='"digits" (built-in), an image folder (class sub-folders or flat), an npz of images (arr_0, '
@@ -766,7 +782,7 @@ def parser():
     a("--global-batch-size", type=int, help="split over processes")
     a("--max-steps", type=int, help="loop steps (each a D or a G step)")
     a("--precision", choices=["fp32", "bf16"], help="bf16 autocast or fp32 (+TF32 on GPU; the default)")
-    a("--compile", action="store_true", default=None, help="torch.compile the networks")
+    a("--compile", action="store_true", default=None, help="torch.compile the transformer blocks (regional)")
     a("--device", choices=["auto", "cpu"])
     a("--workers", type=int, help="DataLoader workers per process (image folders, caches; 4)")
     a("--seed", type=int)

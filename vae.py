@@ -381,36 +381,31 @@ def decode(vae, z):
 
 @torch.no_grad()
 def main(args):
+    """Self-check (shapes, a strict state-dict round trip, sd-vae-ft-mse's parameter count); with --ckpt and
+    --image, a reconstruction of the image and its PSNR (a check of a downloaded VAE)."""
     torch.manual_seed(0)
     small = AutoencoderKL(block_out_channels=(32, 32, 64, 64), layers_per_block=1).eval()
     x = torch.rand(2, 3, 64, 64) * 2 - 1
-    mean, logvar = small.encode(x)
-    assert mean.shape == logvar.shape == (2, 4, 8, 8), mean.shape
-    assert small.decode(mean).shape == x.shape
+    mean = small.encode(x)[0]
     again = AutoencoderKL(block_out_channels=(32, 32, 64, 64), layers_per_block=1).eval()
     again.load_state_dict(small.state_dict())
-    assert torch.equal(again.encode(x)[0], mean)
+    assert mean.shape == (2, 4, 8, 8) and small.decode(mean).shape == x.shape and torch.equal(again.encode(x)[0], mean)
     with torch.device("meta"):  # the full sd-vae-ft-mse config, without allocating its weights
         n = sum(p.numel() for p in AutoencoderKL().parameters())
-    print(f"self-check ok: (2, 3, 64, 64) -> latent {tuple(mean.shape)} -> {tuple(x.shape)}; "
-          f"sd-vae-ft-mse parameters: {n:,} (diffusers: 83,653,863)")
-    assert n == 83_653_863
-    if args.ckpt is None:
-        return
-    from PIL import Image
-    import numpy as np
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    vae = load_vae(args.ckpt, device)
-    img = Image.open(args.image).convert("RGB")
-    img = img.crop((0, 0, img.width // 8 * 8, img.height // 8 * 8))  # the VAE needs sides divisible by 8
-    x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(device)  # (1, 3, H, W)
-    mean, logvar = vae.encode(x)
-    rec = vae.decode(mean).clamp(-1, 1)
-    psnr = 10 * math.log10(4 / float((rec - x).pow(2).mean()))  # peak-to-peak 2 in [-1, 1]
-    out = args.out or os.path.splitext(args.image)[0] + "_recon.png"
-    Image.fromarray(rec[0].add(1).mul(127.5).round().byte().permute(1, 2, 0).cpu().numpy()).save(out)
-    print(f"{args.image} -> latent {tuple(mean.shape)} (std x SCALE {float(mean.std()) * SCALE:.3f}) -> {out}, "
-          f"PSNR {psnr:.2f} dB")
+    assert n == 83_653_863, n  # diffusers' count
+    print(f"self-check ok: (2, 3, 64, 64) -> {tuple(mean.shape)} -> {tuple(x.shape)}; sd-vae-ft-mse: {n:,} parameters")
+    if args.ckpt:
+        from PIL import Image
+        vae = load_vae(args.ckpt, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        img = Image.open(args.image).convert("RGB")
+        img = img.crop((0, 0, img.width // 8 * 8, img.height // 8 * 8))  # sides divisible by 8
+        x = torch.tensor(list(img.getdata()), dtype=torch.float32).view(img.height, img.width, 3)
+        x = (x.permute(2, 0, 1)[None] / 127.5 - 1).to(vae.decoder.conv_out.weight.device)  # (1, 3, H, W)
+        rec = decode(vae, posterior(vae, x)[0] * SCALE)  # the posterior mean, decoded
+        psnr = 10 * math.log10(4 / float((rec - x).pow(2).mean()))  # peak-to-peak 2 in [-1, 1]
+        out = args.out or os.path.splitext(args.image)[0] + "_recon.png"
+        Image.fromarray(rec[0].add(1).mul(127.5).round().byte().permute(1, 2, 0).cpu().numpy()).save(out)
+        print(f"{args.image} -> {out}, PSNR {psnr:.2f} dB")
 
 
 def parse_args():
