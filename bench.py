@@ -40,6 +40,21 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def timed(fn, device, warmup, done):
+    """(seconds per call of fn, seconds of warm-up): `warmup` untimed calls (compilation, cuDNN autotuning,
+    allocator), then timed calls until done(calls, seconds)."""
+    t_warm = time.perf_counter()
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    n, t0 = 0, time.perf_counter()
+    while not done(n, time.perf_counter() - t0):
+        fn()
+        n += 1
+    sync(device)
+    return (time.perf_counter() - t0) / n, t0 - t_warm
+
+
 def latent_shape(args):
     """The usual input of --model: the 8x8 digits for T/*, else SD-VAE latents of --image-size images."""
     return (1, 8, 10) if args.model.startswith("T/") else (4, args.image_size // 8, 1000)
@@ -72,15 +87,7 @@ def bench_train(args, device):
     flops = counter.get_total_flops()
     if args.compile:  # regional, as train.py: one compiled graph for all blocks (per input shape)
         G.compile_blocks(), D.compile_blocks()
-    t_warm = time.time()
-    for _ in range(3):  # warm-up (and compilation)
-        pair()
-    sync(device)
-    t_warm, t0 = time.time() - t_warm, time.time()
-    for _ in range(args.iters):
-        pair()
-    sync(device)
-    dt = (time.time() - t0) / args.iters
+    dt, t_warm = timed(pair, device, 3, lambda n, t: n >= args.iters)  # 3 warm-up steps (and compilation)
     mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
     print(f"train {args.recipe} {args.model} batch {B} {args.precision}{' compile' if args.compile else ''} on "
           f"{where(device)}: D+G step {dt * 1000:.1f} ms, {B / dt:.1f} img/s (one image = one D and one G step), "
@@ -94,8 +101,7 @@ def bench_train(args, device):
             sync(device)
         os.makedirs(args.profile, exist_ok=True)
         prof.export_chrome_trace(os.path.join(args.profile, "train_step.json"))
-        key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-        table = prof.key_averages().table(sort_by=key, row_limit=25)
+        table = prof.key_averages().table(sort_by=f"{device.type}_time_total", row_limit=25)  # cuda_ or cpu_
         with open(os.path.join(args.profile, "train_step.txt"), "w") as f:
             f.write(table)
         print(table + f"\nwrote {args.profile}/train_step.json (trace) and train_step.txt", flush=True)
@@ -111,13 +117,8 @@ def bench_sample(args, device):
     G.compile_blocks() if args.compile else None
     z, y = torch.randn(args.batch_size, C, H, H, device=device), torch.randint(0, K, (args.batch_size,), device=device)
     amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
-    for _ in range(2):  # warm-up (compilation, cuDNN autotuning, allocator)
-        sample_images(G, z, y, steps, "x" if steps == 1 else "v", vae, amp), sync(device)
-    n, t0 = 0, time.time()
-    while n < 3 or time.time() - t0 < 5:
-        sample_images(G, z, y, steps, "x" if steps == 1 else "v", vae, amp), sync(device)
-        n += 1
-    dt = (time.time() - t0) / n
+    dt = timed(lambda: (sample_images(G, z, y, steps, "x" if steps == 1 else "v", vae, amp), sync(device)), device,
+               2, lambda n, t: n >= 3 and t >= 5)[0]  # 2 warm-up batches, then at least 3 batches and 5 s
     what = f"{args.model}{f' x{args.repeat}' if args.repeat > 1 else ''} {C}x{H}x{H}, {steps} NFE"
     print(f"sample {what}{' + VAE decode' if vae else ''}, batch {args.batch_size}, {args.precision}"
           f"{' compile' if args.compile else ''} on {where(device)}: {args.batch_size / dt:.1f} images/s "
@@ -129,14 +130,10 @@ def bench_inception(args, device):
     model = fid.InceptionV3().to(device).eval()
     torch.set_flush_denormal(True)  # random weights' vanishing activations: keep them out of slow denormal math
     x = torch.randint(0, 256, (args.batch_size, 3, 256, 256), dtype=torch.uint8, device=device)
-    with torch.inference_mode(), fid.exact_fp32():
-        model(x), sync(device)  # warm-up (cuDNN autotuning, allocator)
-        n, t0 = 0, time.time()
-        while n < 5 and (n == 0 or time.time() - t0 < 20):
-            model(x), sync(device)
-            n += 1
-    rate = n * args.batch_size / (time.time() - t0)
-    print(f"inception fp32 on {where(device)}: {rate:.1f} images/s (batch {args.batch_size}, 256x256 uint8 -> 299)")
+    with torch.inference_mode(), fid.exact_fp32():  # 1 warm-up batch, then 5 batches or 20 s, whichever comes first
+        dt = timed(lambda: (model(x), sync(device)), device, 1, lambda n, t: n >= 5 or (n > 0 and t >= 20))[0]
+    print(f"inception fp32 on {where(device)}: {args.batch_size / dt:.1f} images/s (batch {args.batch_size}, "
+          f"256x256 uint8 -> 299)")
 
 
 @torch.no_grad()
@@ -147,8 +144,7 @@ def bench_fid(args, device):
     C, H, K = latent_shape(args)
     G = Generator(**models[args.model], input_size=H, in_channels=C, num_classes=K).to(device).eval()
     vae = AutoencoderKL().to(device).eval().requires_grad_(False) if C == 4 else None
-    if args.compile:
-        G.compile_blocks()
+    G.compile_blocks() if args.compile else None
     amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
     N, B, times = args.num_samples, args.batch_size, {}
     labels = np.arange(N) // max(N // K, 1) % K
@@ -191,12 +187,7 @@ def bench_data(args, device):
         loader = DataLoader(ds, args.batch_size, shuffle=True, num_workers=args.workers, drop_last=True,
                             persistent_workers=args.workers > 0)
         stream = (b for _ in itertools.count() for b in loader)  # as many epochs as needed
-        step(*next(stream))
-        t0 = time.perf_counter()
-        for _ in range(args.iters):
-            step(*next(stream))
-        sync(device)
-        return args.iters * args.batch_size / (time.perf_counter() - t0)
+        return args.batch_size / timed(lambda: step(*next(stream)), device, 1, lambda n, t: n >= args.iters)[0]
 
     folder = ImageFolder(data, args.image_size)
     n = min(len(folder), args.max_images)
@@ -220,8 +211,7 @@ def parse_args(argv=None):
     p.add_argument("--recipe", choices=list(train.RECIPES)[:-1], default="1nfe", help="train: the method's recipe")
     p.add_argument("--steps", default=None, help="train, sample: NFE (default: the recipe's; sample: 1)")
     p.add_argument("--repeat", type=int, default=1, help="sample: deep generator repetitions")
-    p.add_argument("--batch-size", type=int, default=None, help="per device (train 32, sample 256, inception 250, "
-                   "data 32)")
+    p.add_argument("--batch-size", type=int, help="per device (default train/data 32, sample/fid 256, inception 250)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--grad-checkpoint", action="store_true", help="train: recompute activations in backward")

@@ -1,17 +1,7 @@
 """
-Data for Adversarial Flow Models (AFM_SPEC section 11): images or cached VAE latents in, (x, y)
-examples out, through `build_dataset(data, image_size, vae_path)`:
-
-    "digits"      the built-in 8x8 digits (digits.npz: UCI optdigits as packaged by scikit-learn,
-                  CC BY 4.0), in memory, for CPU runs of the whole pipeline.
-    image folder  ImageNet train layout (DIR/<class>/<image>, labels = sorted folder names): ADM's
-                  center crop, random horizontal flip p=0.5, RGB in [-1, 1]; train.py encodes them.
-                  Unreadable files are skipped with a warning and counted in `.skipped`.
-    latent cache  a folder written by `dataset.py cache` (it has a meta.json): each image and its
-                  mirror encoded once, the posterior's mean and std kept in fp16. Every time an
-                  example is read it draws a flip and a fresh (mean + std * randn) * 0.18215, since
-                  the release samples the posterior (not its mean) each time it encodes an image.
-
+Data for Adversarial Flow Models (AFM_SPEC section 11): `build_dataset(data, image_size, vae_path)` turns
+"digits" (the built-in 8x8 digits, for CPU runs), an image folder (ImageNet's DIR/<class>/<image> or flat;
+ADM's center crop, random flip), an npz of images (ADM's format) or a latent cache into (x, y) examples.
 It also holds what every script needs on the way in: torchrun set-up (`setup`, `print0`), the
 resumable index stream that feeds training, and safe files (`save_atomic`, `load_checkpoint`).
 
@@ -19,10 +9,10 @@ resumable index stream that feeds training, and safe files (`save_atomic`, `load
     python dataset.py cache --data /data/imagenet/train --vae sd-vae-ft-mse.pt --out cache/in256
     torchrun --nproc_per_node=8 dataset.py cache --data ... --vae ... --out ...  # split over ranks
 
-Cache layout: meta.json (VAE identity, image size, latent shape, classes, counts, skipped files)
-and shard_00000.pt, ... (torch.save of plain tensors): mean, std fp16 (n, 2, C, h, w) with [:, 0]
-the image and [:, 1] its mirror, label and index (into the sorted file list) int64 (n,), and the
-unreadable files of that shard. An interrupted run resumes when rerun: finished shards are kept.
+Latent cache: meta.json (VAE identity, image size, latent shape, classes, counts, skipped files) and
+shard_00000.pt, ... (plain tensors): posterior mean, std fp16 (n, 2, C, h, w) of each image ([:, 0]) and its
+mirror ([:, 1]), label and index (into the sorted file list) int64 (n,), and the shard's unreadable files.
+An interrupted run resumes when rerun: finished shards are kept.
 """
 
 import argparse
@@ -40,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm import tqdm
 
 from vae import SCALE, load_vae, posterior
@@ -124,19 +114,15 @@ def save_npz(path, **arrays):
 
 
 def read_checkpoint(path, flag):
-    """torch.load of a checkpoint file onto the CPU, plain tensors only, memory-mapped where the format allows
-    (reading the step of a large file is then cheap). Anything unreadable: a ValueError naming flag and file."""
+    """torch.load of a checkpoint file onto the CPU, plain tensors only, memory-mapped (reading the step of a large
+    file is then cheap) unless it has the pre-zip torch.save format, which cannot be. Anything unreadable: a
+    ValueError naming flag and file."""
     if not os.path.isfile(path):
         raise ValueError(f"{flag} {path}: no such file")
     try:
         with warnings.catch_warnings():  # torch's own warnings about a foreign pickle: the line below says it
             warnings.simplefilter("ignore")
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:  # a file of the pre-zip torch.save format cannot be memory-mapped
-                if "mmap" not in str(e):
-                    raise
-                obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:
         why = (str(e).strip().splitlines() or [""])[0][:150]
         raise ValueError(f"{flag} {path}: not a readable checkpoint ({type(e).__name__}: {why})") from None
@@ -203,9 +189,8 @@ def batches(dataset, stream, batch_size, workers):
             if dataset.flip:  # horizontal flip, p = 0.5 per example (the digits are never flipped)
                 x = torch.where(torch.rand(len(idx), 1, 1, 1) < 0.5, x.flip(-1), x)
             yield x, ys[idx]
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=stream, num_workers=workers,
-                        pin_memory=torch.cuda.is_available(), drop_last=True, persistent_workers=workers > 0)
-    yield from loader
+    yield from DataLoader(dataset, batch_size=batch_size, sampler=stream, num_workers=workers,
+                          pin_memory=torch.cuda.is_available(), drop_last=True, persistent_workers=workers > 0)
 
 
 # --------------------------------------------------------------------------------------
@@ -302,22 +287,16 @@ class ImageFolder(Dataset):
 # --------------------------------------------------------------------------------------
 
 
-class Digits(Dataset):
+class Digits(TensorDataset):  # `tensors`: batches() indexes whole batches at once
     """1797 8x8 digits, ink 0..16 -> [-1, 1]. No flip: mirrored handwriting is another glyph."""
 
     space, num_classes, shape, skipped, flip = "pixel", 10, (1, 8, 8), 0, False
     class_names = [str(d) for d in range(10)]
 
-    def __init__(self, path=DIGITS):
-        d = np.load(path)
-        x = torch.from_numpy(d["images"]).float()[:, None] / 8 - 1  # (N, 1, 8, 8)
-        self.tensors = (x, torch.from_numpy(d["labels"]).long())  # index whole batches at once
-
-    def __len__(self):
-        return len(self.tensors[1])
-
-    def __getitem__(self, i):
-        return self.tensors[0][i], self.tensors[1][i]
+    def __init__(self):
+        d = np.load(DIGITS)
+        super().__init__(torch.from_numpy(d["images"]).float()[:, None] / 8 - 1,  # (N, 1, 8, 8)
+                         torch.from_numpy(d["labels"]).long())
 
 
 def npz_array(path, key, max_bytes):
@@ -496,9 +475,6 @@ class _Crops(Dataset):  # unflipped uint8 crops for the writer; unreadable -> ok
     def __init__(self, folder):
         self.folder = folder
 
-    def __len__(self):
-        return len(self.folder)
-
     def __getitem__(self, i):
         arr = self.folder.load(i)
         if arr is None:
@@ -512,9 +488,9 @@ def build_cache(data, vae_path, out, image_size=256, batch_size=64, shard_size=1
     device: default cuda (this rank's) if available, else cpu."""
     rank, world, default_device = setup()
     device = torch.device(device or default_device)
-    folder = ArrayImages(data, image_size, flip=False, unconditional=unconditional, in_memory=0) if \
-        data.endswith(".npz") and not os.path.isdir(data) else ImageFolder(data, image_size, flip=False,
-                                                                           unconditional=unconditional)
+    npz = data.endswith(".npz") and not os.path.isdir(data)
+    folder = (ArrayImages(data, image_size, flip=False, unconditional=unconditional, in_memory=0) if npz
+              else ImageFolder(data, image_size, flip=False, unconditional=unconditional))
     n = len(folder) if max_images is None else min(len(folder), max_images)
     names = folder.names[:n]
     vae = load_vae(vae_path, device=device)
@@ -582,8 +558,7 @@ def self_check():
     x, y = ds.tensors
     counts = torch.bincount(y, minlength=10)
     print(f"digits: {len(ds)} images, {ds.num_classes} classes, x {tuple(x.shape)} {x.dtype} in "
-          f"[{x.min():.2f}, {x.max():.2f}] mean {x.mean():.3f}, {counts.min()}..{counts.max()} "
-          f"per class")
+          f"[{x.min():.2f}, {x.max():.2f}] mean {x.mean():.3f}, {counts.min()}..{counts.max()} per class")
     assert len(ds) == 1797 and ds.num_classes == 10 and x.min() == -1 and x.max() == 1
     print(f"ADM crop 517x300 -> {center_crop_arr(Image.new('RGB', (517, 300)), 256).shape}")
 

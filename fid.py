@@ -1,21 +1,17 @@
 """Images -> numbers: FID, sFID, Inception Score, precision and recall as the ADM evaluation suite computes them
-(Dhariwal & Nichol 2021, guided-diffusion `evaluations/evaluator.py`), in PyTorch. The AFM paper reports FID-50K
-with this suite on ImageNet 256 (AFM_SPEC section 12).
-
-The network is the 2015-12-05 TensorFlow Inception graph (torch-fidelity's / pytorch-fid's converted weights, same
-key names). Inputs go through TF1's bilinear resize to 299 without half-pixel centers and `(x - 128) / 128`, as in
-the TensorFlow graph ADM runs; a faithful port reproduces its FID to ~0.002. Other resizes (PyTorch bilinear as in
-pytorch-fid, PIL bicubic as in clean-fid) give different numbers.
+(Dhariwal & Nichol 2021, guided-diffusion `evaluations/evaluator.py`), in PyTorch; the AFM paper reports FID-50K with
+it on ImageNet 256 (AFM_SPEC section 12). The network is the 2015-12-05 TF Inception graph (torch-fidelity's and
+pytorch-fid's converted weights), fed as ADM feeds it: TF1's bilinear resize to 299 without half-pixel centers and
+`(x - 128) / 128`, which reproduces ADM's FID to ~0.002 (pytorch-fid's or clean-fid's resize give other numbers).
 
     python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz              # FID, sFID, IS, precision, recall
     python fid.py samples.npz ref.npz --inception weights.pth --batch-size 250 --device cuda
     python fid.py --make-ref FOLDER_OR_NPZ --out ref.npz                     # a reference batch in ADM's format
 
-Weights: `--inception PATH`, else `$AFM_CACHE` (default ~/.cache/afm/) holding torch-fidelity's
-weights-inception-2015-12-05-6726825d.pth or pytorch-fid's pt_inception-2015-12-05-6726825d.pth, else downloaded
-there from torch-fidelity's GitHub release. Sample files: `arr_0` uint8 (N, H, W, 3), shuffled (the Inception Score
-is taken over 5,000-sample chunks in file order; class-sorted files score far lower). Image folders: PNG/JPEG files,
-any nesting, sorted by path, all of one size (nothing is resized or cropped here: prepare them like the samples).
+Weights: --inception PATH, else torch-fidelity's or pytorch-fid's file (WEIGHT_NAMES) in $AFM_CACHE (~/.cache/afm/),
+else downloaded there from URL. Samples: npz `arr_0` uint8 (N, H, W, 3), shuffled (IS is taken over 5,000-sample
+chunks in file order: class-sorted files score far lower), or a folder of same-size PNG/JPEG files (sorted paths;
+nothing is resized or cropped here).
 """
 
 import contextlib
@@ -31,7 +27,7 @@ from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
 
-from dataset import ArgumentParser, positive, read_checkpoint, save_npz
+from dataset import ArgumentParser, build_dataset, positive, read_checkpoint, save_npz
 
 URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 WEIGHT_NAMES = ("weights-inception-2015-12-05-6726825d.pth", "pt_inception-2015-12-05-6726825d.pth")
@@ -61,29 +57,37 @@ class FrozenBatchNorm2d(nn.Module):
 
 
 class BasicConv2d(nn.Module):
-    def __init__(self, cin, cout, **kw):
+    """Convolution (no bias) -> BatchNorm -> ReLU. TF's graph pads its stride-1 convolutions to keep the size
+    ("same") and not its stride-2 ones; same=False: the stem's two unpadded stride-1 convolutions."""
+
+    def __init__(self, cin, cout, kernel=1, stride=1, same=True):
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, bias=False, **kw)
+        self.conv = nn.Conv2d(cin, cout, kernel, stride, "same" if same and stride == 1 else 0, bias=False)
         self.bn = FrozenBatchNorm2d(cout)
 
     def forward(self, x):
         return F.relu(self.bn(self.conv(x)))
 
 
+class Convs(nn.Module):
+    """BasicConv2d layers given as name=(cin, cout[, kernel, stride, same]), named as torchvision names them (the
+    weight files' keys)."""
+
+    def __init__(self, **convs):
+        super().__init__()
+        for name, args in convs.items():
+            self.add_module(name, BasicConv2d(*args))
+
+
 def avg_pool(x):  # TF's average pool leaves the zero padding out of the mean
     return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
 
 
-class InceptionA(nn.Module):  # Mixed_5b..5d, 35x35
+class InceptionA(Convs):  # Mixed_5b..5d, 35x35
     def __init__(self, cin, pool_features):
-        super().__init__()
-        self.branch1x1 = BasicConv2d(cin, 64, kernel_size=1)
-        self.branch5x5_1 = BasicConv2d(cin, 48, kernel_size=1)
-        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
-        self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
-        self.branch_pool = BasicConv2d(cin, pool_features, kernel_size=1)
+        super().__init__(branch1x1=(cin, 64), branch5x5_1=(cin, 48), branch5x5_2=(48, 64, 5),
+                         branch3x3dbl_1=(cin, 64), branch3x3dbl_2=(64, 96, 3), branch3x3dbl_3=(96, 96, 3),
+                         branch_pool=(cin, pool_features))
 
     def forward(self, x):
         b5 = self.branch5x5_2(self.branch5x5_1(x))
@@ -91,51 +95,36 @@ class InceptionA(nn.Module):  # Mixed_5b..5d, 35x35
         return torch.cat([self.branch1x1(x), b5, b3, self.branch_pool(avg_pool(x))], 1)
 
 
-class InceptionB(nn.Module):  # Mixed_6a, 35x35 -> 17x17
+class InceptionB(Convs):  # Mixed_6a, 35x35 -> 17x17
     def __init__(self, cin):
-        super().__init__()
-        self.branch3x3 = BasicConv2d(cin, 384, kernel_size=3, stride=2)
-        self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
+        super().__init__(branch3x3=(cin, 384, 3, 2), branch3x3dbl_1=(cin, 64), branch3x3dbl_2=(64, 96, 3),
+                         branch3x3dbl_3=(96, 96, 3, 2))
 
     def forward(self, x):
         b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
         return torch.cat([self.branch3x3(x), b3, F.max_pool2d(x, 3, stride=2)], 1)
 
 
-class InceptionC(nn.Module):  # Mixed_6b..6e, 17x17; returns (output, branch1x1 output)
+class InceptionC(Convs):  # Mixed_6b..6e, 17x17; returns (output, branch1x1 output)
     def __init__(self, cin, c7):
-        super().__init__()
-        self.branch1x1 = BasicConv2d(cin, 192, kernel_size=1)
-        self.branch7x7_1 = BasicConv2d(cin, c7, kernel_size=1)
-        self.branch7x7_2 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7_3 = BasicConv2d(c7, 192, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = BasicConv2d(cin, c7, kernel_size=1)
-        self.branch7x7dbl_2 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = BasicConv2d(c7, 192, kernel_size=(1, 7), padding=(0, 3))
-        self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
+        super().__init__(branch1x1=(cin, 192), branch7x7_1=(cin, c7), branch7x7_2=(c7, c7, (1, 7)),
+                         branch7x7_3=(c7, 192, (7, 1)), branch7x7dbl_1=(cin, c7), branch7x7dbl_2=(c7, c7, (7, 1)),
+                         branch7x7dbl_3=(c7, c7, (1, 7)), branch7x7dbl_4=(c7, c7, (7, 1)),
+                         branch7x7dbl_5=(c7, 192, (1, 7)), branch_pool=(cin, 192))
 
     def forward(self, x):
         b1 = self.branch1x1(x)  # (N, 192, 17, 17); in Mixed_6d this is TF's mixed_6/conv, the sFID features
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        bd = x
-        for i in range(1, 6):
-            bd = getattr(self, f"branch7x7dbl_{i}")(bd)
+        bd = self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))
+        bd = self.branch7x7dbl_5(self.branch7x7dbl_4(bd))
         return torch.cat([b1, b7, bd, self.branch_pool(avg_pool(x))], 1), b1
 
 
-class InceptionD(nn.Module):  # Mixed_7a, 17x17 -> 8x8
+class InceptionD(Convs):  # Mixed_7a, 17x17 -> 8x8
     def __init__(self, cin):
-        super().__init__()
-        self.branch3x3_1 = BasicConv2d(cin, 192, kernel_size=1)
-        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
-        self.branch7x7x3_1 = BasicConv2d(cin, 192, kernel_size=1)
-        self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
+        super().__init__(branch3x3_1=(cin, 192), branch3x3_2=(192, 320, 3, 2), branch7x7x3_1=(cin, 192),
+                         branch7x7x3_2=(192, 192, (1, 7)), branch7x7x3_3=(192, 192, (7, 1)),
+                         branch7x7x3_4=(192, 192, 3, 2))
 
     def forward(self, x):
         b3 = self.branch3x3_2(self.branch3x3_1(x))
@@ -143,19 +132,12 @@ class InceptionD(nn.Module):  # Mixed_7a, 17x17 -> 8x8
         return torch.cat([b3, b7, F.max_pool2d(x, 3, stride=2)], 1)
 
 
-class InceptionE(nn.Module):  # Mixed_7b, 7c, 8x8
+class InceptionE(Convs):  # Mixed_7b, 7c, 8x8
     def __init__(self, cin, pool):
-        super().__init__()
+        super().__init__(branch1x1=(cin, 320), branch3x3_1=(cin, 384), branch3x3_2a=(384, 384, (1, 3)),
+                         branch3x3_2b=(384, 384, (3, 1)), branch3x3dbl_1=(cin, 448), branch3x3dbl_2=(448, 384, 3),
+                         branch3x3dbl_3a=(384, 384, (1, 3)), branch3x3dbl_3b=(384, 384, (3, 1)), branch_pool=(cin, 192))
         self.pool = pool
-        self.branch1x1 = BasicConv2d(cin, 320, kernel_size=1)
-        self.branch3x3_1 = BasicConv2d(cin, 384, kernel_size=1)
-        self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-        self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = BasicConv2d(cin, 448, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
-        self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-        self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
 
     def forward(self, x):
         b3 = self.branch3x3_1(x)
@@ -173,24 +155,18 @@ def resize_tf1(x, size=299):
         src = torch.arange(size, dtype=torch.float32, device=x.device) * torch.tensor(n_in / size, dtype=torch.float32)
         lo = src.long()
         return lo, (lo + 1).clamp_max(n_in - 1), src - lo.float()
-    y0, y1, dy = taps(x.shape[2])
-    x0, x1, dx = taps(x.shape[3])
-    top, bot = x[:, :, y0], x[:, :, y1]  # (N, C, size, W)
-    top = top[..., x0] + (top[..., x1] - top[..., x0]) * dx  # (N, C, size, size)
-    bot = bot[..., x0] + (bot[..., x1] - bot[..., x0]) * dx
+    (y0, y1, dy), (x0, x1, dx) = taps(x.shape[2]), taps(x.shape[3])
+    rows = x[:, :, y0], x[:, :, y1]  # (N, C, size, W) each
+    top, bot = (r[..., x0] + (r[..., x1] - r[..., x0]) * dx for r in rows)  # (N, C, size, size) each
     return top + (bot - top) * dy[:, None]
 
 
-class InceptionV3(nn.Module):
+class InceptionV3(Convs):
     """uint8 (N, 3, H, W) -> (pool3 (N, 2048), spatial (N, 2023), logits (N, 1008)), as ADM's TF graph."""
 
     def __init__(self):
-        super().__init__()
-        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
-        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
-        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
-        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
-        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
+        super().__init__(Conv2d_1a_3x3=(3, 32, 3, 2), Conv2d_2a_3x3=(32, 32, 3, 1, False), Conv2d_2b_3x3=(32, 64, 3),
+                         Conv2d_3b_1x1=(64, 80), Conv2d_4a_3x3=(80, 192, 3, 1, False))
         self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = InceptionA(192, 32), InceptionA(256, 64), InceptionA(288, 64)
         self.Mixed_6a = InceptionB(288)
         self.Mixed_6b, self.Mixed_6c = InceptionC(768, 128), InceptionC(768, 160)
@@ -289,8 +265,7 @@ def _read_npz(path):
             data = {k: f[k] for k in files if k == "arr_0" or k in stat_shapes}
     except Exception:
         raise ValueError(f"{path}: {'not a readable .npz file' if os.path.exists(path) else 'no such file'}") from None
-    n_stats = len(data) - ("arr_0" in data)
-    if n_stats not in (0, 4) or not data:
+    if not data or len(data) - ("arr_0" in data) not in (0, 4):  # images, all four statistics, or both
         raise ValueError(f"{path}: expected 'arr_0' (uint8 images N,H,W,3) and/or all of mu, sigma, mu_s, sigma_s; "
                          f"found keys {sorted(files)}")
     for k, shape in stat_shapes.items():
@@ -366,11 +341,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
         raise ValueError("the statistics hold non-finite values (NaN or inf)")
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1.dot(sigma2))
-    if not np.isfinite(covmean).all():  # the product is close to singular: regularize and retry
-        warnings.warn(f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates")
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    with warnings.catch_warnings():  # scipy warns of a singular product even when its root is finite (and used)
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma1.dot(sigma2))
+        if not np.isfinite(covmean).all():  # the product is close to singular: regularize and retry
+            warnings.warn(f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates")
+            offset = np.eye(sigma1.shape[0]) * eps
+            covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
     if np.iscomplexobj(covmean):  # rounding leaves a small imaginary part; a large one means broken statistics
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f"Imaginary component {np.max(np.abs(covmean.imag))}")
@@ -419,8 +396,7 @@ def precision_recall(ref_pool3, sample_pool3, k=3, batch_size=10000, device=None
 
     with exact_fp32():
         r_ref, r_sam = radii(ref), radii(sam)
-        ref_in = torch.zeros(len(ref), dtype=torch.bool, device=device)
-        sam_in = torch.zeros(len(sam), dtype=torch.bool, device=device)
+        ref_in, sam_in = (torch.zeros(len(f), dtype=torch.bool, device=device) for f in (ref, sam))
         for i in range(0, len(ref), batch_size):
             for j in range(0, len(sam), batch_size):
                 d = _distances(ref[i:i + batch_size], sam[j:j + batch_size])  # (b_ref, b_sam)
@@ -448,8 +424,14 @@ def pixel_report(images, labels, real, real_labels, seed=0):
                  class, averaged over classes: 1 is as varied as the data, 0 a collapse to one image per class;
       pixel_fd   the Frechet distance between samples and real images as flat pixel vectors, and beside it
                  pixel_fd_floor, the same between two random halves of the real images (finite-sample noise).
-    Images are any same-scale arrays (N, ...); labels ints."""
-    x, r = (torch.as_tensor(np.asarray(a), dtype=torch.float64).flatten(1) for a in (images, real))  # (N, D), (M, D)
+    Images are any same-scale arrays (N, ...), labels ints; images (N, C, H, W) larger than 8x8 are averaged down
+    to 8x8 for pixel_fd only: its covariance then has at most 192 dimensions, well estimated from a thousand
+    samples and a second to compute (at 32x32x3 the square root alone takes minutes and the estimate is noise)."""
+    x, r = (torch.as_tensor(np.asarray(a), dtype=torch.float64) for a in (images, real))
+
+    def flat(a):  # (N, D)
+        return (F.adaptive_avg_pool2d(a, 8) if a.dim() == 4 and a.shape[-1] > 8 else a).flatten(1)
+    x, r, (x8, r8) = x.flatten(1), r.flatten(1), (flat(x), flat(r))
     y, ry = torch.as_tensor(np.asarray(labels)), torch.as_tensor(np.asarray(real_labels))
     agreement = (ry[torch.cdist(x, r).argmin(1)] == y).double().mean()
     diversity = np.mean([torch.pdist(x[y == c]).mean().item() / torch.pdist(r[ry == c]).mean().item()
@@ -459,8 +441,17 @@ def pixel_report(images, labels, real, real_labels, seed=0):
         return frechet_distance(a.mean(0).numpy(), np.cov(a.numpy(), rowvar=False),
                                 b.mean(0).numpy(), np.cov(b.numpy(), rowvar=False))
     half = torch.randperm(len(r), generator=torch.Generator().manual_seed(seed))
-    return dict(agreement=agreement.item(), diversity=float(diversity), pixel_fd=fd(x, r),
-                pixel_fd_floor=fd(r[half[: len(r) // 2]], r[half[len(r) // 2:]]))
+    return dict(agreement=agreement.item(), diversity=float(diversity), pixel_fd=fd(x8, r8),
+                pixel_fd_floor=fd(r8[half[: len(r) // 2]], r8[half[len(r) // 2:]]))
+
+
+def pixel_report_of(images, labels, data):
+    """pixel_report of uint8 samples (N, H, W, 3), as sample.py writes them, against an in-memory dataset of
+    dataset.py (the digits, a small npz: `.tensors` = images (M, C, H, W) in [-1, 1], labels): the samples are
+    taken back to [-1, 1] and to the data's channels (the sampler writes grey as three equal channels)."""
+    real, real_y = data.tensors
+    x = images.astype(np.float64)[..., : real.shape[1]].transpose(0, 3, 1, 2) / 127.5 - 1  # (N, C, H, W)
+    return pixel_report(x, labels, real.numpy(), real_y.numpy())
 
 
 # --------------------------------------------------------------------------------------
@@ -474,6 +465,15 @@ def main(args):
         images = read_images(args.make_ref or args.samples)  # a bad file fails here, before any Inception work
         if len(images) < 2:
             raise ValueError(f"{args.make_ref or args.samples}: {len(images)} image(s); statistics need at least 2")
+        if args.pixel_ref:  # no Inception: the nearest-real-image report of small pixel data
+            data = build_dataset(args.pixel_ref)
+            if not hasattr(data, "tensors"):
+                raise ValueError(f"--pixel-ref {args.pixel_ref}: expected \"digits\" or an npz held in memory")
+            with np.load(args.samples) as f:  # arr_1 absent: an unconditional model, one class
+                labels = f["arr_1"] if "arr_1" in f.files else np.zeros(len(images), np.int64)
+            for k, v in pixel_report_of(images, labels, data).items():
+                print(f"{k}: {v:.4f}")
+            return
         if args.make_ref:
             feats = compute_features(load_inception(args.inception, device), images, args.batch_size)
             save_npz(args.out, **feature_stats(feats), arr_0=images)
@@ -487,15 +487,13 @@ def main(args):
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"fid.py: error: {e}")
     print(f"Inception Score: {m['inception_score']:.4f}\nFID: {m['fid']:.4f}\nsFID: {m['sfid']:.4f}")
-    if m["precision"] is None:
-        print("Precision/Recall: skipped (the reference has no arr_0 images)")
-    else:
-        print(f"Precision: {m['precision']:.4f}\nRecall: {m['recall']:.4f}")
+    print("Precision/Recall: skipped (the reference has no arr_0 images)" if m["precision"] is None
+          else f"Precision: {m['precision']:.4f}\nRecall: {m['recall']:.4f}")
 
 
 def parse_args(argv=None):
     p = ArgumentParser(prog="fid.py", description="ADM-suite FID, sFID, IS, precision/recall.",
-                                epilog="e.g. python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz")
+                       epilog="e.g. python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz")
     p.add_argument("samples", nargs="?", help="npz with arr_0 uint8 (N, H, W, 3), or an image folder")
     p.add_argument("ref", nargs="?", help="ADM reference batch npz (mu, sigma, mu_s, sigma_s, arr_0) or folder")
     p.add_argument("--inception", help="weights file (default: $AFM_CACHE or ~/.cache/afm, else download)")
@@ -503,11 +501,13 @@ def parse_args(argv=None):
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--make-ref", metavar="FOLDER_OR_NPZ", help="write a reference batch from these images")
     p.add_argument("--out", help="output npz for --make-ref")
+    p.add_argument("--pixel-ref", metavar="DATA", help='instead of Inception metrics: fid.pixel_report of the '
+                   'samples against "digits" or an npz of real images (class agreement, diversity, pixel FD)')
     args = p.parse_args(argv)
     if args.make_ref and not args.out:
         p.error("--make-ref needs --out ref.npz")
-    if not (args.make_ref or (args.samples and args.ref)):
-        p.error("give samples.npz and ref.npz, or --make-ref")
+    if not (args.make_ref or (args.samples and (args.ref or args.pixel_ref))):
+        p.error("give samples.npz and ref.npz, samples.npz --pixel-ref DATA, or --make-ref")
     return args
 
 

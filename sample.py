@@ -1,6 +1,6 @@
-"""
-Sampling from Adversarial Flow Models (AFM_SPEC section 9): noise -> images, as a PNG grid or as the
-ADM-format npz that FID-50K is computed from (AFM_SPEC section 12; the README has the details).
+r"""
+Sampling from Adversarial Flow Models (AFM_SPEC section 9): noise -> a PNG grid, or the ADM-format npz that
+FID-50K is computed from (AFM_SPEC section 12), from our checkpoints or the release's bare state dicts.
 
     python sample.py --ckpt results/000-T-2                         # grid.png: digits, EMA weights
     python sample.py --ckpt xl2_1nfe_guided_FID2.38.pth --vae sd-vae-ft-mse.bin --classes 207 360 387
@@ -9,10 +9,8 @@ ADM-format npz that FID-50K is computed from (AFM_SPEC section 12; the README ha
     torchrun --nproc_per_node=8 sample.py --ckpt X --vae ... --num-samples 50000 --out samples.npz \
         --fid VIRTUAL_imagenet256_labeled.npz                      # FID, sFID, IS, precision, recall
 
-Takes our checkpoints (EMA weights by default) or the release's bare generator state dicts, with
-size, channels, classes and timestep conditioning read off the keys. npz files hold exactly N/classes
-samples per class in the release's shuffled order; sample i's noise depends only on (seed, i), so
-the file is the same for any number of processes, and an interrupted run resumes from OUT.parts/.
+npz files hold N/classes samples per class in the release's shuffled order; sample i's noise depends only
+on (seed, i), so the file is the same for any number of processes. A rerun resumes from OUT.parts/.
 """
 
 import argparse
@@ -84,11 +82,10 @@ def to_uint8(x):
     return x.mul(0.5).add(0.5).clamp(0, 1).mul(255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_grid(images, path, nrow, upscale=None):
-    """Images in [-1, 1], (N, C, H, W) -> one PNG grid, `nrow` images per row, small images enlarged to 64 px."""
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()  # (N, C, H, W)
-    x = (x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x)[:, :3]
-    upscale = upscale or max(1, 64 // x.shape[-1])
+def save_grid(images, path, nrow):
+    """Images in [-1, 1], (N, 3, H, W) -> one PNG grid, `nrow` images per row, small images enlarged to 64 px."""
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()  # (N, 3, H, W)
+    upscale = max(1, 64 // x.shape[-1])
     x = x.repeat_interleave(upscale, 2).repeat_interleave(upscale, 3)
     N, C, H, W = x.shape
     grid = torch.full((C, math.ceil(N / nrow) * (H + 2) + 2, nrow * (W + 2) + 2), 255, dtype=torch.uint8)
@@ -147,8 +144,7 @@ def load_generator(path, model=None, weights="ema", steps=None, pred=None, repea
     if shapes or missing or unexpected:
         def few(items):  # the first three and a count: the error stays one readable line
             return ", ".join(items[:3]) + (f", ... ({len(items)} in all)" if len(items) > 3 else "")
-        problems = [few(shapes)] * bool(shapes) + [f"{w} {few(k)}" for w, k in (("missing", missing),
-                                                                                ("unexpected", unexpected)) if k]
+        problems = [w + few(k) for w, k in (("", shapes), ("missing ", missing), ("unexpected ", unexpected)) if k]
         raise ValueError(f"{path} (depth {depth}, hidden {hidden}, patch {p}) does not fit {desc}: "
                          f"{'; '.join(problems)} (--model, --repeat, --num-classes?)")
     G.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, assign=True)
@@ -166,8 +162,7 @@ def load_generator(path, model=None, weights="ema", steps=None, pred=None, repea
 def sample_npz(args, images, labels, meta, rank, world, device):
     """Make the samples not yet in OUT.parts/ (this rank: every world-th of them), then assemble on rank 0.
     Returns (arr_0, arr_1) on rank 0, None elsewhere; exits with status 1 when interrupted."""
-    parts, N = args.out + ".parts", len(labels)
-    error = None
+    parts, N, error = args.out + ".parts", len(labels), [None]  # rank 0 checks OUT.parts/ and tells the others
     if rank == 0:
         os.makedirs(parts, exist_ok=True)
         for f in glob.glob(os.path.join(parts, "*.tmp")):  # a shard being written when a run died
@@ -177,14 +172,13 @@ def sample_npz(args, images, labels, meta, rank, world, device):
             with open(meta_path) as f:
                 old = json.load(f)
             diff = [f"{k}: {old.get(k)} vs {v}" for k, v in meta.items() if old.get(k) != v]
-            error = diff and f"{parts} holds samples made with other settings ({'; '.join(diff)}): remove it"
+            error[0] = diff and f"{parts} holds samples made with other settings ({'; '.join(diff)}): remove it"
         else:
             save_atomic(meta, meta_path, save_json)
-    box = [error]
     if world > 1:
-        dist.broadcast_object_list(box)  # doubles as a barrier: nobody reads parts/ before rank 0 is done
-    if box[0]:
-        raise SystemExit(f"sample.py: error: {box[0]}")
+        dist.broadcast_object_list(error)  # doubles as a barrier: nobody reads parts/ before rank 0 is done
+    if error[0]:
+        raise SystemExit(f"sample.py: error: {error[0]}")
     done = np.zeros(N, bool)
     for f in glob.glob(os.path.join(parts, "*.npz")):
         with np.load(f) as d:

@@ -1989,6 +1989,19 @@ def test_pixel_report_on_hand_made_sets():
         warnings.simplefilter("ignore")  # a collapsed set has a singular covariance
         assert fid.pixel_report(one, y, x, y)["diversity"] == 0.0
     assert fid.pixel_report(x, (y + 1) % 10, x, y)["agreement"] == 0.0
+    big = np.kron(x.reshape(-1, 1, 8, 8), np.ones((4, 4)))  # (N, 1, 32, 32): pixel FD on 8x8 averages, 64 dims
+    assert abs(fid.pixel_report(big + 0.1, y, big, y)["pixel_fd"] - 64 * 0.01) < 1e-8
+
+
+def test_pixel_report_command(tmp_path, capsys):
+    """fid.py SAMPLES --pixel-ref digits: sample.py's uint8 RGB file against the digits, as train.py evaluates."""
+    d = np.load(os.path.join(HERE, "digits.npz"))
+    rgb = np.repeat((d["images"].astype(int) * 16).clip(0, 255).astype(np.uint8)[..., None], 3, axis=-1)  # (N, 8, 8, 3)
+    np.savez(tmp_path / "s.npz", arr_0=rgb, arr_1=d["labels"])
+    fid.main(fid.parse_args([str(tmp_path / "s.npz"), "--pixel-ref", "digits"]))
+    out = dict(line.split(": ") for line in capsys.readouterr().out.split("\n") if ": " in line)
+    assert float(out["agreement"]) == 1.0 and abs(float(out["diversity"]) - 1) < 0.02
+    assert float(out["pixel_fd"]) < float(out["pixel_fd_floor"])
 
 
 def eval_worker(rank, argv, port):

@@ -564,9 +564,7 @@ def evaluate(s, G, data, vae, shape, inception, ref, rank, world, device, amp):
         out.update(fid=fid.frechet_distance(pool3.mean(0), np.cov(pool3, rowvar=False), ref["mu"], ref["sigma"]),
                    inception_score=fid.inception_score(logits[order]))
     if hasattr(data, "tensors"):
-        real, real_y = data.tensors
-        x = cat["images"].astype(np.float64)[..., : real.shape[1]] / 127.5 - 1  # (N, H, W, C) back to [-1, 1]
-        out.update(fid.pixel_report(x.transpose(0, 3, 1, 2), labels[cat["idx"]], real.numpy(), real_y.numpy()))
+        out.update(fid.pixel_report_of(cat["images"], labels[cat["idx"]], data))
     return out
 
 

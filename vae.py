@@ -1,21 +1,15 @@
-"""The frozen SD-VAE (sd-vae-ft-mse) between pixels and latents, in plain PyTorch.
+"""The frozen SD-VAE (sd-vae-ft-mse) between pixels and latents: diffusers' AutoencoderKL in plain PyTorch.
 
-AFM trains on SD-VAE latents x 0.18215 (paper section 4.1; spec section 11): 256x256x3 images in
-[-1, 1] become 32x32x4 latents. This file is diffusers' AutoencoderKL (encoder, decoder,
-quant_conv, post_quant_conv) with diffusers' current parameter names, so weights load without
-diffusers. `load_vae` reads .safetensors (parsed here, no safetensors package), .bin, .pt, .pth
-and .ckpt files in any of the three layouts the published VAEs ship in:
-  - diffusers current: `...attentions.0.to_q/to_k/to_v/to_out.0`          (what state_dict() gives)
-  - diffusers legacy:  `...attentions.0.query/key/value/proj_attn`        (sd-vae-ft-mse .bin)
-  - LDM / CompVis:     `encoder.down.0.block.0...`, `mid.attn_1.q` (1x1 convs), `decoder.up.N`
-                       (vae-ft-mse-840000-ema-pruned.ckpt, or a full SD checkpoint's
-                       `first_stage_model.*`)
+AFM trains on SD-VAE latents x 0.18215 (paper section 4.1; spec section 11): 256x256x3 images in [-1, 1]
+become 32x32x4 latents. The modules take and give unscaled latents; `encode(vae, x)` and `decode(vae, z)`
+apply the scaling (z = latent * SCALE) and are what the other scripts call. Parameter names are diffusers'
+current ones, and `load_vae` reads .safetensors (parsed here, no safetensors package), .bin, .pt, .pth and
+.ckpt files in the three layouts the published VAEs ship in (see _RENAMES): diffusers current
+(`attentions.0.to_q`), diffusers legacy (`attentions.0.query`: sd-vae-ft-mse's .bin) and LDM / CompVis
+(`encoder.down.0.block.0`: vae-ft-mse-840000-ema-pruned.ckpt, or a full SD checkpoint's `first_stage_model.*`).
 
     python vae.py                                          # self-check: shapes, parameter count
     python vae.py --ckpt vae-ft-mse-840000-ema-pruned.safetensors --image cat.png   # reconstruct
-
-The modules take and give unscaled latents; `encode(vae, x)` and `decode(vae, z)` below apply
-the scaling (z = latent * SCALE) and are what the other scripts call.
 """
 
 import argparse
@@ -34,7 +28,7 @@ SCALE = 0.18215  # SD-VAE latent scaling factor (scaling_factor in sd-vae-ft-mse
 
 
 # --------------------------------------------------------------------------------------
-# Blocks (diffusers' ResnetBlock2D, Downsample2D / Upsample2D, Attention, mid block)
+# AutoencoderKL and its blocks (diffusers' ResnetBlock2D, Downsample2D / Upsample2D, Attention, mid block)
 # --------------------------------------------------------------------------------------
 
 
@@ -96,11 +90,8 @@ class Stage(nn.Module):
     def __init__(self, cin, cout, n, groups, resample=None):
         super().__init__()
         self.resnets = nn.ModuleList([ResnetBlock(cin if i == 0 else cout, cout, groups) for i in range(n)])
-        # lists of one module, as in diffusers: that is where the `.0.` in `downsamplers.0.conv` comes from
-        if resample == "down":
-            self.downsamplers = nn.ModuleList([Resample(cout, down=True)])
-        elif resample == "up":
-            self.upsamplers = nn.ModuleList([Resample(cout, down=False)])
+        if resample:  # a list of one, as in diffusers: the `.0.` in `downsamplers.0.conv`, `upsamplers.0.conv`
+            setattr(self, resample + "samplers", nn.ModuleList([Resample(cout, down=resample == "down")]))
 
     def forward(self, x):
         for r in self.resnets:
@@ -118,11 +109,6 @@ class MidBlock(nn.Module):
 
     def forward(self, x):
         return self.resnets[1](self.attentions[0](self.resnets[0](x)))
-
-
-# --------------------------------------------------------------------------------------
-# Encoder, decoder, AutoencoderKL
-# --------------------------------------------------------------------------------------
 
 
 class Encoder(nn.Module):
@@ -167,9 +153,8 @@ class AutoencoderKL(nn.Module):
     def __init__(self, in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
                  layers_per_block=2, norm_num_groups=32):
         super().__init__()  # defaults = sd-vae-ft-mse's config
-        chans = tuple(block_out_channels)
-        self.encoder = Encoder(in_channels, latent_channels, chans, layers_per_block, norm_num_groups)
-        self.decoder = Decoder(latent_channels, out_channels, chans, layers_per_block, norm_num_groups)
+        self.encoder = Encoder(in_channels, latent_channels, block_out_channels, layers_per_block, norm_num_groups)
+        self.decoder = Decoder(latent_channels, out_channels, block_out_channels, layers_per_block, norm_num_groups)
         self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
 
@@ -184,46 +169,35 @@ class AutoencoderKL(nn.Module):
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
         """Accepts all three layouts (see convert_state_dict); a mismatch raises one line."""
-        sd = convert_state_dict(state_dict)
-        if strict:
-            own = self.state_dict()
-            missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-            shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
-                      for k in own if k in sd and sd[k].shape != own[k].shape]
-            if missing or unexpected or shapes:
-                def few(keys):  # a count and the first three: the error stays one readable line
-                    return f"{len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-                raise RuntimeError(
-                    "AutoencoderKL.load_state_dict: keys do not match this config in any known layout "
-                    "(diffusers current/legacy, LDM, optionally under first_stage_model.): "
-                    f"unexpected {few(unexpected)}; missing {few(missing)}; shape mismatches {few(shapes)}")
+        sd, own = convert_state_dict(state_dict), self.state_dict()
+        bad = {"unexpected": sorted(set(sd) - set(own)), "missing": sorted(set(own) - set(sd)),
+               "shape mismatches": [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+                                    for k in own if k in sd and sd[k].shape != own[k].shape]}
+        if strict and any(bad.values()):  # a count and the first three of each: the error stays one readable line
+            raise RuntimeError("AutoencoderKL.load_state_dict: keys do not match this config in any known layout "
+                               "(diffusers current/legacy, LDM, optionally under first_stage_model.): " +
+                               "; ".join(f"{what} {len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                                         for what, keys in bad.items()))
         return super().load_state_dict(sd, strict=strict, assign=assign)
 
 
 # --------------------------------------------------------------------------------------
-# Key layouts: legacy diffusers and LDM -> current diffusers
+# Loading: legacy diffusers and LDM keys -> current diffusers; safetensors without the package
 # --------------------------------------------------------------------------------------
 
-# Renames applied in order to every key; keys already in the current layout match none of them,
-# so converting twice is harmless. Legacy diffusers (AttentionBlock, diffusers < 0.14) differs only
-# in the four attention projections. LDM names everything differently but the tensors are the same:
-#   encoder.down.I.block.J / .downsample  -> encoder.down_blocks.I.resnets.J / .downsamplers.0
-#   {enc,dec}.mid.block_1, attn_1, block_2 -> mid_block.resnets.0, attentions.0, resnets.1
-#   attn_1.norm, q, k, v, proj_out         -> group_norm, to_q, to_k, to_v, to_out.0
-#   nin_shortcut, norm_out                 -> conv_shortcut, conv_norm_out
-# (decoder.up.I is handled in convert_state_dict: its numbering runs the other way.)
+# Renames applied in order to every key; keys already in the current layout match none of them, so
+# converting twice is harmless. Legacy diffusers (AttentionBlock, diffusers < 0.14) differs only in the
+# attention's projections; LDM names everything differently but the tensors are the same. (decoder.up.I
+# is handled in convert_state_dict: its numbering runs the other way.)
 _RENAMES = [
-    (r"\.attentions\.0\.query\.", ".attentions.0.to_q."),
-    (r"\.attentions\.0\.key\.", ".attentions.0.to_k."),
-    (r"\.attentions\.0\.value\.", ".attentions.0.to_v."),
-    (r"\.attentions\.0\.proj_attn\.", ".attentions.0.to_out.0."),
-    (r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets."),
+    (r"\.mid\.attn_1\.", ".mid_block.attentions.0."),  # LDM; its attention's own names follow
+    (r"\.attentions\.0\.norm\.", ".attentions.0.group_norm."),  # LDM
+    (r"\.attentions\.0\.(q|k|v)(uery|ey|alue)?\.", r".attentions.0.to_\1."),  # LDM q, k, v; legacy query, key, value
+    (r"\.attentions\.0\.(proj_out|proj_attn)\.", ".attentions.0.to_out.0."),  # LDM proj_out; legacy proj_attn
+    (r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets."),  # LDM from here on
     (r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0."),
     (r"\.mid\.block_1\.", ".mid_block.resnets.0."),
     (r"\.mid\.block_2\.", ".mid_block.resnets.1."),
-    (r"\.mid\.attn_1\.norm\.", ".mid_block.attentions.0.group_norm."),
-    (r"\.mid\.attn_1\.(q|k|v)\.", r".mid_block.attentions.0.to_\1."),
-    (r"\.mid\.attn_1\.proj_out\.", ".mid_block.attentions.0.to_out.0."),
     (r"\.nin_shortcut\.", ".conv_shortcut."),
     (r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out."),
 ]
@@ -231,12 +205,9 @@ _PREFIX = "first_stage_model."  # the VAE inside a full LDM / SD checkpoint
 
 
 def convert_state_dict(sd):
-    """A state dict in any known layout -> diffusers' current layout (our own state_dict() keys).
-
-    A full SD checkpoint keeps only its `first_stage_model.*` keys. `loss.*` (LPIPS and
-    discriminator weights) and `model_ema.*` (decay, num_updates) are dropped: LDM's VAE training
-    checkpoints, vae-ft-mse-840000-ema-pruned.ckpt included, carry them beside the autoencoder.
-    """
+    """A state dict in any known layout -> diffusers' current layout (our own state_dict() keys). A full SD
+    checkpoint keeps only its `first_stage_model.*` keys; `loss.*` (LPIPS, discriminator) and `model_ema.*` are
+    dropped: LDM's VAE training checkpoints, vae-ft-mse-840000-ema-pruned.ckpt included, carry them beside it."""
     if any(k.startswith(_PREFIX) for k in sd):
         sd = {k[len(_PREFIX):]: v for k, v in sd.items() if k.startswith(_PREFIX)}
     sd = {k: v for k, v in sd.items() if not k.startswith(("loss.", "model_ema."))}
@@ -258,19 +229,15 @@ def convert_state_dict(sd):
     return out
 
 
-# --------------------------------------------------------------------------------------
-# Files: safetensors without the package, torch pickles, config from the keys
-# --------------------------------------------------------------------------------------
-
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
               "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def load_safetensors(path):
-    """The safetensors format: u64 little-endian header size N, N bytes of JSON
-    {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}, then raw
-    little-endian tensor bytes, offsets counted from the end of the header."""
+    """The safetensors format: u64 little-endian header size N, N bytes of JSON {name: {"dtype", "shape",
+    "data_offsets": [begin, end]}, "__metadata__": {...}}, then raw little-endian tensor bytes, offsets
+    counted from the end of the header."""
     if sys.byteorder != "little":
         raise RuntimeError("load_safetensors: big-endian hosts are not supported")
     with open(path, "rb") as f:
@@ -281,10 +248,9 @@ def load_safetensors(path):
     if 8 + n > len(data):
         raise ValueError(f"header size {n} runs past the end of the file ({len(data)} bytes)")
     header = json.loads(data[8:8 + n].decode("utf-8"))
+    header.pop("__metadata__", None)
     out = {}
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
         if info["dtype"] not in _ST_DTYPES:
             raise ValueError(f"tensor {name!r} has unsupported dtype {info['dtype']}")
         dtype, shape, (begin, end) = _ST_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
@@ -310,12 +276,9 @@ def _infer_config(sd):
 
 
 def load_vae(path, device="cpu", dtype=torch.float32, norm_num_groups=32):
-    """Frozen AutoencoderKL (eval, requires_grad False) from a .safetensors/.bin/.pt/.pth/.ckpt file.
-
-    The config (widths, levels, resnets per level, channels) is read from the weights' shapes, so any
-    AutoencoderKL-shaped VAE loads; norm_num_groups cannot be, and is 32 in every SD VAE. Pickles
-    load with weights_only=True: a .ckpt that pickles other objects fails (convert it to safetensors).
-    """
+    """Frozen AutoencoderKL (eval, requires_grad False) from a .safetensors/.bin/.pt/.pth/.ckpt file. The config
+    is read from the weights' shapes, so any AutoencoderKL-shaped VAE loads; norm_num_groups cannot be (32 in
+    every SD VAE). Pickles load with weights_only=True: a .ckpt pickling other objects fails (make it safetensors)."""
     expected = "an AutoencoderKL checkpoint (.safetensors, .bin, .pt, .pth or .ckpt)"
     if not os.path.isfile(path):
         raise FileNotFoundError(f"load_vae: no such file {path!r}; expected {expected}")
@@ -384,11 +347,10 @@ def main(args):
     """Self-check (shapes, a strict state-dict round trip, sd-vae-ft-mse's parameter count); with --ckpt and
     --image, a reconstruction of the image and its PSNR (a check of a downloaded VAE)."""
     torch.manual_seed(0)
-    small = AutoencoderKL(block_out_channels=(32, 32, 64, 64), layers_per_block=1).eval()
+    small, again = (AutoencoderKL(block_out_channels=(32, 32, 64, 64), layers_per_block=1).eval() for _ in "ab")
+    again.load_state_dict(small.state_dict())
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     mean = small.encode(x)[0]
-    again = AutoencoderKL(block_out_channels=(32, 32, 64, 64), layers_per_block=1).eval()
-    again.load_state_dict(small.state_dict())
     assert mean.shape == (2, 4, 8, 8) and small.decode(mean).shape == x.shape and torch.equal(again.encode(x)[0], mean)
     with torch.device("meta"):  # the full sd-vae-ft-mse config, without allocating its weights
         n = sum(p.numel() for p in AutoencoderKL().parameters())
