@@ -88,11 +88,11 @@ def bench_train(args, device):
     if args.compile:  # regional, as train.py: one compiled graph for all blocks (per input shape)
         G.compile_blocks(), D.compile_blocks()
     dt, t_warm = timed(pair, device, 3, lambda n, t: n >= args.iters)  # 3 warm-up steps (and compilation)
-    mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
+    mem = f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB" if device.type == "cuda" else "- (cpu)"
     print(f"train {args.recipe} {args.model} batch {B} {args.precision}{' compile' if args.compile else ''} on "
           f"{where(device)}: D+G step {dt * 1000:.1f} ms, {B / dt:.1f} img/s (one image = one D and one G step), "
           f"{flops / dt / 1e12:.2f} TFLOP/s ({flops / 1e9:.1f} GFLOP per D+G step), warm-up {t_warm:.0f} s, "
-          f"peak mem {mem:.1f} GiB", flush=True)
+          f"peak mem {mem}", flush=True)
     if args.profile:  # where the time goes: operators by total time, and a trace for chrome://tracing
         acts = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * (device.type == "cuda")
         with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
