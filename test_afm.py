@@ -2013,7 +2013,7 @@ def eval_worker(rank, argv, port):
     T.main(*T.resolve(argv))
 
 
-def test_in_loop_evaluation_over_two_processes(tmp_path, capsys):
+def test_in_loop_evaluation_over_two_processes(tmp_path, capsys, monkeypatch):
     """--eval-every with --eval-ref: FID and IS of exactly --eval-samples class-balanced EMA samples, split over
     2 gloo processes, equal the numbers computed here from the checkpoint; the digits' pixel report beside them;
     curves.png drawn. A missing reference stops the run before it starts, with one line."""
@@ -2026,6 +2026,11 @@ def test_in_loop_evaluation_over_two_processes(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         T.resolve(argv[:-1] + [str(tmp_path / "missing.npz")])
     assert e.value.code == 2 and "--eval-ref" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+    (tmp_path / "bad.npz").write_text("not an npz")  # exists, unreadable: found when the reference is read
+    monkeypatch.setattr(fid, "load_inception", lambda path=None, device="cpu": InceptionStandIn((6, 4, 5)))
+    with pytest.raises(SystemExit, match="--eval-ref .*bad.npz: not a readable"), one_thread():
+        T.main(*T.resolve(argv[:-1] + [str(tmp_path / "bad.npz")]))
+    assert not (tmp_path / "runs").exists()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
