@@ -552,14 +552,13 @@ def open_evaluation(s, data, vae, generator, device):
 
 
 @torch.no_grad()
-def evaluate(s, G, data, vae, shape, inception, ref, rank, world, device, amp):
+def evaluate(s, G, data, vae, shape, steps, inception, ref, rank, world, device, amp):
     """Class-balanced samples of the EMA generator, split over the ranks with sample.py's scheme (sample i has
     class i // (N / K) and noise seeded by (seed, i), so every evaluation sees the same noise), decoded to uint8
     images -> FID and Inception Score against --eval-ref; for data held in memory also fid.pixel_report."""
     N, K = s.eval_samples, data.num_classes
     labels = np.arange(N) // (N // K)
     mine, B = list(range(rank, N, world)), s.global_batch_size // world
-    steps = s.sample_steps or (1 if s.steps == "any" else s.steps)
     images = np.concatenate([to_uint8(sample_indices(G, mine[i:i + B], labels[mine[i:i + B]].tolist(), shape, steps,
                                                      s.pred, s.seed, B, vae, amp)) for i in range(0, len(mine), B)])
     part = {"idx": mine}
@@ -659,6 +658,8 @@ def main(s, ckpt=None, ckpt_path=None):
     grid_y = torch.arange(min(K, 10)).repeat_interleave(10 if K <= 10 else 1) if K > 1 else torch.zeros(100).long()
     grid_z = torch.randn(len(grid_y), C, H, H, generator=torch.Generator().manual_seed(s.seed))  # fixed noise
     grid_vae = vae if data.space == "latent" or encode_batches else None  # to decode latent samples
+    nfe = s.sample_steps or (1 if s.steps == "any" else s.steps)  # of the grids and the evaluations
+    evaluating = afm is not None and s.eval_every and (inception is not None or hasattr(data, "tensors"))
     received = []  # signals this process got: the loop stops at the next step all ranks agree on
     handlers = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -716,14 +717,12 @@ def main(s, ckpt=None, ckpt_path=None):
             write_log(run_dir, {"step": step, **means}, rank, plot=step % s.ckpt_every == 0 or step == s.max_steps)
             logs, t0, window = {}, time.time(), 0
         if afm is not None and rank == 0 and s.sample_every and (step % s.sample_every == 0 or step == s.max_steps):
-            x = sample_images(ema, grid_z.to(device), grid_y.to(device), s.sample_steps or (
-                1 if s.steps == "any" else s.steps), s.pred, grid_vae, amp)
+            x = sample_images(ema, grid_z.to(device), grid_y.to(device), nfe, s.pred, grid_vae, amp)
             if x.shape[1] == 3:
                 save_grid(x, os.path.join(run_dir, f"samples_{step:07d}.png"), nrow=10)
-        evaluating = inception is not None or hasattr(data, "tensors")
-        if afm is not None and evaluating and s.eval_every and (step % s.eval_every == 0 or step == s.max_steps):
+        if evaluating and (step % s.eval_every == 0 or step == s.max_steps):
             t_eval = time.time()
-            metrics = evaluate(s, ema, data, grid_vae, (C, H, H), inception, ref, rank, world, device, amp)
+            metrics = evaluate(s, ema, data, grid_vae, (C, H, H), nfe, inception, ref, rank, world, device, amp)
             t0 += time.time() - t_eval  # evaluation time is not training time: excluded from it/s
             print0(f"eval {step:07d} | " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()) +
                    f" | {time.time() - t_eval:.1f} s")
