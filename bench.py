@@ -18,7 +18,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn as nn
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 from torch.utils.flop_counter import FlopCounterMode
@@ -31,8 +30,10 @@ from sample import sample_images, sample_indices, to_uint8
 from vae import AutoencoderKL, encode, load_vae
 
 
-def where(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+def where(device, args=None):
+    """The device for a printed line; given args, after the precision and --compile: 'bf16 compile on NVIDIA H200'."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    return name if args is None else f"{args.precision}{' compile' if args.compile else ''} on {name}"
 
 
 def sync(device):
@@ -78,7 +79,7 @@ def bench_train(args, device):
                 with amp:
                     loss = afm.d_loss(G, D, x0, y, 0)[0] if d_step else afm.g_loss(G, D, x0, y, 0)[0]
                 loss.backward()
-            nn.utils.clip_grad_norm_(net.parameters(), s.clip)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), s.clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
 
@@ -89,10 +90,9 @@ def bench_train(args, device):
         G.compile_blocks(), D.compile_blocks()
     dt, t_warm = timed(pair, device, 3, lambda n, t: n >= args.iters)  # 3 warm-up steps (and compilation)
     mem = f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB" if device.type == "cuda" else "- (cpu)"
-    print(f"train {args.recipe} {args.model} batch {B} {args.precision}{' compile' if args.compile else ''} on "
-          f"{where(device)}: D+G step {dt * 1000:.1f} ms, {B / dt:.1f} img/s (one image = one D and one G step), "
-          f"{flops / dt / 1e12:.2f} TFLOP/s ({flops / 1e9:.1f} GFLOP per D+G step), warm-up {t_warm:.0f} s, "
-          f"peak mem {mem}", flush=True)
+    print(f"train {args.recipe} {args.model} batch {B} {where(device, args)}: D+G step {dt * 1000:.1f} ms, "
+          f"{B / dt:.1f} img/s (one image = one D and one G step), {flops / dt / 1e12:.2f} TFLOP/s "
+          f"({flops / 1e9:.1f} GFLOP per D+G step), warm-up {t_warm:.0f} s, peak mem {mem}", flush=True)
     if args.profile:  # where the time goes: operators by total time, and a trace for chrome://tracing
         acts = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * (device.type == "cuda")
         with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
@@ -109,19 +109,18 @@ def bench_train(args, device):
 
 def bench_sample(args, device):
     """Images/s of sampling --model (+ SD-VAE decoding with --vae), as sample.py does it."""
-    steps = int(args.steps or 1)
+    B, steps = args.batch_size, int(args.steps or 1)
     C, H, K = latent_shape(args)
     G = Generator(**models[args.model], input_size=H, in_channels=C, num_classes=K, use_t_src=steps > 1,
                   repeat=args.repeat).to(device).eval().requires_grad_(False)
     vae = load_vae(args.vae, device) if args.vae and C == 4 else None
     G.compile_blocks() if args.compile else None
-    z, y = torch.randn(args.batch_size, C, H, H, device=device), torch.randint(0, K, (args.batch_size,), device=device)
+    z, y = torch.randn(B, C, H, H, device=device), torch.randint(0, K, (B,), device=device)
     amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
     dt = timed(lambda: (sample_images(G, z, y, steps, "x" if steps == 1 else "v", vae, amp), sync(device)), device,
                2, lambda n, t: n >= 3 and t >= 5)[0]  # 2 warm-up batches, then at least 3 batches and 5 s
     what = f"{args.model}{f' x{args.repeat}' if args.repeat > 1 else ''} {C}x{H}x{H}, {steps} NFE"
-    print(f"sample {what}{' + VAE decode' if vae else ''}, batch {args.batch_size}, {args.precision}"
-          f"{' compile' if args.compile else ''} on {where(device)}: {args.batch_size / dt:.1f} images/s "
+    print(f"sample {what}{' + VAE decode' if vae else ''}, batch {B}, {where(device, args)}: {B / dt:.1f} images/s "
           f"({dt * 1000:.1f} ms per batch)", flush=True)
 
 
@@ -161,21 +160,19 @@ def bench_fid(args, device):
     fid.frechet_distance(s["mu"], s["sigma"], r["mu"], r["sigma"]), fid.frechet_distance(
         s["mu_s"], s["sigma_s"], r["mu_s"], r["sigma_s"])
     times["FID + sFID (sqrtm)"] = time.time() - t0
-    print(f"fid {args.model} {N} samples, batch {B}, {args.precision}{' compile' if args.compile else ''} on "
-          f"{where(device)}: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()) +
-          f"; total {sum(times.values()) / 60:.2f} min", flush=True)
+    print(f"fid {args.model} {N} samples, batch {B}, {where(device, args)}: " + ", ".join(
+        f"{k} {v:.1f} s" for k, v in times.items()) + f"; total {sum(times.values()) / 60:.2f} min", flush=True)
 
 
 def bench_data(args, device):
     """Training batches per second: raw images (decode, crop, flip, VAE encode) against the latent cache."""
     tmp = tempfile.TemporaryDirectory()
-    vae_path, data = args.vae, args.data
-    if vae_path is None:  # tiny random VAE with SD's /8 latents: compares pipelines, not VAEs
-        vae_path = os.path.join(tmp.name, "tiny_vae.pt")
+    vae_path, data = args.vae or os.path.join(tmp.name, "tiny_vae.pt"), args.data or os.path.join(tmp.name, "images")
+    if not args.vae:  # tiny random VAE with SD's /8 latents: compares pipelines, not VAEs
         torch.save(AutoencoderKL(block_out_channels=(32,) * 4, layers_per_block=1, norm_num_groups=8).state_dict(),
                    vae_path)
-    if data is None:  # smooth noisy JPEGs of ImageNet-like sizes: decode + crop cost as there
-        rng, data = np.random.default_rng(0), os.path.join(tmp.name, "images")
+    if not args.data:  # smooth noisy JPEGs of ImageNet-like sizes: decode + crop cost as there
+        rng = np.random.default_rng(0)
         for i in range(2 * args.batch_size):
             w, h = rng.integers(300, 600, 2)
             arr = np.linspace(0, 255, w)[None, :, None] * rng.random(3) + rng.normal(0, 20, (h, w, 3))  # (h, w, 3)

@@ -87,9 +87,8 @@ def print0(*a, **k):
 
 
 def save_atomic(obj, path, save=torch.save):
-    """`save(obj, path)` under a temporary name, then a rename: a crash mid-write never leaves half a file
-    under the real name and never destroys the previous file of that name. A failed write (a full disk)
-    removes the partial file and stops with one line."""
+    """`save(obj, path)` under a temporary name, then a rename: a crash mid-write never leaves half a file under the
+    real name, nor destroys the previous one. A failed write (a full disk) removes the partial file: one-line exit."""
     try:
         save(obj, path + ".tmp")
         os.replace(path + ".tmp", path)
@@ -114,9 +113,8 @@ def save_npz(path, **arrays):
 
 
 def read_checkpoint(path, flag):
-    """torch.load of a checkpoint file onto the CPU, plain tensors only, memory-mapped (reading the step of a large
-    file is then cheap) unless it has the pre-zip torch.save format, which cannot be. Anything unreadable: a
-    ValueError naming flag and file."""
+    """torch.load of a checkpoint onto the CPU, plain tensors only, memory-mapped (reading a large file's step is then
+    cheap) unless in torch's pre-zip format, which cannot be. Anything unreadable: a ValueError naming flag and file."""
     if not os.path.isfile(path):
         raise ValueError(f"{flag} {path}: no such file")
     try:
@@ -177,9 +175,9 @@ class IndexStream:
 
 
 def batches(dataset, stream, batch_size, workers):
-    """Yield (x, y) batches. In-memory datasets (the digits) are indexed directly; the others go
-    through a DataLoader fed by the stream (per-item randomness, e.g. flips, then comes from the
-    worker seeds, so only the index order is exactly resumable)."""
+    """Yield (x, y) batches. In-memory datasets (`tensors`: the digits, small npz files) are indexed directly; the
+    others go through a DataLoader fed by the stream (per-item randomness, e.g. flips, then comes from the worker
+    seeds, so only the index order is exactly resumable)."""
     if hasattr(dataset, "tensors"):
         xs, ys = dataset.tensors
         it = iter(stream)
@@ -194,13 +192,26 @@ def batches(dataset, stream, batch_size, workers):
 
 
 # --------------------------------------------------------------------------------------
-# Image folder with ADM's preprocessing (guided-diffusion's center_crop_arr, as the release)
+# Datasets: the digits, an image folder (ADM's preprocessing), an npz of images, a latent cache. Each has
+# num_classes, shape (C, H, W) of x, space ("pixel" | "latent"), class_names and skipped (unreadable files).
 # --------------------------------------------------------------------------------------
 
 
+class Digits(TensorDataset):  # `tensors`: batches() indexes whole batches at once
+    """1797 8x8 digits, ink 0..16 -> [-1, 1]. No flip: mirrored handwriting is another glyph."""
+
+    space, num_classes, shape, skipped, flip = "pixel", 10, (1, 8, 8), 0, False
+    class_names = [str(d) for d in range(10)]
+
+    def __init__(self):
+        d = np.load(DIGITS)
+        super().__init__(torch.from_numpy(d["images"]).float()[:, None] / 8 - 1,  # (N, 1, 8, 8)
+                         torch.from_numpy(d["labels"]).long())
+
+
 def center_crop_arr(img: Image.Image, size: int) -> np.ndarray:
-    # Halve with a box filter while the short side stays >= 2 * size, so the one bicubic step
-    # below never shrinks by 2x or more (aliasing). Sides round down, as ADM: odd sizes match.
+    # ADM's crop (guided-diffusion), as the release: halve with a box filter while the short side stays >= 2 * size,
+    # so the one bicubic step below never shrinks by 2x or more (aliasing). Sides round down, as ADM: odd sizes match.
     while min(img.size) >= 2 * size:
         img = img.resize((img.width // 2, img.height // 2), resample=Image.BOX)
     s = size / min(img.size)  # short side -> size; the long side is Python-round()ed, as ADM
@@ -281,24 +292,6 @@ class ImageFolder(Dataset):
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1, self.labels[j]
 
 
-# --------------------------------------------------------------------------------------
-# Digits, latent cache, build_dataset. Every dataset has num_classes, shape (C, H, W) of x,
-# space ("pixel" | "latent"), class_names and skipped (unreadable files left out).
-# --------------------------------------------------------------------------------------
-
-
-class Digits(TensorDataset):  # `tensors`: batches() indexes whole batches at once
-    """1797 8x8 digits, ink 0..16 -> [-1, 1]. No flip: mirrored handwriting is another glyph."""
-
-    space, num_classes, shape, skipped, flip = "pixel", 10, (1, 8, 8), 0, False
-    class_names = [str(d) for d in range(10)]
-
-    def __init__(self):
-        d = np.load(DIGITS)
-        super().__init__(torch.from_numpy(d["images"]).float()[:, None] / 8 - 1,  # (N, 1, 8, 8)
-                         torch.from_numpy(d["labels"]).long())
-
-
 def npz_array(path, key, max_bytes):
     """npz[key]: read into memory up to max_bytes, else memory-mapped in place (np.savez stores arrays
     uncompressed: the .npy member's data is a contiguous run of the file)."""
@@ -318,10 +311,10 @@ def npz_array(path, key, max_bytes):
 
 
 class ArrayImages(Dataset):
-    """Images in an npz, the ADM / sample.py format (CIFAR-10 users keep theirs so): arr_0 uint8 (N, H, W, C)
-    with C 1 or 3 and H == W, optional arr_1 int labels (N,) (without them: one class). Random horizontal flip
-    p=0.5. Up to 2 GiB of floats it is held in memory (`tensors`, indexed by whole batches like the digits);
-    larger files are memory-mapped and read through the DataLoader."""
+    """Images in an npz, the ADM / sample.py format (CIFAR-10 users keep theirs so): arr_0 uint8 (N, H, W, C) with
+    C 1 or 3 and H == W, optional arr_1 int labels (N,) (without them: one class). Random horizontal flip p=0.5.
+    Up to 2 GiB of floats it is held in memory (`tensors`), larger files are memory-mapped. Training reads the images
+    as they are; image_size is that of load()'s crops, for the cache writer."""
 
     space, skipped = "pixel", 0
 
@@ -361,6 +354,41 @@ class ArrayImages(Dataset):
         return x, self.y[i]
 
 
+def build_dataset(data, image_size=256, vae_path=None, unconditional=False):
+    """"digits", an npz of images, a latent cache (a folder with meta.json), or an image folder."""
+    if data == "digits":
+        return Digits()
+    if os.path.isfile(os.path.join(data, "meta.json")):
+        return LatentCache(data, vae_path, image_size)
+    if data.endswith(".npz") and not os.path.isdir(data):
+        return ArrayImages(data, flip=True, unconditional=unconditional)
+    return ImageFolder(data, image_size, unconditional=unconditional)
+
+
+def open_data(data, image_size=256, vae_path=None, device="cpu", unconditional=False):
+    """(dataset, VAE or None, encode per batch?, C, H): the dataset and what the networks see, pixels or
+    SD-VAE latents (cached, or encoded per batch from images). Bad input: one line naming the flag."""
+    try:
+        ds = build_dataset(data, image_size, vae_path, unconditional)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: --data {data}: {e}")
+    try:
+        vae = load_vae(vae_path, device) if vae_path else None
+    except (RuntimeError, FileNotFoundError) as e:
+        raise SystemExit(f"error: --vae {vae_path}: {e}")
+    C, H, _ = ds.shape
+    encode = ds.space == "pixel" and vae is not None
+    if encode:  # the latent shape, read off one encoding (any VAE depth)
+        C, H = vae.encode(torch.zeros(1, C, H, H, device=device))[0].shape[1:3]
+    return ds, vae, encode, C, H
+
+
+# --------------------------------------------------------------------------------------
+# Latent cache: checked, read, written. Shard k holds files [k * shard_size, (k + 1) * shard_size) of the
+# sorted list (minus unreadable ones), so a rerun knows what is done; rank r writes k = r mod world.
+# --------------------------------------------------------------------------------------
+
+
 def vae_identity(path):
     """Name, size, sha256 of the first and last 4 MiB: cheap, and it tells apart VAEs that differ
     only in the decoder (stored last), as sd-vae-ft-ema and sd-vae-ft-mse do."""
@@ -393,8 +421,8 @@ def check_cache(cache_dir, vae_path=None, image_size=None):
 class LatentCache(Dataset):
     space = "latent"
 
-    def __init__(self, root):
-        m = self.meta = check_cache(root)
+    def __init__(self, root, vae_path=None, image_size=None):  # the VAE and size, if given, are checked too
+        m = self.meta = check_cache(root, vae_path, image_size)
         if not m["complete"]:
             raise ValueError(f"latent cache {root} is incomplete: rerun the command that made it")
         self.root, self.shape = root, tuple(m["latent_shape"])
@@ -426,42 +454,6 @@ class LatentCache(Dataset):
         f = int(torch.randint(2, ()))
         mean, std = s["mean"][j, f].float(), s["std"][j, f].float()  # (C, h, w)
         return (mean + std * torch.randn(self.shape)) * SCALE, int(s["label"][j])
-
-
-def build_dataset(data, image_size=256, vae_path=None, unconditional=False):
-    """"digits", an npz of images, a latent cache (a folder with meta.json), or an image folder."""
-    if data == "digits":
-        return Digits()
-    if os.path.isfile(os.path.join(data, "meta.json")):
-        check_cache(data, vae_path, image_size)
-        return LatentCache(data)
-    if data.endswith(".npz") and not os.path.isdir(data):
-        return ArrayImages(data, flip=True, unconditional=unconditional)
-    return ImageFolder(data, image_size, unconditional=unconditional)
-
-
-def open_data(data, image_size=256, vae_path=None, device="cpu", unconditional=False):
-    """(dataset, VAE or None, encode per batch?, C, H): the dataset and what the networks see, pixels or
-    SD-VAE latents (cached, or encoded per batch from images). Bad input: one line naming the flag."""
-    try:
-        ds = build_dataset(data, image_size, vae_path, unconditional)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: --data {data}: {e}")
-    try:
-        vae = load_vae(vae_path, device) if vae_path else None
-    except (RuntimeError, FileNotFoundError) as e:
-        raise SystemExit(f"error: --vae {vae_path}: {e}")
-    C, H, _ = ds.shape
-    encode = ds.space == "pixel" and vae is not None
-    if encode:  # the latent shape, read off one encoding (any VAE depth)
-        C, H = vae.encode(torch.zeros(1, C, H, H, device=device))[0].shape[1:3]
-    return ds, vae, encode, C, H
-
-
-# --------------------------------------------------------------------------------------
-# Cache writer: shard k holds files [k * shard_size, (k + 1) * shard_size) of the sorted
-# list (minus unreadable ones), so a rerun knows what is done; rank r writes k = r mod world.
-# --------------------------------------------------------------------------------------
 
 
 def encode_moments(vae, x):

@@ -70,8 +70,7 @@ class BasicConv2d(nn.Module):
 
 
 class Convs(nn.Module):
-    """BasicConv2d layers given as name=(cin, cout[, kernel, stride, same]), named as torchvision names them (the
-    weight files' keys)."""
+    """BasicConv2d layers given as name=(cin, cout[, kernel, stride, same]); torchvision's names (the files' keys)."""
 
     def __init__(self, **convs):
         super().__init__()
@@ -240,64 +239,62 @@ def compute_features(model, images, batch_size=250, device=None, progress=True):
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(device)
     single = isinstance(images, (np.ndarray, torch.Tensor))  # one array: split into batches below
-    out = {"pool3": [], "spatial": [], "logits": []}
+    feats = []  # per chunk: [pool3, spatial, logits]
     with torch.inference_mode(), exact_fp32(), tqdm(total=len(images) if single else None, unit="img",
                                                     desc="Inception", disable=not progress) as bar:
         for batch in [images] if single else images:
             batch = torch.as_tensor(batch)
             if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
                 raise ValueError(f"expected uint8 (N, H, W, 3) image batches, got {batch.dtype} {tuple(batch.shape)}")
-            for chunk in batch.split(batch_size):
-                feats = model(chunk.to(device).permute(0, 3, 1, 2))  # (n, 3, H, W) in
-                for key, f in zip(out, feats):
-                    out[key].append(f.float().cpu().numpy())
+            for chunk in batch.split(batch_size):  # (n, H, W, 3) -> the network's (n, 3, H, W)
+                feats.append([f.float().cpu().numpy() for f in model(chunk.to(device).permute(0, 3, 1, 2))])
                 bar.update(len(chunk))
-    return {k: np.concatenate(v) if v else np.zeros((0, d), np.float32)
-            for (k, v), d in zip(out.items(), (POOL3, SPATIAL, 1008))}
+    return {k: np.concatenate([f[i] for f in feats]) if feats else np.zeros((0, d), np.float32)
+            for i, (k, d) in enumerate({"pool3": POOL3, "spatial": SPATIAL, "logits": 1008}.items())}
 
 
-def _read_npz(path):
-    """An ADM npz: `arr_0` uint8 (N, H, W, 3) images and/or all of the statistics mu, sigma, mu_s, sigma_s."""
+def _read_batch(path):
+    """A batch in ADM's format, an npz (samples or a reference) or a folder of PNG/JPEG files (sorted paths, one
+    size) -> dict of `arr_0` uint8 (N, H, W, 3) images and/or all of the statistics mu, sigma, mu_s, sigma_s."""
+    if os.path.isdir(path):
+        paths = sorted(os.path.join(d, n) for d, _, names in os.walk(path) for n in names
+                       if n.lower().endswith((".png", ".jpg", ".jpeg")))
+        if not paths:
+            raise ValueError(f"{path}: no PNG/JPEG images in this folder")
+        images = []
+        for p in tqdm(paths, unit="img", desc="reading"):
+            with Image.open(p) as im:
+                images.append(np.asarray(im.convert("RGB")))
+            if images[-1].shape != images[0].shape:
+                raise ValueError(f"{p}: size {images[-1].shape[:2]} differs from {paths[0]}'s "
+                                 f"{images[0].shape[:2]}; all images must have one size (resize or crop them first)")
+        return {"arr_0": np.stack(images)}  # (N, H, W, 3)
     stat_shapes = {"mu": (POOL3,), "sigma": (POOL3, POOL3), "mu_s": (SPATIAL,), "sigma_s": (SPATIAL, SPATIAL)}
     try:
         with np.load(path, allow_pickle=False) as f:  # a bare .npy array has no `with`: also an error
             files = f.files
-            data = {k: f[k] for k in files if k == "arr_0" or k in stat_shapes}
+            data = {k: f[k] for k in (*stat_shapes, "arr_0") if k in files}  # the checks' order below
     except Exception:
         raise ValueError(f"{path}: {'not a readable .npz file' if os.path.exists(path) else 'no such file'}") from None
     if not data or len(data) - ("arr_0" in data) not in (0, 4):  # images, all four statistics, or both
         raise ValueError(f"{path}: expected 'arr_0' (uint8 images N,H,W,3) and/or all of mu, sigma, mu_s, sigma_s; "
                          f"found keys {sorted(files)}")
-    for k, shape in stat_shapes.items():
-        if k in data and (data[k].shape != shape or data[k].dtype.kind != "f"):
-            raise ValueError(f"{path}: '{k}' should be float {shape}, got {data[k].dtype} {data[k].shape}")
-        if k in data and not np.isfinite(data[k]).all():
+    for k, v in data.items():
+        if k == "arr_0" and (v.dtype != np.uint8 or v.ndim != 4 or v.shape[-1] != 3):
+            raise ValueError(f"{path}: 'arr_0' should be uint8 images (N, H, W, 3), got {v.dtype} {v.shape}")
+        if k != "arr_0" and (v.shape != stat_shapes[k] or v.dtype.kind != "f"):
+            raise ValueError(f"{path}: '{k}' should be float {stat_shapes[k]}, got {v.dtype} {v.shape}")
+        if k != "arr_0" and not np.isfinite(v).all():
             raise ValueError(f"{path}: '{k}' holds non-finite values (NaN or inf)")
-    a = data.get("arr_0")
-    if a is not None and (a.dtype != np.uint8 or a.ndim != 4 or a.shape[-1] != 3):
-        raise ValueError(f"{path}: 'arr_0' should be uint8 images (N, H, W, 3), got {a.dtype} {a.shape}")
     return data
 
 
 def read_images(path):
     """uint8 (N, H, W, 3) from an npz's `arr_0` or from a folder of PNG/JPEG files (sorted paths, one size)."""
-    if not os.path.isdir(path):
-        data = _read_npz(path)
-        if "arr_0" not in data:
-            raise ValueError(f"{path}: expected images in 'arr_0' (uint8 N,H,W,3); found only statistics")
-        return data["arr_0"]
-    files = sorted(os.path.join(d, n) for d, _, names in os.walk(path) for n in names
-                   if n.lower().endswith((".png", ".jpg", ".jpeg")))
-    if not files:
-        raise ValueError(f"{path}: no PNG/JPEG images in this folder")
-    images = []
-    for p in tqdm(files, unit="img", desc="reading"):
-        with Image.open(p) as im:
-            images.append(np.asarray(im.convert("RGB")))
-        if images[-1].shape != images[0].shape:
-            raise ValueError(f"{p}: size {images[-1].shape[:2]} differs from {files[0]}'s {images[0].shape[:2]}; "
-                             f"all images must have one size (resize or crop them first)")
-    return np.stack(images)  # (N, H, W, 3)
+    data = _read_batch(path)
+    if "arr_0" not in data:
+        raise ValueError(f"{path}: expected images in 'arr_0' (uint8 N,H,W,3); found only statistics")
+    return data["arr_0"]
 
 
 def feature_stats(features):
@@ -312,10 +309,10 @@ def feature_stats(features):
 
 
 def reference_stats(path, model=None, batch_size=250, device=None, pool3=True):
-    """A reference batch (ADM npz with mu/sigma/mu_s/sigma_s and/or arr_0, a samples npz, or an image folder) ->
-    dict(mu, sigma, mu_s, sigma_s, pool3). Stored statistics win, as in ADM; pool3 (for precision/recall) comes from
-    the images in arr_0, and is None without them (or with pool3=False, when stored statistics suffice)."""
-    data = {"arr_0": read_images(path)} if os.path.isdir(path) else _read_npz(path)
+    """A reference batch (a path as _read_batch reads them, or its dict) -> dict(mu, sigma, mu_s, sigma_s, pool3).
+    Stored statistics win, as in ADM; pool3 (for precision/recall) comes from the images in arr_0, and is None
+    without them (or with pool3=False, when stored statistics suffice)."""
+    data = path if isinstance(path, dict) else _read_batch(path)
     ref = {k: data[k].astype(np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s") if k in data}
     ref["pool3"] = None
     if "arr_0" in data and (pool3 or "mu" not in ref):
@@ -361,12 +358,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 def inception_score(logits, split_size=5000):
     """exp(E KL(p(y|x) || p(y))) per chunk of split_size in file order, averaged; float32 like ADM's TF softmax."""
     preds = torch.softmax(torch.as_tensor(logits, dtype=torch.float32), 1).numpy()  # (N, 1008)
-    scores = []
-    for i in range(0, len(preds), split_size):
-        part = preds[i:i + split_size]
-        kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))
-        scores.append(np.exp(np.mean(np.sum(kl, 1))))
-    return float(np.mean(scores))
+    parts = [preds[i:i + split_size] for i in range(0, len(preds), split_size)]
+    kls = [np.sum(p * (np.log(p) - np.log(np.expand_dims(np.mean(p, 0), 0))), 1) for p in parts]  # (n,) per part
+    return float(np.mean([np.exp(np.mean(kl)) for kl in kls]))
 
 
 def _sqdist(u, v):
@@ -479,10 +473,9 @@ def main(args):
             save_npz(args.out, **feature_stats(feats), arr_0=images)
             print(f"wrote {args.out}: mu, sigma, mu_s, sigma_s and arr_0 {images.shape} from {args.make_ref}")
             return
-        if not os.path.isdir(args.ref):
-            _read_npz(args.ref)  # a bad reference fails here too, before any Inception work
+        ref = _read_batch(args.ref)  # a bad reference fails here too, before any Inception work
         model = load_inception(args.inception, device)
-        ref = reference_stats(args.ref, model, args.batch_size)
+        ref = reference_stats(ref, model, args.batch_size)
         m = evaluate(compute_features(model, images, args.batch_size), ref, device)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"fid.py: error: {e}")

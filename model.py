@@ -193,9 +193,9 @@ def token_head(hidden_size, out_features, bias):
 
 
 class DiT(nn.Module):
-    """Patch embedding + positions + adaLN-Zero blocks, with the embedders each variant needs.
-    Subclasses add their head and define forward. `grad_checkpointing = True` recomputes each
-    block's activations in the backward pass (the 112-layer generator needs it on one GPU)."""
+    """Patch embedding + positions + adaLN-Zero blocks, with the embedders each variant needs. Subclasses take these
+    arguments (`*args, **kw`) plus their own keywords, add a head and define forward. `grad_checkpointing = True`
+    recomputes each block's activations in the backward pass (the 112-layer generator needs it on one GPU)."""
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, class_dropout_prob=0.0, num_classes=1000, learn_sigma=False, *,
@@ -205,7 +205,8 @@ class DiT(nn.Module):
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
-        self.in_channels, self.patch_size, self.num_classes = in_channels, patch_size, num_classes
+        self.in_channels, self.patch_size, self.hidden_size = in_channels, patch_size, hidden_size
+        self.num_classes = num_classes
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.grad_checkpointing = False
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
@@ -276,21 +277,18 @@ class Generator(DiT):
     `t_embedder` for that schedule and ignores t_src / t_tgt.
     """
 
-    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
-                 mlp_ratio=4.0, class_dropout_prob=0.0, num_classes=1000, learn_sigma=False,
-                 use_t_src=False, use_t_tgt=False, repeat=1):
+    def __init__(self, *args, use_t_src=False, use_t_tgt=False, repeat=1, **kw):
         if repeat > 1 and (use_t_src or use_t_tgt):
             raise ValueError("the deep generator (repeat > 1) is a 1-NFE model: use_t_src/use_t_tgt must be False")
-        super().__init__(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
-                         class_dropout_prob, num_classes, learn_sigma, t_embedder=use_t_src or repeat > 1)
+        super().__init__(*args, **kw, t_embedder=use_t_src or repeat > 1)
         self.repeat = repeat
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.final_layer = FinalLayer(self.hidden_size, self.patch_size, self.out_channels)
         for lin in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):  # zero output at init
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
         self.t_tgt_embedder = None
         if use_t_tgt:  # added after DiT's init, as in the release: default bias init, N(0, 0.02) weights
-            self.t_tgt_embedder = TimestepEmbedder(hidden_size)
+            self.t_tgt_embedder = TimestepEmbedder(self.hidden_size)
             nn.init.normal_(self.t_tgt_embedder.mlp[0].weight, std=0.02)
             nn.init.normal_(self.t_tgt_embedder.mlp[2].weight, std=0.02)
 
@@ -315,12 +313,10 @@ class Discriminator(DiT):
     (without a position); its final state, through LayerNorm and a bias-free Linear, is the
     logit. `use_t` conditions on the timestep of x (multi-step recipes)."""
 
-    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
-                 mlp_ratio=4.0, class_dropout_prob=0.0, num_classes=1000, learn_sigma=False, use_t=False):
-        super().__init__(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
-                         class_dropout_prob, num_classes, learn_sigma, t_embedder=use_t)
-        self.dis_embed = nn.Parameter(torch.randn(hidden_size) * 0.02)
-        self.final_layer = token_head(hidden_size, 1, bias=False)
+    def __init__(self, *args, use_t=False, **kw):
+        super().__init__(*args, **kw, t_embedder=use_t)
+        self.dis_embed = nn.Parameter(torch.randn(self.hidden_size) * 0.02)
+        self.final_layer = token_head(self.hidden_size, 1, bias=False)
 
     def forward(self, x, y, t=None):
         h = self.x_embedder(x) + self.pos_embed  # (N, T, D)
@@ -335,12 +331,10 @@ class Classifier(DiT):
     """C(x_t, t) -> (N, num_classes) logits, for classifier guidance (AFM_SPEC section 7).
     Conditioned on the timestep only (no label embedder); reads a learned token `cls_embed`."""
 
-    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
-                 mlp_ratio=4.0, class_dropout_prob=0.0, num_classes=1000, learn_sigma=False):
-        super().__init__(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
-                         class_dropout_prob, num_classes, learn_sigma, y_embedder=False)
-        self.cls_embed = nn.Parameter(torch.randn(hidden_size) * 0.02)
-        self.final_layer = token_head(hidden_size, num_classes, bias=True)
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw, y_embedder=False)
+        self.cls_embed = nn.Parameter(torch.randn(self.hidden_size) * 0.02)
+        self.final_layer = token_head(self.hidden_size, self.num_classes, bias=True)
 
     def forward(self, x, t):
         h = self.x_embedder(x) + self.pos_embed  # (N, T, D)

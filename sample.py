@@ -46,15 +46,9 @@ def generate(G, z, y, steps=1, pred="x"):
     t = torch.linspace(1, 0, steps + 1, device=z.device)
     x = z
     for i in range(steps):
-        t_i, t_j = t[i].expand(z.shape[0]), t[i + 1].expand(z.shape[0])
-        out = G(x, y, t_i, t_j).float()
+        out = G(x, y, t[i].expand(z.shape[0]), t[i + 1].expand(z.shape[0])).float()
         x = out if pred == "x" else x - (t[i] - t[i + 1]) * out
     return x
-
-
-def noise(indices, shape, seed):
-    """Sample i's noise from its own CPU generator: the same on any device, process count or batch."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 10**8 + i)) for i in indices])
 
 
 @torch.no_grad()
@@ -67,13 +61,15 @@ def sample_images(G, z, y, steps, pred, vae=None, amp=contextlib.nullcontext()):
 
 
 def sample_indices(G, idx, y, shape, steps, pred, seed, batch_size, vae=None, amp=contextlib.nullcontext()):
-    """Sample indices `idx` with labels `y` (lists) -> (n, 3, H, W) in [-1, 1]. A short batch is padded
-    to batch_size, so every batch has one shape (one compiled graph, the same kernels)."""
+    """Sample indices `idx` with labels `y` (lists) -> (n, 3, H, W) in [-1, 1]. Sample i's noise comes from its own
+    CPU generator: the same on any device, process count or batch. A short batch is padded to batch_size, so every
+    batch has one shape (one compiled graph, the same kernels)."""
     device = next(G.parameters()).device
     n, pad = len(idx), batch_size - len(idx)
-    z = noise(idx + idx[-1:] * pad, shape, seed).to(device)  # (B, C, h, w)
+    z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 10**8 + i))
+                     for i in idx + idx[-1:] * pad])  # (B, C, h, w)
     y = torch.tensor(y + y[-1:] * pad, device=device)
-    return sample_images(G, z, y, steps, pred, vae, amp)[:n]
+    return sample_images(G, z.to(device), y, steps, pred, vae, amp)[:n]
 
 
 def to_uint8(x):
@@ -101,12 +97,11 @@ def save_grid(images, path, nrow):
 
 
 def load_generator(path, model=None, weights="ema", steps=None, pred=None, repeat=None, num_classes=None):
-    """-> (Generator in eval mode on the CPU, info dict); a file that does not fit is a one-line ValueError.
-    Flags left None come from our checkpoint's args, else from the keys: input channels and size (x_embedder,
-    pos_embed), classes (y_embedder rows; 1001 = 1000 + the class-dropout null row), depth and width (hence
-    the size), t_src / t_tgt conditioning (t_embedder, t_tgt_embedder). Not in the keys: steps (default 1),
-    pred (x without timestep conditioning, else v, as the release's recipes) and repeat (a t_embedder without
-    t_tgt_embedder is a k-NFE model unless repeat > 1 makes it the deep 1-NFE generator)."""
+    """-> (Generator in eval mode on the CPU, info dict); a file that does not fit is a one-line ValueError. Flags
+    left None come from our checkpoint's args, else from the keys: channels and size (x_embedder, pos_embed), classes
+    (y_embedder rows; 1001 = 1000 + a class-dropout null row), depth and width (hence --model), t_src / t_tgt
+    (t_embedder, t_tgt_embedder). Else steps 1, pred x for a 1-NFE generator, v otherwise (the release's recipes);
+    a t_embedder without t_tgt_embedder is a k-NFE model unless --repeat > 1 makes it the deep 1-NFE generator."""
     path, obj = load_checkpoint(path, "--ckpt")  # a run folder: its newest readable checkpoint
     ours = "args" in obj and weights in obj
     a, sd = (obj["args"], obj[weights]) if ours else ({}, obj)
@@ -117,39 +112,37 @@ def load_generator(path, model=None, weights="ema", steps=None, pred=None, repea
         depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     except (KeyError, ValueError, TypeError, AttributeError):
         raise ValueError(f"{path}: not a generator state dict (x_embedder, pos_embed, y_embedder, blocks)") from None
-    sizes = [n for n, c in models.items() if (c["depth"], c["hidden_size"], c["patch_size"]) == (depth, hidden, p)]
-    name = model or a.get("model") or (sizes[0] if sizes else None)
+    sizes = (n for n, c in models.items() if (c["depth"], c["hidden_size"], c["patch_size"]) == (depth, hidden, p))
+    name = model or a.get("model") or next(sizes, None)
     if name is None:
         raise ValueError(f"{path}: no --model size has depth {depth}, hidden size {hidden}, patch {p}; pass --model")
     num_classes = num_classes or (1000 if rows == 1001 else rows)
     repeat = repeat or a.get("repeat", 1)
-    has_t, has_tgt = any(k.startswith("t_embedder.") for k in sd), any(k.startswith("t_tgt_embedder.") for k in sd)
-    kw = dict(input_size=H, in_channels=C, num_classes=num_classes, class_dropout_prob=0.1 * (rows == num_classes + 1),
-              use_t_src=has_t and repeat == 1, use_t_tgt=has_tgt, repeat=repeat)
+    t_src = repeat == 1 and any(k.startswith("t_embedder.") for k in sd)
+    t_tgt = any(k.startswith("t_tgt_embedder.") for k in sd)
     trained = a.get("steps", 1)  # int or "any"
     steps = steps or (1 if trained == "any" else trained)
-    pred = pred or a.get("pred") or ("v" if kw["use_t_src"] or has_tgt else "x")
+    pred = pred or a.get("pred") or ("v" if t_src or t_tgt else "x")
     if ours and trained != "any" and steps != trained:
         print0(f"warning: {path} was trained for {trained} steps; sampling with {steps}")
-    if steps > 1 and not (kw["use_t_src"] or has_tgt):
+    if steps > 1 and not (t_src or t_tgt):
         raise ValueError(f"{path}: a 1-NFE generator (no t_src conditioning) cannot take --steps {steps}")
-    desc = (f"{name} on {C}x{H}x{H}, {num_classes} classes, t_src {kw['use_t_src']}, t_tgt {has_tgt}, repeat {repeat}")
+    desc = f"{name} on {C}x{H}x{H}, {num_classes} classes, t_src {t_src}, t_tgt {t_tgt}, repeat {repeat}"
     with torch.device("meta"):  # shapes only: the tensors come from the file (assign=True below)
-        G = Generator(**models[name], **kw)
+        G = Generator(**models[name], input_size=H, in_channels=C, num_classes=num_classes, use_t_src=t_src,
+                      use_t_tgt=t_tgt, repeat=repeat, class_dropout_prob=0.1 * (rows == num_classes + 1))
     own = {k: tuple(v.shape) for k, v in G.state_dict().items()}
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {s}" for k, s in own.items()
-              if k in sd and tuple(sd[k].shape) != s]
-    shapes.sort(key=lambda s: not s.startswith("blocks.0."))  # the first block's qkv shows both widths first
-    missing, unexpected = [k for k in own if k not in sd], [k for k in sd if k not in own]
-    if shapes or missing or unexpected:
-        def few(items):  # the first three and a count: the error stays one readable line
-            return ", ".join(items[:3]) + (f", ... ({len(items)} in all)" if len(items) > 3 else "")
-        problems = [w + few(k) for w, k in (("", shapes), ("missing ", missing), ("unexpected ", unexpected)) if k]
+    bad = {"": [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {s}" for k, s in own.items()
+                if k in sd and tuple(sd[k].shape) != s],
+           "missing ": [k for k in own if k not in sd], "unexpected ": [k for k in sd if k not in own]}
+    bad[""].sort(key=lambda s: not s.startswith("blocks.0."))  # the first block's qkv shows both widths first
+    if any(bad.values()):  # the first three of each and a count: the error stays one readable line
+        few = [w + ", ".join(k[:3]) + (f", ... ({len(k)} in all)" if len(k) > 3 else "") for w, k in bad.items() if k]
         raise ValueError(f"{path} (depth {depth}, hidden {hidden}, patch {p}) does not fit {desc}: "
-                         f"{'; '.join(problems)} (--model, --repeat, --num-classes?)")
+                         f"{'; '.join(few)} (--model, --repeat, --num-classes?)")
     G.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, assign=True)
     info = dict(model=name, steps=steps, pred=pred, repeat=repeat, num_classes=num_classes, channels=C, size=H,
-                use_t_src=kw["use_t_src"], use_t_tgt=has_tgt, vae=a.get("vae"), desc=desc,
+                use_t_src=t_src, use_t_tgt=t_tgt, vae=a.get("vae"), desc=desc,
                 source=f"{weights} weights at step {obj.get('step')}" if ours else "bare state dict")
     return G.eval().requires_grad_(False), info
 
@@ -162,7 +155,8 @@ def load_generator(path, model=None, weights="ema", steps=None, pred=None, repea
 def sample_npz(args, images, labels, meta, rank, world, device):
     """Make the samples not yet in OUT.parts/ (this rank: every world-th of them), then assemble on rank 0.
     Returns (arr_0, arr_1) on rank 0, None elsewhere; exits with status 1 when interrupted."""
-    parts, N, error = args.out + ".parts", len(labels), [None]  # rank 0 checks OUT.parts/ and tells the others
+    parts, N = args.out + ".parts", len(labels)
+    state = [None, np.zeros(N, bool)]  # [error, which samples are done]: rank 0 reads parts/, tells the others
     if rank == 0:
         os.makedirs(parts, exist_ok=True)
         for f in glob.glob(os.path.join(parts, "*.tmp")):  # a shard being written when a run died
@@ -172,45 +166,38 @@ def sample_npz(args, images, labels, meta, rank, world, device):
             with open(meta_path) as f:
                 old = json.load(f)
             diff = [f"{k}: {old.get(k)} vs {v}" for k, v in meta.items() if old.get(k) != v]
-            error[0] = diff and f"{parts} holds samples made with other settings ({'; '.join(diff)}): remove it"
+            state[0] = diff and f"{parts} holds samples made with other settings ({'; '.join(diff)}): remove it"
         else:
             save_atomic(meta, meta_path, save_json)
+        if not state[0]:
+            for f in glob.glob(os.path.join(parts, "*.npz")):
+                with np.load(f) as d:
+                    state[1][d["idx"]] = True
     if world > 1:
-        dist.broadcast_object_list(error)  # doubles as a barrier: nobody reads parts/ before rank 0 is done
-    if error[0]:
-        raise SystemExit(f"sample.py: error: {error[0]}")
-    done = np.zeros(N, bool)
-    for f in glob.glob(os.path.join(parts, "*.npz")):
-        with np.load(f) as d:
-            done[d["idx"]] = True
-    if world > 1:
-        dist.barrier()  # every rank has read parts/ before any writes to it
+        dist.broadcast_object_list(state)  # doubles as a barrier: no rank writes to parts/ before rank 0 read it
+    error, done = state
+    if error:
+        raise SystemExit(f"sample.py: error: {error}")
     mine = np.flatnonzero(~done)[rank::world].tolist()
     batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
     print0(f"{int(done.sum())} of {N} samples found in {parts}; {len(mine)} to make on rank 0")
-    stop, buf = {"signal": None}, []
+    stop, buf, interrupted = [], [], False
 
     def on_signal(signum, frame):  # finish the batch, save, stop; a second Ctrl-C kills at once
-        stop["signal"] = signum
+        stop.append(signum)
         signal.signal(signum, signal.SIG_DFL)
 
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def flush():  # shard named by its first index: unique, since finished indices are never redone
-        if buf:
-            idx = np.concatenate([b[0] for b in buf])
-            save_npz(os.path.join(parts, f"{idx[0]:08d}.npz"), idx=idx, images=np.concatenate([b[1] for b in buf]))
-            buf.clear()
-
-    interrupted = False
     for b, idx in enumerate(tqdm(batches, desc="sampling", unit="batch", disable=rank != 0)):
         buf.append((np.array(idx, np.int64), to_uint8(images(idx, labels[idx].tolist()))))
-        if len(buf) >= args.save_every:
-            flush()
-        if stop["signal"] or b + 1 == args.max_batches:
+        last = stop or b + 1 in (len(batches), args.max_batches)
+        if len(buf) >= args.save_every or last:  # a shard named by its first index: finished ones are never redone
+            i = np.concatenate([j for j, _ in buf])
+            save_npz(os.path.join(parts, f"{i[0]:08d}.npz"), idx=i, images=np.concatenate([x for _, x in buf]))
+            buf.clear()
+        if last:
             interrupted = b + 1 < len(batches)
             break
-    flush()
     for s, h in handlers.items():
         signal.signal(s, h)
     flag = torch.tensor([float(interrupted)], device=device)
@@ -228,8 +215,7 @@ def assemble(parts, out, labels):
     """The shards of OUT.parts/ -> OUT (arr_0 images, arr_1 labels) in the release's file order; parts removed."""
     N = len(labels)
     perm = np.random.RandomState(42).permutation(N)  # = the release's pack_npz.py: np.random.seed(42) then permutation
-    where = np.empty(N, np.int64)
-    where[perm] = np.arange(N)  # file position of sample i
+    where = np.argsort(perm)  # file position of sample i: the inverse permutation
     arr, seen = None, np.zeros(N, np.int64)
     for f in glob.glob(os.path.join(parts, "*.npz")):
         with np.load(f) as d:
@@ -254,7 +240,6 @@ def assemble(parts, out, labels):
 def main(args):
     rank, world, device = setup(args.device)
     amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
-    npz = args.num_samples > 0
     try:
         G, info = load_generator(args.ckpt, args.model, args.weights, args.steps, args.pred, args.repeat,
                                  args.num_classes)
@@ -264,7 +249,7 @@ def main(args):
             raise ValueError("a latent model (4 channels) needs --vae FILE (sd-vae-ft-mse) to decode its samples")
         if C not in (1, 3, 4):
             raise ValueError(f"{C}-channel samples: neither images (1 or 3) nor SD-VAE latents (4)")
-        if npz and args.num_samples % K:
+        if args.num_samples % K:  # 0 for the grid
             raise ValueError(f"--num-samples {args.num_samples} is not divisible by the {K} classes")
         vae = load_vae(vae_path, device) if C == 4 else None
     except (ValueError, RuntimeError, FileNotFoundError) as e:  # one line, no traceback
@@ -277,7 +262,7 @@ def main(args):
     def images(idx, y):  # sample indices and their labels -> (n, 3, H, W) in [-1, 1]
         return sample_indices(G, idx, y, (C, H, H), info["steps"], info["pred"], args.seed, args.batch_size, vae, amp)
 
-    if not npz:  # the grid: one row per class, --per-class columns (an unconditional model: --per-class rows)
+    if not args.num_samples:  # the grid: a row per class, --per-class columns (unconditional: --per-class rows)
         classes = args.classes or (list(range(K)) if K <= 10 else IMAGENET_CLASSES)
         if rank == 0:
             if not all(0 <= c < K for c in classes):

@@ -154,13 +154,6 @@ def bare_generator(path, seed=0, **kw):
     return G
 
 
-def same_outputs(G1, G2):
-    z, y = torch.randn(8, G1.in_channels, 8, 8), torch.arange(8) % 10
-    t_src, t_tgt = torch.full((8,), 0.75), torch.full((8,), 0.25)
-    with torch.no_grad(), one_thread():
-        assert torch.equal(G1(z, y, t_src, t_tgt), G2(z, y, t_src, t_tgt))
-
-
 def expected_samples(G, indices, labels, steps, pred, seed=0, vae=None):
     """uint8 NHWC samples computed here from the definition: per-index CPU noise, generate, decode, truncation."""
     H = int(G.pos_embed.shape[1] ** 0.5) * G.patch_size
@@ -324,12 +317,17 @@ class InceptionStandIn(nn.Module):
         return f[:, :a], f[:, a:a + b], f[:, :c]
 
 
-def direct_fid(mu1, s1, mu2, s2):
-    """Frechet distance with tr sqrtm(s1 s2) = tr sqrt(s1^1/2 s2 s1^1/2), both roots by eigendecomposition."""
-    w, v = np.linalg.eigh(s1)
-    r1 = v @ np.diag(np.sqrt(np.clip(w, 0, None))) @ v.T
-    tr = np.sqrt(np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0, None)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr)
+def snapshot(root):
+    return {str(p): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def eval_worker(rank, argv, port):
+    """One of two gloo processes of a training run that evaluates with the stand-in Inception."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    fid.load_inception = lambda path=None, device="cpu": InceptionStandIn((6, 4, 5))
+    T.main(*T.resolve(argv))
 
 
 def direct_is(logits, split):
@@ -348,12 +346,6 @@ def direct_pr(ref, sam, k=3):
     r_ref, r_sam = np.sort(d2(ref, ref), 1)[:, k], np.sort(d2(sam, sam), 1)[:, k]
     d = d2(ref, sam)  # (n_ref, n_sam)
     return (d <= r_ref[:, None]).any(0).mean(), (d <= r_sam[None]).any(1).mean()
-
-
-def random_stats(rng, d, n):
-    x = rng.standard_normal((n, d)) @ rng.standard_normal((d, d))
-    return x.mean(0), np.cov(x, rowvar=False)
-
 
 
 class LinearD:
@@ -413,8 +405,9 @@ def toy_metrics(G, n=20000):
 # --------------------------------------------------------------------------------------
 
 
-def test_release_networks_load_and_match():
-    """Every tiny release model in the fixture: the same key set, a strict load, the same output (fp32)."""
+def test_release_networks_and_embeddings_match():
+    """Every tiny release model in the fixture: the same key set, a strict load, the same output (fp32); the fixed
+    sin-cos embeddings equal the release's helpers."""
     fx = fixture("afm_models.pt")
     classes = {"Generator": M.Generator, "GeneratorDeep": M.Generator, "Discriminator": M.Discriminator,
                "Classifier": M.Classifier}
@@ -423,25 +416,22 @@ def test_release_networks_load_and_match():
         m = classes[e["class"]](**e["kwargs"]).eval()
         assert set(m.state_dict()) == set(e["state_dict"]), name
         m.load_state_dict(e["state_dict"], strict=True)
-        cases = [(e["inputs"], e["output"])] + [(c["inputs"], c["output"]) for c in e.get("extra_cases", [])]
-        for inputs, ref in cases:
+        for case in [e, *e.get("extra_cases", [])]:
             with torch.no_grad():
-                out = m(*[inputs[k] for k in e["input_order"]])
-            assert out.shape == ref.shape
-            assert (out - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max()), name
-
-
-def test_fixed_embeddings_match_release_helpers():
-    te, pe = fixture("afm_models.pt")["helpers"].values()
+                out = m(*[case["inputs"][k] for k in e["input_order"]])
+            ref = case["output"]
+            assert out.shape == ref.shape and (out - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max()), name
+    te, pe = fx["helpers"].values()
     torch.testing.assert_close(M.timestep_embedding(te["t"], te["dim"], te["max_period"]), te["out"].float(),
                                atol=1e-5, rtol=0)
     torch.testing.assert_close(M.pos_embed_sincos(pe["embed_dim"], pe["grid_size"]).float(), pe["out"].float(),
                                atol=1e-6, rtol=0)
 
 
-def release_keys():
-    """fixtures/release_keys.txt: section title -> {key: shape}, read off the release's and the libraries' modules."""
-    sections = {}
+def test_real_size_key_lists():
+    """At real sizes, our modules have exactly the key names and shapes of the released checkpoints, sd-vae-ft-mse
+    (both diffusers layouts load) and the FID Inception (with or without num_batches_tracked)."""
+    sections = {}  # release_keys.txt: section title -> {key: shape}, read off the release's and libraries' modules
     with open(fixture_path("release_keys.txt")) as f:
         for line in f:
             if line.startswith("## "):
@@ -449,13 +439,6 @@ def release_keys():
             elif line.strip():
                 key, shape = re.match(r"(\S+) \(([\d, ]*)\)", line).groups()
                 keys[key] = tuple(int(d) for d in shape.replace(",", " ").split())
-    return sections
-
-
-def test_real_size_key_lists():
-    """At real sizes, our modules have exactly the key names and shapes of the released checkpoints, sd-vae-ft-mse
-    (both diffusers layouts load) and the FID Inception (with or without num_batches_tracked)."""
-    sections = release_keys()
     xl, kw = M.models["XL/2"], dict(input_size=32, in_channels=4)
     with torch.device("meta"):
         ours = {"Generator XL/2 use_t_src=True use_t_tgt=True": M.Generator(**xl, **kw, use_t_src=True, use_t_tgt=True),
@@ -498,18 +481,30 @@ def test_vae_matches_diffusers_fixture():
             assert out.shape == ref.shape and err <= tol, f"{layout} {name}: {err:.3e} > {tol:.3e}"
 
 
-def test_vae_shapes_logvar_clamp_and_param_count():
+def test_vae_shapes_bf16_scaling_and_logvar_clamp():
     m = vae_tiny()
-    mean, logvar, dec = vae_outputs(m)
-    assert mean.shape == logvar.shape == (2, 4, 4, 4) and dec.shape == (2, 3, 16, 16)
-    with torch.no_grad():
-        m.quant_conv.bias[4:].fill_(1e4)  # the logvar half of the moments
-        assert float(m.encode(torch.zeros(1, 3, 16, 16))[1].min()) == 20.0
-        m.quant_conv.bias[4:].fill_(-1e4)
-        assert float(m.encode(torch.zeros(1, 3, 16, 16))[1].max()) == -30.0
+    ref = vae_outputs(m)
+    assert ref[0].shape == ref[1].shape == (2, 4, 4, 4) and ref[2].shape == (2, 3, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = vae_outputs(m)
+    assert out[2].dtype == torch.bfloat16  # autocast really ran the convolutions in bf16
+    for o, r in zip(out, ref):
+        rel = float((o.float() - r).norm() / r.norm())
+        assert 0 < rel < 0.03, rel  # bf16 keeps ~3 significant digits; measured ~0.005
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    mean, logvar = m.encode(x)
+    torch.manual_seed(0)
+    z = V.encode(m, x)  # a posterior sample, scaled
+    torch.manual_seed(0)
+    torch.testing.assert_close(z, (mean + (0.5 * logvar).exp() * torch.randn_like(mean)) * V.SCALE)
+    torch.testing.assert_close(V.decode(m, z), m.decode(z / V.SCALE).clamp(-1, 1))
+    assert V.SCALE == 0.18215
+    with torch.no_grad():  # the logvar half of the moments pushed far out: clamped to [-30, 20]
+        for bias, bound in ((1e4, 20.0), (-1e4, -30.0)):
+            m.quant_conv.bias[4:].fill_(bias)
+            assert m.encode(torch.zeros(1, 3, 16, 16))[1].eq(bound).all()
     with torch.device("meta"):
         assert sum(p.numel() for p in V.AutoencoderKL().parameters()) == 83_653_863  # diffusers' sd-vae-ft-mse
-    assert V.SCALE == 0.18215
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -528,14 +523,14 @@ def test_vae_safetensors_roundtrip(tmp_path, dtype):
             assert torch.equal(back[name].reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), name
 
 
-def test_vae_files_in_every_layout(tmp_path):
+def test_vae_files_in_every_layout_and_errors(tmp_path):
     """safetensors, legacy .bin and LDM .ckpt files of one VAE decode alike; LDM names and a full SD checkpoint's
-    first_stage_model.* convert; fp16 files decode as the fp16-rounded weights."""
+    first_stage_model.* convert; fp16 files decode as the fp16-rounded weights. Bad files: one-line errors."""
     m = vae_tiny()
-    ref = vae_outputs(m)
-    ldm = to_ldm(m.state_dict())
-    write_safetensors(tmp_path / "v.safetensors", m.state_dict())
-    torch.save(to_legacy(m.state_dict()), tmp_path / "v.bin")
+    sd, ref = m.state_dict(), vae_outputs(m)
+    ldm = to_ldm(sd)
+    write_safetensors(tmp_path / "v.safetensors", sd)
+    torch.save(to_legacy(sd), tmp_path / "v.bin")
     torch.save({"state_dict": ldm, "global_step": 7}, tmp_path / "v.ckpt")
     for name in ("v.safetensors", "v.bin", "v.ckpt"):
         loaded = V.load_vae(str(tmp_path / name), norm_num_groups=8)  # config read from the weights' shapes
@@ -543,9 +538,9 @@ def test_vae_files_in_every_layout(tmp_path):
         assert_same(vae_outputs(loaded), ref)
     assert V.load_vae(str(tmp_path / "v.safetensors"), dtype=torch.bfloat16, norm_num_groups=8
                       ).decoder.conv_out.weight.dtype == torch.bfloat16
-    write_safetensors(tmp_path / "h.safetensors", {k: v.half() for k, v in m.state_dict().items()})
+    write_safetensors(tmp_path / "h.safetensors", {k: v.half() for k, v in sd.items()})
     m16 = V.AutoencoderKL(**VAE_TINY).eval()
-    m16.load_state_dict({k: v.half().float() for k, v in m.state_dict().items()})
+    m16.load_state_dict({k: v.half().float() for k, v in sd.items()})
     assert_same(vae_outputs(V.load_vae(str(tmp_path / "h.safetensors"), norm_num_groups=8)), vae_outputs(m16))
     # names as they appear in LDM checkpoints (decoder.up.0 is the highest resolution, run last)
     for key in ("encoder.down.0.block.0.norm1.weight", "encoder.down.0.downsample.conv.weight",
@@ -561,15 +556,11 @@ def test_vae_files_in_every_layout(tmp_path):
     full = {"first_stage_model." + k: v for k, v in ldm.items()}  # a full SD checkpoint: the VAE and the rest
     full.update({"model.diffusion_model.out.0.weight": torch.ones(3), "cond_stage_model.x": torch.ones(1),
                  "first_stage_model.loss.logvar": torch.zeros(()), "model_ema.decay": torch.tensor(0.999)})
-    for seed, sd in ((5, ldm), (6, full), (7, to_legacy(m.state_dict()))):
+    for seed, other_sd in ((5, ldm), (6, full), (7, to_legacy(sd))):
         other = vae_tiny(seed=seed)
-        other.load_state_dict(sd)
+        other.load_state_dict(other_sd)
         assert_same(vae_outputs(other), ref)
-
-
-def test_vae_errors(tmp_path):
-    m = vae_tiny()
-    sd = m.state_dict()
+    # errors
     bad = {("encoder.stem.weight" if k == "encoder.conv_in.weight" else k): v for k, v in sd.items()}
     with pytest.raises(RuntimeError) as e:
         m.load_state_dict(bad)
@@ -584,7 +575,6 @@ def test_vae_errors(tmp_path):
     assert "\n" not in str(e.value) and "odd.pt" in str(e.value) and "encoder.stem.weight" in str(e.value)
     with pytest.raises(FileNotFoundError, match="no such file .*nothing.safetensors"):
         V.load_vae(str(tmp_path / "nothing.safetensors"))
-    write_safetensors(tmp_path / "v.safetensors", sd)
     data = (tmp_path / "v.safetensors").read_bytes()
     for name, blob in (("cut.safetensors", data[:-10]), ("tiny.safetensors", data[:5]), ("junk.pt", b"not a pickle")):
         (tmp_path / name).write_bytes(blob)
@@ -593,32 +583,13 @@ def test_vae_errors(tmp_path):
         assert "\n" not in str(e.value) and name in str(e.value) and "cannot read" in str(e.value)
 
 
-def test_vae_bf16_and_scaled_encode_decode():
-    m = vae_tiny()
-    ref = vae_outputs(m)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = vae_outputs(m)
-    assert out[2].dtype == torch.bfloat16  # autocast really ran the convolutions in bf16
-    for o, r in zip(out, ref):
-        rel = float((o.float() - r).norm() / r.norm())
-        assert 0 < rel < 0.03, rel  # bf16 keeps ~3 significant digits; measured ~0.005
-    x = torch.rand(2, 3, 16, 16) * 2 - 1
-    mean, logvar = m.encode(x)
-    torch.manual_seed(0)
-    z = V.encode(m, x)  # a posterior sample, scaled
-    torch.manual_seed(0)
-    torch.testing.assert_close(z, (mean + (0.5 * logvar).exp() * torch.randn_like(mean)) * V.SCALE)
-    torch.testing.assert_close(V.decode(m, z), m.decode(z / V.SCALE).clamp(-1, 1))
-
-
 def test_inception_resize_matches_fixture():
     """TF1's bilinear resize to 299 (no half-pixel centers), as torch-fidelity computes it."""
     fx = fixture("inception_tf.pt")
     stride = fx.get("resize_stride", 1)  # the shipped subset keeps every 8th row and column
     img = fx["inputs"]["images_64"][:1].float()
-    got = fid.resize_tf1(img)[..., ::stride, ::stride]
     ref = fx["expected"]["resize_64_to_299"]
-    assert (got - ref).abs().max().item() <= 1e-4
+    assert (fid.resize_tf1(img)[..., ::stride, ::stride] - ref).abs().max().item() <= 1e-4
     other = F.interpolate(img, size=(299, 299), mode="bilinear", align_corners=False)[..., ::stride, ::stride]
     assert (other - ref).abs().max().item() > 1.0  # PyTorch's bilinear (half-pixel centers) is another function
     x = torch.randint(0, 256, (2, 3, 299, 299)).float()
@@ -684,12 +655,10 @@ def test_frechet_distance_matches_fixture():
 
 def test_pos_embed_formula():
     """Independent reading of the sin-cos recipe: column first, then row; sin then cos."""
-    dim, g = 16, 3
-    pe = M.pos_embed_sincos(dim, g)
+    pe = M.pos_embed_sincos(16, 3)
     w = 1.0 / 10000 ** (torch.arange(4, dtype=torch.float64) / 4)
-    k = 5  # token 5 = row 1, col 2
     expect = torch.cat([torch.sin(2 * w), torch.cos(2 * w), torch.sin(1 * w), torch.cos(1 * w)])
-    torch.testing.assert_close(pe[k], expect)
+    torch.testing.assert_close(pe[5], expect)  # token 5 = row 1, col 2
 
 
 @pytest.mark.parametrize("name", list(M.models))
@@ -709,15 +678,6 @@ def test_registry_shapes(name):
         assert M.Classifier(**kw)(x, t).shape == (2, 10)
 
 
-def test_xl2_parameter_count_matches_dit():
-    """DiT-XL/2 has 675,129,632 parameters (learn_sigma=True: 8 output channels; 1001 label rows
-    because of class dropout). The same configuration of our Generator must count exactly that."""
-    with torch.device("meta"):
-        g = M.Generator(**M.models["XL/2"], input_size=32, in_channels=4, learn_sigma=True,
-                        class_dropout_prob=0.1, use_t_src=True)
-    assert sum(p.numel() for p in g.parameters()) == 675_129_632
-
-
 @pytest.mark.parametrize("c,s,p", [(1, 8, 2), (3, 16, 4), (4, 8, 1)])
 def test_pixel_and_latent_inputs(c, s, p):
     G = randomize(M.Generator(s, p, c, 32, 1, 2, num_classes=10))
@@ -726,14 +686,21 @@ def test_pixel_and_latent_inputs(c, s, p):
     assert G(x, y).shape == x.shape and D(x, y).shape == (2,)
 
 
-def test_init_is_adaln_zero():
-    """At initialization the generator outputs exactly zero (DiT's zeroed final layer) and every
-    block is the identity (zero gates)."""
+def test_init_is_adaln_zero_and_xl2_counts_like_dit():
+    """At initialization the generator outputs exactly zero (DiT's zeroed final layer) and every block is the
+    identity (zero gates). DiT-XL/2 has 675,129,632 parameters (learn_sigma=True: 8 output channels; 1001 label
+    rows because of class dropout): the same configuration of our Generator counts exactly that."""
     G = M.Generator(**TINY, use_t_src=True)
     x, y, t, _ = tiny_inputs()
     assert G(x, y, t).abs().max() == 0
     h = torch.randn(3, 16, 64)
     torch.testing.assert_close(G.blocks[0](h, torch.randn(3, 64)), h)
+    with torch.device("meta"):
+        g = M.Generator(**M.models["XL/2"], input_size=32, in_channels=4, learn_sigma=True,
+                        class_dropout_prob=0.1, use_t_src=True)
+    assert sum(p.numel() for p in g.parameters()) == 675_129_632
+    with pytest.raises(ValueError, match="divisible by patch_size"):
+        M.Generator(input_size=9, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2)
 
 
 def test_timestep_conditioning_switches():
@@ -741,9 +708,7 @@ def test_timestep_conditioning_switches():
     for use_src, use_tgt in [(False, False), (True, False), (False, True), (True, True)]:
         G = randomize(M.Generator(**TINY, use_t_src=use_src, use_t_tgt=use_tgt))
         with torch.no_grad():
-            base = G(x, y, t1, t2)
-            moved_src = G(x, y, t2, t2)
-            moved_tgt = G(x, y, t1, t1)
+            base, moved_src, moved_tgt = G(x, y, t1, t2), G(x, y, t2, t2), G(x, y, t1, t1)
         assert (base - moved_src).abs().max() > 1e-4 if use_src else torch.equal(base, moved_src)
         assert (base - moved_tgt).abs().max() > 1e-4 if use_tgt else torch.equal(base, moved_tgt)
         assert (G.t_embedder is not None) == use_src and (G.t_tgt_embedder is not None) == use_tgt
@@ -763,8 +728,7 @@ def test_deep_generator_repeats_blocks():
             ct = c + deep.t_embedder(torch.full((3,), t * 1000))
             for b in deep.blocks:
                 h = b(h, ct)
-        manual = deep.unpatchify(deep.final_layer(h, c))
-        torch.testing.assert_close(out, manual)
+        torch.testing.assert_close(out, deep.unpatchify(deep.final_layer(h, c)))
         single = M.Generator(**TINY, use_t_src=True).eval()
         single.load_state_dict(deep.state_dict())  # same keys: one pass of the same weights differs
         assert (single(x, y, torch.ones(3)) - out).abs().max() > 1e-4
@@ -772,7 +736,9 @@ def test_deep_generator_repeats_blocks():
         M.Generator(**TINY, repeat=2, use_t_src=True)
 
 
-def test_bf16_autocast():
+def test_bf16_autocast_and_grad_checkpointing():
+    """bf16 autocast stays within 5% of fp32; recomputing the activations (--grad-checkpoint) gives the same
+    gradients."""
     G = randomize(M.Generator(**TINY, use_t_src=True))
     D = randomize(M.Discriminator(**TINY, use_t=True))
     x, y, t, _ = tiny_inputs()
@@ -783,11 +749,7 @@ def test_bf16_autocast():
     assert out_g.dtype == torch.bfloat16 and torch.isfinite(out_g).all()
     assert (out_g.float() - ref_g).abs().max() < 0.05 * ref_g.abs().max()
     assert (out_d.float() - ref_d).abs().max() < 0.05 * ref_d.abs().max() + 0.01
-
-
-def test_grad_checkpointing_same_gradients():
-    G = randomize(M.Generator(**TINY, use_t_src=True)).train()
-    x, y, t, _ = tiny_inputs()
+    G.train()
     grads = []
     for ckpt in (False, True):
         G.grad_checkpointing = ckpt
@@ -827,11 +789,6 @@ def test_regional_compile_equals_eager():
     assert counters["stats"]["unique_graphs"] == 5
 
 
-def test_constructor_errors():
-    with pytest.raises(ValueError, match="divisible by patch_size"):
-        M.Generator(input_size=9, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2)
-
-
 # --------------------------------------------------------------------------------------
 # 3. Every loss term equals a hand-computed value
 # --------------------------------------------------------------------------------------
@@ -864,6 +821,14 @@ def test_d_loss_terms_by_hand(monkeypatch):
     far = T.AdversarialFlowLoss(gp=0, cp=0).d_loss(lambda *_: torch.full_like(x0, -50.0), LinearD(torch.ones(dim)),
                                                     x0, y, 0)[1]["d_adv"]
     assert far < 1e-6
+    # k NFE: the penalty is weighted by w = t_src - t_tgt, clamped to 0.001: (eps * 3)^2 / eps^2 = 9, times w
+    ts, tt = torch.tensor([1.0, 0.5, 0.3, 0.3]), torch.tensor([0.0, 0.25, 0.3, 0.1])
+    monkeypatch.setattr(T, "sample_timesteps", lambda steps, n, device: (ts, tt))
+    fixed_noise(monkeypatch, [torch.zeros(4, 2)] * 2 + [torch.ones(4, 2)] * 2)
+    loss_fn = T.AdversarialFlowLoss(steps=2, gp=1.0, gp_ratio=1.0, gp_eps=0.1, cp=0)
+    _, logs = loss_fn.d_loss(lambda x, *_: x, LinearD(torch.tensor([1.0, 2.0]), b=0.0), torch.zeros(4, 2),
+                             torch.zeros(4, dtype=torch.long), 0)
+    torch.testing.assert_close(logs["r1"], (9.0 * torch.tensor([1.0, 0.25, 0.001, 0.2])).mean())
 
 
 def test_g_loss_terms_by_hand_and_w_clamp(monkeypatch):
@@ -891,37 +856,22 @@ def test_g_loss_terms_by_hand_and_w_clamp(monkeypatch):
     torch.testing.assert_close(loss, adv + ot)
 
 
-def test_gp_uses_w_weighting(monkeypatch):
-    B, dim = 4, 2
-    ts, tt = torch.tensor([1.0, 0.5, 0.3, 0.3]), torch.tensor([0.0, 0.25, 0.3, 0.1])
-    monkeypatch.setattr(T, "sample_timesteps", lambda steps, n, device: (ts, tt))
-    e = torch.ones(B, dim)
-    fixed_noise(monkeypatch, [torch.zeros(B, dim)] * 2 + [e, e])
-    loss_fn = T.AdversarialFlowLoss(steps=2, gp=1.0, gp_ratio=1.0, gp_eps=0.1, cp=0)
-    _, logs = loss_fn.d_loss(lambda x, *_: x, LinearD(torch.tensor([1.0, 2.0]), b=0.0), torch.zeros(B, dim),
-                             torch.zeros(B, dtype=torch.long), 0)
-    w = torch.tensor([1.0, 0.25, 0.001, 0.2])
-    torch.testing.assert_close(logs["r1"], (9.0 * w).mean())  # (eps * 3)^2 / eps^2 = 9, times w
-
-
 def test_gradient_normalization_scale_free():
     """The gradient reaching x through GN does not depend on the loss scale, and equals
     g / (sqrt(0.1 * sum(g^2) * numel) + 1e-8) on the first step (EMA from 0, decay 0.9)."""
-    x0 = torch.randn(5, 3)
+    x0, g = torch.randn(5, 3), torch.arange(15.0).view(5, 3)
     grads = []
     for scale in (1.0, 1000.0):
         gn, x = T.GradientNormalization(), x0.clone().requires_grad_()
-        (gn(x) * torch.arange(15.0).view(5, 3)).sum().mul(scale).backward()
+        (gn(x) * g).sum().mul(scale).backward()
         grads.append(x.grad)
     torch.testing.assert_close(grads[0], grads[1])
-    g = torch.arange(15.0).view(5, 3)
     torch.testing.assert_close(grads[0], g / ((0.1 * g.square().sum() * 15).sqrt() + 1e-8))
     gn = T.GradientNormalization()
     for _ in range(3):  # the EMA state evolves: s_k = 0.9 s_{k-1} + 0.1 q
         x = x0.clone().requires_grad_()
         (gn(x) * g).sum().backward()
-    q = g.square().sum() * 15
-    torch.testing.assert_close(gn.square_avg, q * (1 - 0.9 ** 3))
+    torch.testing.assert_close(gn.square_avg, g.square().sum() * 15 * (1 - 0.9 ** 3))
 
 
 def test_classifier_guidance_term(monkeypatch):
@@ -954,27 +904,20 @@ def test_classifier_guidance_term(monkeypatch):
     assert torch.equal(seen[-1][0], fake)
 
 
-def test_cosine_schedule():
+def test_schedules_timestep_sampler_and_ema():
     assert T.cosine_schedule(0, 0.2, 0.005, 1001) == pytest.approx(0.2)
     assert T.cosine_schedule(500, 0.2, 0.005, 1001) == pytest.approx((0.2 + 0.005) / 2)
     assert T.cosine_schedule(250, 0.2, 0.005, 1001) == pytest.approx(0.005 + 0.195 * (1 + math.cos(math.pi / 4)) / 2)
     assert T.cosine_schedule(1000, 0.2, 0.005, 1001) == 0.005 and T.cosine_schedule(10 ** 7, 0.2, 0.005, 1001) == 0.005
-
-
-def test_timestep_sampler():
     torch.manual_seed(0)
     s, t = T.sample_timesteps(1, 100, "cpu")
     assert (s == 1).all() and (t == 0).all()
     s, t = T.sample_timesteps(4, 4000, "cpu")
     assert set(s.tolist()) == {1.0, 0.75, 0.5, 0.25} and torch.equal(t, s - 0.25)
-    counts = torch.stack([(s == v).sum() for v in (1.0, 0.75, 0.5, 0.25)])
-    assert counts.min() > 900
+    assert min((s == v).sum() for v in (1.0, 0.75, 0.5, 0.25)) > 900
     s, t = T.sample_timesteps("any", 20000, "cpu")
     assert (0 <= t).all() and (t <= s).all() and (s <= 1).all()
     assert abs(s.mean() - 0.5) < 0.01 and abs((t / s).mean() - 0.5) < 0.01
-
-
-def test_ema_update():
     a, b = nn.Linear(3, 2), nn.Linear(3, 2)
     a0 = [p.clone() for p in a.parameters()]
     T.ema_update(a, b, 0.9)
@@ -1121,12 +1064,19 @@ def test_recipe_overrides_and_errors(capsys, tmp_path):
 # --------------------------------------------------------------------------------------
 
 
-def test_resume_is_bitwise_exact(tmp_path):
+def test_resume_is_bitwise_exact_and_survives_a_non_finite_loss(tmp_path):
     """Interrupted at step 4 and resumed, a run ends with the same weights, optimizer states, gradient-normalization
-    state and logged losses as the uninterrupted run, which recomputed its activations (--grad-checkpoint)."""
+    state and logged losses as the uninterrupted run, which recomputed its activations (--grad-checkpoint). A
+    non-finite loss before that stops the run with exit 1 and leaves the last checkpoint as it was."""
     train(tmp_path / "a", "--max-steps", "8", "--grad-checkpoint")
     train(tmp_path / "b", "--max-steps", "4")
     run_a, run_b = tmp_path / "a" / "000-T-2", tmp_path / "b" / "000-T-2"
+    good = (run_b / "checkpoints" / "0000004.pt").read_bytes()
+    # A transport weight of 1e39 overflows float32: the first G step's loss (step 5) is inf.
+    r = train(tmp_path / "b", "--resume", run_b, "--max-steps", "8", "--ot", "1e39", check=False)
+    assert r.returncode == 1 and "non-finite loss at step 5" in r.stdout, r.stdout + r.stderr
+    assert sorted(p.name for p in (run_b / "checkpoints").iterdir()) == ["0000004.pt"]
+    assert (run_b / "checkpoints" / "0000004.pt").read_bytes() == good
     train(tmp_path / "b", "--resume", run_b, "--max-steps", "8")
     a, b = load(run_a / "checkpoints" / "0000008.pt"), load(run_b / "checkpoints" / "0000008.pt")
     for key in ("model", "ema", "dis", "gradnorm"):
@@ -1144,8 +1094,7 @@ def test_resume_is_bitwise_exact(tmp_path):
 def test_sigint_saves_and_resumes(tmp_path):
     p = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), "--results-dir", str(tmp_path), *TRAIN_FLAGS,
                           "--max-steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         env=ENV,
-                         cwd=HERE)
+                         env=ENV, cwd=HERE)
     run_dir = tmp_path / "000-T-2"
     deadline = time.time() + 120
     while not (run_dir / "log.jsonl").exists() and time.time() < deadline:
@@ -1157,17 +1106,6 @@ def test_sigint_saves_and_resumes(tmp_path):
     assert step >= 2 and not list((run_dir / "checkpoints").glob("*.tmp"))
     train(tmp_path, "--resume", run_dir, "--max-steps", step + 2)
     assert load(run_dir / "checkpoints" / f"{step + 2:07d}.pt")["step"] == step + 2
-
-
-def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
-    train(tmp_path, "--max-steps", "4")
-    run_dir = tmp_path / "000-T-2"
-    good = load(run_dir / "checkpoints" / "0000004.pt")
-    # A transport weight of 1e39 overflows float32: the first G step's loss (step 5) is inf.
-    r = train(tmp_path, "--resume", run_dir, "--max-steps", "8", "--ot", "1e39", check=False)
-    assert r.returncode == 1 and "non-finite loss at step 5" in r.stdout, r.stdout + r.stderr
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["0000004.pt"]
-    assert torch.equal(load(run_dir / "checkpoints" / "0000004.pt")["model"]["pos_embed"], good["model"]["pos_embed"])
 
 
 def test_classifier_then_guided_run(tmp_path):
@@ -1202,7 +1140,8 @@ def test_torchrun_two_processes_gloo(tmp_path):
 
 def test_train_and_sample_every_data_kind(tmp_path):
     """4 steps from a flat folder (unconditional), class folders, an npz with and without labels; an
-    unconditional checkpoint samples (a square grid, arr_1 all zeros) without extra flags."""
+    unconditional checkpoint samples (a square grid, arr_1 all zeros) without extra flags. An image folder through
+    the VAE and the latent cache train too."""
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (24, 16, 16, 3), dtype=np.uint8)
     np.savez(tmp_path / "lab.npz", arr_0=x, arr_1=np.arange(24) % 3)
@@ -1226,11 +1165,8 @@ def test_train_and_sample_every_data_kind(tmp_path):
     sample_main("--ckpt", run_dir, "--num-samples", 6, "--out", tmp_path / "u.npz")
     out = read_npz(tmp_path / "u.npz")
     assert out["arr_0"].shape == (6, 16, 16, 3) and out["arr_1"].tolist() == [0] * 6
-
-
-def test_train_from_folder_and_from_cache(tmp_path):
-    """train.py on an image folder (VAE encoding on the fly) and on the latent cache: the networks see 4x16x16
-    latents (32 px images, a 2-level tiny VAE) and the grids are decoded to pixels."""
+    # an image folder (VAE encoding on the fly) and the latent cache: the networks see 4x16x16 latents (32 px images,
+    # a 2-level tiny VAE) and the grids are decoded to pixels
     root, vae_path, cache, _ = cached_folder(tmp_path)
     flags = ["--vae", vae_path, "--image-size", "32", "--model", "T/2", "--global-batch-size", "4",
              "--max-steps", "2", "--sample-every", "2"]
@@ -1250,7 +1186,9 @@ def test_train_from_folder_and_from_cache(tmp_path):
 # --------------------------------------------------------------------------------------
 
 
-def test_center_crop_matches_adm(tmp_path):
+def test_image_folder_crop_flip_skip_and_classes(tmp_path):
+    """ADM's center crop; class sub-folders (or --unconditional); a random flip; a corrupt file skipped with one
+    warning, counted across DataLoader workers."""
     root = image_folder(tmp_path)
     for size in (32, 64):
         ds = DS.ImageFolder(root, size, flip=False)
@@ -1260,8 +1198,7 @@ def test_center_crop_matches_adm(tmp_path):
             ref, k = adm_crop(ds.files[i], size)
             halvings.add(k)
             x, y = ds[i]
-            assert x.dtype == torch.float32 and x.shape == (3, size, size)
-            assert torch.equal(x, to_x(ref)), (name, size)
+            assert x.dtype == torch.float32 and torch.equal(x, to_x(ref)), (name, size)
             assert y == ds.class_names.index(name.split("/")[0])
         assert 0 in halvings and max(halvings) >= 1  # both paths: with and without the box loop
     # the box loop matters: one bicubic step from the full 700x451 image gives other pixels
@@ -1270,13 +1207,12 @@ def test_center_crop_matches_adm(tmp_path):
     ref = adm_crop(os.path.join(root, "bee/c.png"), 32)[0]
     assert np.abs(direct[:, 9:41].astype(int) - ref.astype(int)).mean() > 1
 
-
-def test_folder_layout_flip_and_skip(tmp_path):
-    root = image_folder(tmp_path)
     ds = DS.build_dataset(root, image_size=32)
     assert isinstance(ds, DS.ImageFolder) and ds.space == "pixel" and ds.shape == (3, 32, 32)
     assert ds.class_names == ["ant", "bee", "cow"] and ds.num_classes == 3
     assert len(ds) == 6 and sorted(ds.labels) == [0, 0, 1, 1, 1, 2]  # .txt / .csv ignored
+    unconditional = DS.build_dataset(root, 16, unconditional=True)
+    assert unconditional.num_classes == 1 and len(unconditional) == 6
 
     # flip: with a fixed seed both orientations occur, and one is the other's mirror
     ref = to_x(adm_crop(os.path.join(root, "ant/a.jpg"), 32)[0])
@@ -1304,11 +1240,11 @@ def test_folder_layout_flip_and_skip(tmp_path):
     assert sum(len(y) for _, y in batches) == 6 and ds.skipped == 1
 
 
-def test_folder_layouts_and_errors(tmp_path):
-    """Class sub-folders, a flat folder (recursive: one class), or --unconditional; one-line errors."""
-    def error(path, **kw):
+def test_flat_folders_and_folder_errors(tmp_path):
+    """A flat folder (recursive: one class); one-line errors naming the folder."""
+    def error(path):
         with pytest.raises((FileNotFoundError, ValueError)) as e:
-            DS.build_dataset(str(path), image_size=32, **kw)
+            DS.build_dataset(str(path), image_size=32)
         assert "\n" not in str(e.value) and str(path) in str(e.value)
         return str(e.value)
     assert "not found" in error(tmp_path / "missing")
@@ -1328,12 +1264,6 @@ def test_folder_layouts_and_errors(tmp_path):
         Image.new("RGB", (40, 30), (i * 60, 0, 0)).save(flat / sub / f"{i}.png")
     ds = DS.build_dataset(str(flat), image_size=16)
     assert ds.num_classes == 1 and len(ds) == 4 and set(ds.labels) == {0} and ds[0][0].shape == (3, 16, 16)
-    root = image_folder(tmp_path / "classes")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        assert DS.build_dataset(root, 16).num_classes == 3
-        ds = DS.build_dataset(root, 16, unconditional=True)
-    assert ds.num_classes == 1 and len(ds) == 6
 
 
 def test_npz_images(tmp_path):
@@ -1384,14 +1314,15 @@ def test_cache_from_flat_folder_and_npz(tmp_path):
         assert sorted(got.tolist()) == sorted(labels), data
 
 
-def test_cache_round_trip_and_sampling(tmp_path):
+def test_cache_round_trip_sampling_resume_and_refusals(tmp_path):
     root, vae_path, out, written = cached_folder(tmp_path)
     meta = json.load(open(os.path.join(out, "meta.json")))
     assert meta["complete"] and meta["image_size"] == 32 and meta["latent_shape"] == [4, 16, 16]
     assert meta["num_files"] == 6 and meta["num_images"] == 5 and meta["skipped"] == [CORRUPT]
     assert meta["class_names"] == ["ant", "bee", "cow"] and meta["num_classes"] == 3
     assert meta["vae"]["file"] == "vae.pt" and meta["vae"]["size"] == os.path.getsize(vae_path)
-    assert len(written) == 3
+    shard = [os.path.join(out, DS.SHARD.format(k)) for k in range(3)]
+    assert sorted(written) == shard
     assert sorted(os.listdir(out)) == ["meta.json"] + [DS.SHARD.format(k) for k in range(3)]
 
     # stored moments = the VAE's encoding of the ADM crop and of its mirror, to fp16 precision
@@ -1446,18 +1377,12 @@ def test_cache_round_trip_and_sampling(tmp_path):
     assert [tuple(x.shape) for x, _ in batches] == [(2, 4, 16, 16)] * 2 + [(1, 4, 16, 16)]
     assert torch.cat([y for _, y in batches]).tolist() == [0, 0, 1, 1, 2]
 
-
-def test_cache_resume_and_refusals(tmp_path):
-    root, vae_path, out, written = cached_folder(tmp_path)
-    shard = [os.path.join(out, DS.SHARD.format(k)) for k in range(3)]
+    # an interrupted run: shard 1 missing, a half-written temp file, meta not yet complete
     before = torch.load(shard[1], weights_only=True)
     mtimes = [os.stat(p).st_mtime_ns for p in shard]
-
-    # an interrupted run: shard 1 missing, a half-written temp file, meta not yet complete
     os.remove(shard[1])
     with open(shard[1] + ".tmp", "wb") as f:
         f.write(b"half a shard")
-    meta = json.load(open(os.path.join(out, "meta.json")))
     json.dump({**meta, "complete": False}, open(os.path.join(out, "meta.json"), "w"))
     with pytest.raises(ValueError, match="incomplete"):
         DS.LatentCache(out)
@@ -1473,8 +1398,7 @@ def test_cache_resume_and_refusals(tmp_path):
     assert not os.path.exists(shard[1])
 
     # batch size 1 this time: shard 1's second batch holds only the corrupt file
-    rewritten = build_cache(root, vae_path, out, batch_size=1)
-    assert rewritten == [shard[1]]
+    assert build_cache(root, vae_path, out, batch_size=1) == [shard[1]]
     assert [os.stat(p).st_mtime_ns for p in (shard[0], shard[2])] == [mtimes[0], mtimes[2]]
     after = torch.load(shard[1], weights_only=True)
     for k in ("label", "index"):
@@ -1520,7 +1444,7 @@ def test_digits():
     assert x.shape == (1797, 1, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert x.min() == -1 and x.max() == 1 and abs(x.mean().item() + 0.389) < 0.001
     assert torch.bincount(y).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
-    data = np.load(os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.npz"))
+    data = np.load(os.path.join(HERE, "digits.npz"))
     assert torch.equal(ds[5][0], torch.from_numpy(data["images"][5]).float()[None] / 8 - 1)
     assert int(ds[5][1]) == int(data["labels"][5]) and ds.class_names[3] == "3"
 
@@ -1537,12 +1461,9 @@ def test_npz_same_for_one_and_two_processes(tmp_path):
     sample_main("--ckpt", ckpt, "--steps", 2, "--num-samples", N, "--batch-size", 40, "--out", tmp_path / "a.npz")
     with pytest.raises(SystemExit):  # b.npz: begun by one process, interrupted, finished by two
         sample_main("--ckpt", ckpt, "--steps", 2, "--num-samples", N, "--batch-size", 16, "--max-batches", 2,
-                  "--out", tmp_path / "b.npz")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(HERE, "sample.py"), "--ckpt", str(ckpt), "--steps", "2", "--num-samples",
-                        str(N), "--batch-size", "16", "--save-every", "2", "--out", str(tmp_path / "b.npz")],
-                       capture_output=True, text=True, env=ENV, cwd=HERE, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
+                    "--out", tmp_path / "b.npz")
+    r = run("sample.py", "--ckpt", ckpt, "--steps", 2, "--num-samples", N, "--batch-size", 16, "--save-every", 2,
+            "--out", tmp_path / "b.npz", torchrun=True)
     assert "2 process(es)" in r.stdout and "32 of 120 samples found" in r.stdout and "44 to make on rank 0" in r.stdout
     a, b = read_npz(tmp_path / "a.npz"), read_npz(tmp_path / "b.npz")
     # Format: ADM's sample batch, uint8 NHWC RGB (the gray digit in all three channels), labels beside it.
@@ -1564,12 +1485,23 @@ def test_npz_same_for_one_and_two_processes(tmp_path):
     assert not (tmp_path / "a.npz.parts").exists() and not (tmp_path / "b.npz.parts").exists()
 
 
-def test_resume_equals_uninterrupted_run(tmp_path):
-    ckpt, out = tmp_path / "ck.pt", tmp_path / "b.npz"
-    digits_checkpoint(ckpt, steps="1")
+def test_fid_resume_and_grids(tmp_path, monkeypatch, capsys):
+    """--fid scores the samples in memory and prints one line; an npz made in pieces (interrupted twice, other batch
+    sizes, a half-written part) equals the one made at once; PNG grids are the samples, one class per row."""
+    ckpt, out, parts = tmp_path / "ck.pt", tmp_path / "b.npz", tmp_path / "b.npz.parts"
+    _, ema, _ = digits_checkpoint(ckpt, steps="1")
     flags = ["--ckpt", ckpt, "--num-samples", 120]
-    sample_main(*flags, "--batch-size", 40, "--out", tmp_path / "a.npz")
-    parts = tmp_path / "b.npz.parts"
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, (40, 8, 8, 3), dtype=np.uint8))
+    monkeypatch.setattr(fid, "load_inception", lambda path=None, device="cpu": InceptionStandIn((6, 4, 5)))
+    sample_main(*flags, "--batch-size", 40, "--fid", ref, "--out", tmp_path / "a.npz")
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("FID ")]
+    a = read_npz(tmp_path / "a.npz")
+    net = InceptionStandIn((6, 4, 5))
+    m = fid.evaluate(fid.compute_features(net, a["arr_0"], progress=False), fid.reference_stats(str(ref), net))
+    assert line == [f"FID {m['fid']:.4f} | sFID {m['sfid']:.4f} | IS {m['inception_score']:.4f} | "
+                    f"precision {m['precision']:.4f} | recall {m['recall']:.4f}"]
+    assert m["fid"] > 0 and not list(tmp_path.glob("*.png"))
     with pytest.raises(SystemExit) as e:  # interrupted after 3 batches of 16 (as Ctrl-C would, after a batch)
         sample_main(*flags, "--batch-size", 16, "--save-every", 2, "--max-batches", 3, "--out", out)
     assert e.value.code == 1 and not out.exists()
@@ -1583,10 +1515,23 @@ def test_resume_equals_uninterrupted_run(tmp_path):
         sample_main(*flags, "--batch-size", 8, "--save-every", 1, "--max-batches", 2, "--out", out)
     assert not list(parts.glob("*.tmp")) and len(list(parts.glob("*.npz"))) == 4
     sample_main(*flags, "--batch-size", 24, "--out", out)
-    a, b = read_npz(tmp_path / "a.npz"), read_npz(out)
+    b = read_npz(out)
     np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
     np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
     assert not parts.exists()
+    sample_main("--ckpt", ckpt, "--out", tmp_path / "g.png")
+    img = np.asarray(Image.open(tmp_path / "g.png"))
+    assert img.shape == (10 * 66 + 2, 8 * 66 + 2, 3)  # all 10 digit classes in rows, 8 per row, upscaled to 64 px
+    row = 3  # class 3 = sample indices 24..31; cells are 64 px with 2 px borders; save_grid rounds
+    x = expected_samples(ema, range(24, 32), [3] * 8, 1, "x").astype(np.float64)  # truncated: within 1 of rounded
+    for c in range(8):
+        cell = img[2 + row * 66: 2 + row * 66 + 64: 8, 2 + c * 66: 2 + c * 66 + 64: 8]  # (8, 8, 3)
+        assert np.abs(cell.astype(np.float64) - x[c]).max() <= 1
+    sample_main("--ckpt", ckpt, "--out", tmp_path / "g2.png")
+    assert (tmp_path / "g.png").read_bytes() == (tmp_path / "g2.png").read_bytes()  # fixed seed
+    sample_main("--ckpt", ckpt, "--weights", "model", "--classes", 3, 5, "--per-class", 4, "--out", tmp_path / "m.png")
+    m = np.asarray(Image.open(tmp_path / "m.png"))
+    assert m.shape == (2 * 66 + 2, 4 * 66 + 2, 3) and not np.array_equal(m[:66, :66], img[:66, :66])
 
 
 def test_sigint_stops_after_a_batch_with_parts_saved(tmp_path):
@@ -1610,39 +1555,39 @@ def test_sigint_stops_after_a_batch_with_parts_saved(tmp_path):
     np.testing.assert_array_equal(first["images"], expected_samples(ema, range(16), [0] * 16, 1, "x"))
 
 
-def test_bare_state_dict_inference(tmp_path):
+def test_bare_state_dicts_load_or_fail_in_one_line(tmp_path):
+    """The release's bare .pth files: the configuration is read off the weights (flags win over it) and the loaded
+    generator computes what the saved one did; a mismatch is one line naming the shapes."""
     f = str(tmp_path / "g.pth")
-    G = bare_generator(f, use_t_src=True)  # a k-NFE model: t_embedder, no t_tgt_embedder
-    L, info = S.load_generator(f, model="T/2")  # t-conditioned: v-prediction, as the release's k-NFE recipes
-    assert {k: info[k] for k in ("model", "channels", "size", "num_classes", "use_t_src", "use_t_tgt", "repeat",
-                                 "steps", "pred")} == dict(model="T/2", channels=1, size=8, num_classes=10,
-                                                           use_t_src=True, use_t_tgt=False, repeat=1, steps=1, pred="v")
-    same_outputs(G, L)
-    assert not any(p.requires_grad for p in L.parameters()) and not L.training
-    assert S.load_generator(f, steps=2, pred="x")[1]["pred"] == "x"  # flags win over the defaults
-    assert S.load_generator(f)[1]["model"] == "T/2"  # the size is found from depth, width and patch
-    G = bare_generator(f, use_t_src=True, use_t_tgt=True)  # any-step
-    L, info = S.load_generator(f, model="T/2")
-    assert info["use_t_src"] and info["use_t_tgt"] and info["pred"] == "v" and info["steps"] == 1
-    same_outputs(G, L)
-    G = bare_generator(f, repeat=2)  # the deep generator: a t_embedder, no t_tgt, --repeat 2
-    L, info = S.load_generator(f, model="T/2", repeat=2)
-    assert L.repeat == 2 and not info["use_t_src"] and info["steps"] == 1 and info["pred"] == "x"
-    same_outputs(G, L)
+    t_src, t_tgt = torch.full((8,), 0.75), torch.full((8,), 0.25)
+    k_nfe = dict(model="T/2", channels=1, size=8, num_classes=10, use_t_src=True, use_t_tgt=False, repeat=1, steps=1,
+                 pred="v")  # t-conditioned: v-prediction, as the release's k-NFE recipes
+    cases = [  # (the saved generator's kwargs, load_generator's kwargs, what it must find)
+        (dict(use_t_src=True), dict(model="T/2"), k_nfe),
+        (dict(use_t_src=True), {}, dict(model="T/2")),  # the size is found from depth, width and patch
+        (dict(use_t_src=True), dict(steps=2, pred="x"), dict(pred="x")),  # flags win over the defaults
+        (dict(use_t_src=True, use_t_tgt=True), dict(model="T/2"),  # any-step
+         dict(use_t_src=True, use_t_tgt=True, steps=1, pred="v")),
+        (dict(repeat=2), dict(model="T/2", repeat=2), dict(use_t_src=False, repeat=2, steps=1, pred="x")),  # deep
+        (dict(num_classes=1000, class_dropout_prob=0.1), dict(model="T/2"), dict(num_classes=1000)),  # + null label
+        (dict(class_dropout_prob=0.1), {}, dict(num_classes=11)),  # 11 rows: 11 classes unless told
+        (dict(class_dropout_prob=0.1), dict(num_classes=10), dict(num_classes=10)),
+        (dict(in_channels=4, input_size=4), {}, dict(channels=4, size=4)),  # SD-VAE latents
+    ]
+    for saved, flags, want in cases:
+        G = bare_generator(f, **saved)
+        L, info = S.load_generator(f, **flags)
+        assert {k: info[k] for k in want} == want and L.repeat == info["repeat"], (saved, flags, info)
+        assert not any(p.requires_grad for p in L.parameters()) and not L.training
+        rows = saved.get("num_classes", 10) + ("class_dropout_prob" in saved)
+        assert L.y_embedder.embedding_table.weight.shape[0] == rows
+        s = saved.get("input_size", 8)
+        z, y = torch.randn(8, G.in_channels, s, s), torch.arange(8) % 10
+        with torch.no_grad(), one_thread():
+            assert torch.equal(G(z, y, t_src, t_tgt), L(z, y, t_src, t_tgt)), (saved, flags)
+    bare_generator(f, repeat=2)
     with pytest.raises(ValueError, match="1-NFE generator .* cannot take --steps 2"):
-        S.load_generator(str(tmp_path / "g.pth"), model="T/2", repeat=2, steps=2)
-    G = bare_generator(f, num_classes=1000, class_dropout_prob=0.1)  # 1001 rows: 1000 classes + the null label
-    L, info = S.load_generator(f, model="T/2")
-    assert info["num_classes"] == 1000 and L.y_embedder.embedding_table.weight.shape[0] == 1001
-    same_outputs(G, L)
-    bare_generator(f, num_classes=10, class_dropout_prob=0.1)  # 11 rows: 11 classes unless told
-    assert S.load_generator(f)[1]["num_classes"] == 11 and S.load_generator(f, num_classes=10)[1]["num_classes"] == 10
-    bare_generator(f, in_channels=4, input_size=4)  # SD-VAE latents
-    assert S.load_generator(f)[1]["channels"] == 4 and S.load_generator(f)[1]["size"] == 4
-
-
-def test_mismatch_is_one_line(tmp_path):
-    f = str(tmp_path / "g.pth")
+        S.load_generator(f, model="T/2", repeat=2, steps=2)
     bare_generator(f)
     with pytest.raises(ValueError) as e:
         S.load_generator(f, model="S/2")
@@ -1658,24 +1603,6 @@ def test_mismatch_is_one_line(tmp_path):
     torch.save({"pos_embed": torch.zeros(1, 16, 64)}, f)
     with pytest.raises(ValueError, match="not a generator state dict"):
         S.load_generator(f)
-
-
-def test_grid_png(tmp_path):
-    ckpt = tmp_path / "ck.pt"
-    _, ema, _ = digits_checkpoint(ckpt, steps="1")
-    sample_main("--ckpt", ckpt, "--out", tmp_path / "g.png")
-    img = np.asarray(Image.open(tmp_path / "g.png"))
-    assert img.shape == (10 * 66 + 2, 8 * 66 + 2, 3)  # all 10 digit classes in rows, 8 per row, upscaled to 64 px
-    row = 3  # class 3 = sample indices 24..31; cells are 64 px with 2 px borders; save_grid rounds
-    x = expected_samples(ema, range(24, 32), [3] * 8, 1, "x").astype(np.float64)  # truncated: within 1 of rounded
-    for c in range(8):
-        cell = img[2 + row * 66: 2 + row * 66 + 64: 8, 2 + c * 66: 2 + c * 66 + 64: 8]  # (8, 8, 3)
-        assert np.abs(cell.astype(np.float64) - x[c]).max() <= 1
-    sample_main("--ckpt", ckpt, "--out", tmp_path / "g2.png")
-    assert (tmp_path / "g.png").read_bytes() == (tmp_path / "g2.png").read_bytes()  # fixed seed
-    sample_main("--ckpt", ckpt, "--weights", "model", "--classes", 3, 5, "--per-class", 4, "--out", tmp_path / "m.png")
-    m = np.asarray(Image.open(tmp_path / "m.png"))
-    assert m.shape == (2 * 66 + 2, 4 * 66 + 2, 3) and not np.array_equal(m[:66, :66], img[:66, :66])
 
 
 def test_latent_model_through_vae(tmp_path):
@@ -1699,29 +1626,12 @@ def test_latent_model_through_vae(tmp_path):
     assert np.asarray(Image.open(tmp_path / "g.png")).shape == (3 * 66 + 2, 8 * 66 + 2, 3)
 
 
-def test_fid_in_the_same_run(tmp_path, monkeypatch, capsys):
-    ckpt = tmp_path / "ck.pt"
-    digits_checkpoint(ckpt, steps="1")
-    rng = np.random.default_rng(0)
-    ref = tmp_path / "ref.npz"
-    np.savez(ref, arr_0=rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8))
-    monkeypatch.setattr(fid, "load_inception", lambda path=None, device="cpu": InceptionStandIn((6, 4, 5)))
-    sample_main("--ckpt", ckpt, "--num-samples", 50, "--fid", ref, "--out", tmp_path / "a.npz")
-    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("FID ")]
-    a = read_npz(tmp_path / "a.npz")["arr_0"]
-    net = InceptionStandIn((6, 4, 5))
-    m = fid.evaluate(fid.compute_features(net, a, progress=False), fid.reference_stats(str(ref), net))
-    assert line == [f"FID {m['fid']:.4f} | sFID {m['sfid']:.4f} | IS {m['inception_score']:.4f} | "
-                    f"precision {m['precision']:.4f} | recall {m['recall']:.4f}"]
-    assert m["fid"] > 0 and not list(tmp_path.glob("*.png"))
-
-
 # --------------------------------------------------------------------------------------
 # 9. Metrics equal their direct formulas; fid.py's files and errors
 # --------------------------------------------------------------------------------------
 
 
-def test_compute_features_batching():
+def test_compute_features_batching_and_evaluate():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (11, 4, 5, 3), dtype=np.uint8)
     want = images.transpose(0, 3, 1, 2).reshape(11, -1).astype(np.float32)  # NHWC in, NCHW to the network
@@ -1734,15 +1644,37 @@ def test_compute_features_batching():
         np.testing.assert_array_equal(f["logits"], want[:, :3])
     with pytest.raises(ValueError, match="uint8"):
         fid.compute_features(InceptionStandIn(), images.astype(np.float32), progress=False)
+    # fid.evaluate on given features: a set against itself, and shifted by 1 without reference pool3 features
+    rng = np.random.default_rng(1)
+    feats = {"pool3": rng.standard_normal((40, 6)).astype(np.float32),
+             "spatial": rng.standard_normal((40, 5)).astype(np.float32),
+             "logits": rng.standard_normal((40, 1008)).astype(np.float32)}
+    st = fid.feature_stats(feats)
+    np.testing.assert_allclose(st["sigma"], np.cov(feats["pool3"].astype(np.float64).T), rtol=1e-12)
+    m = fid.evaluate(feats, dict(st, pool3=feats["pool3"]), device="cpu")
+    assert abs(m["fid"]) < 1e-9 and abs(m["sfid"]) < 1e-9
+    assert m["inception_score"] == fid.inception_score(feats["logits"])
+    assert m["precision"] == 1.0 and m["recall"] == 1.0
+    other = dict(feats, pool3=feats["pool3"] + 1)
+    m2 = fid.evaluate(other, dict(st, pool3=None))
+    assert m2["precision"] is None and m2["recall"] is None
+    assert abs(m2["fid"] - 6.0) < 1e-6  # a mean shift of 1 in 6 dimensions, same covariance
 
 
 def test_frechet_distance(monkeypatch):
     rng = np.random.default_rng(0)
-    mu1, s1 = random_stats(rng, 8, 50)
-    mu2, s2 = random_stats(rng, 8, 50)
+    stats = []
+    for _ in range(2):
+        x = rng.standard_normal((50, 8)) @ rng.standard_normal((8, 8))
+        stats += [x.mean(0), np.cov(x, rowvar=False)]
+    mu1, s1, mu2, s2 = stats
+    # directly: tr sqrtm(s1 s2) = tr sqrt(s1^1/2 s2 s1^1/2), both roots by eigendecomposition
+    w, v = np.linalg.eigh(s1)
+    r1 = v @ np.diag(np.sqrt(np.clip(w, 0, None))) @ v.T
+    tr = np.sqrt(np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0, None)).sum()
     val = fid.frechet_distance(mu1, s1, mu2, s2)
     assert isinstance(val, float) and val > 1
-    assert abs(val - direct_fid(mu1, s1, mu2, s2)) <= 1e-9 * val
+    assert abs(val - (((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr)) <= 1e-9 * val
     assert abs(fid.frechet_distance(mu1, s1, mu1, s1)) <= 1e-9 * np.trace(s1)
     # a non-finite sqrtm is retried once with 1e-6 I added to both covariances
     calls, sqrtm = [], fid.linalg.sqrtm
@@ -1799,24 +1731,9 @@ def test_precision_recall_brute_force():
     assert 1e-4 < err < 1e-2 * exact.max().item()  # fp32 distances would be ~1e-6 off
 
 
-def test_evaluate_on_given_features():
-    rng = np.random.default_rng(1)
-    feats = {"pool3": rng.standard_normal((40, 6)).astype(np.float32),
-             "spatial": rng.standard_normal((40, 5)).astype(np.float32),
-             "logits": rng.standard_normal((40, 1008)).astype(np.float32)}
-    st = fid.feature_stats(feats)
-    np.testing.assert_allclose(st["sigma"], np.cov(feats["pool3"].astype(np.float64).T), rtol=1e-12)
-    m = fid.evaluate(feats, dict(st, pool3=feats["pool3"]), device="cpu")
-    assert abs(m["fid"]) < 1e-9 and abs(m["sfid"]) < 1e-9
-    assert m["inception_score"] == fid.inception_score(feats["logits"])
-    assert m["precision"] == 1.0 and m["recall"] == 1.0
-    other = dict(feats, pool3=feats["pool3"] + 1)
-    m2 = fid.evaluate(other, dict(st, pool3=None))
-    assert m2["precision"] is None and m2["recall"] is None
-    assert abs(m2["fid"] - 6.0) < 1e-6  # a mean shift of 1 in 6 dimensions, same covariance
-
-
-def test_bad_npz_one_line_errors(tmp_path):
+def test_fid_files_errors_and_make_ref(tmp_path, monkeypatch):
+    """Malformed npz files and image folders are one-line errors; --make-ref on a nested image folder writes ADM's
+    reference format: arr_0 and the statistics of its features."""
     imgs = np.zeros((2, 8, 8, 3), np.uint8)
     cases = {"nokey": dict(foo=imgs), "float": dict(arr_0=imgs.astype(np.float32)),
              "nchw": dict(arr_0=imgs.transpose(0, 3, 1, 2)), "partial": dict(mu=np.zeros(2048)),
@@ -1844,12 +1761,9 @@ def test_bad_npz_one_line_errors(tmp_path):
     Image.new("RGB", (9, 8)).save(tmp_path / "mixed" / "sub" / "b.png")
     with pytest.raises(ValueError, match="b.png"):
         fid.read_images(str(tmp_path / "mixed"))
-
-
-def test_make_ref_round_trip(tmp_path, monkeypatch):
-    """--make-ref on a nested image folder writes ADM's reference format: arr_0 and the statistics of its features."""
+    # --make-ref on nested folders: the images (sorted paths keep this order) and their features' statistics
     images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
-    for i, img in enumerate(images):  # nested folders; sorted paths keep this order
+    for i, img in enumerate(images):
         os.makedirs(tmp_path / "imgs" / f"d{i // 2}", exist_ok=True)
         Image.fromarray(img).save(tmp_path / "imgs" / f"d{i // 2}" / f"{i}.png")
     monkeypatch.setattr(fid, "load_inception", lambda path=None, device="cpu": InceptionStandIn((6, 4, 5)))
@@ -1865,18 +1779,11 @@ def test_make_ref_round_trip(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------
+
+
+# --------------------------------------------------------------------------------------
 # 10. Bad input gets one line (exit 2 for usage, 1 for the rest) and changes no file; runs never collide
 # --------------------------------------------------------------------------------------
-
-
-def snapshot(root):
-    return {str(p): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def main_of(script):
-    return {"train.py": lambda argv: T.main(*T.resolve(argv)), "sample.py": lambda argv: S.main(S.parse_args(argv)),
-            "fid.py": lambda argv: fid.main(fid.parse_args(argv)),
-            "dataset.py": lambda argv: DS.main(DS.parse_args(argv))}[script]
 
 
 def test_bad_input_is_one_line_and_changes_nothing(tmp_path, capsys):
@@ -1931,11 +1838,14 @@ def test_bad_input_is_one_line_and_changes_nothing(tmp_path, capsys):
         ("dataset.py", ["cache", "--data", root, "--vae", vae_path, "--out", cache, "--batch-size", "0"], 2,
          ["--batch-size"]),
     ]
+    mains = {"train.py": lambda argv: T.main(*T.resolve(argv)), "sample.py": lambda argv: S.main(S.parse_args(argv)),
+             "fid.py": lambda argv: fid.main(fid.parse_args(argv)),
+             "dataset.py": lambda argv: DS.main(DS.parse_args(argv))}
     before = snapshot(tmp_path)
     for script, argv, status, words in cases:
         with pytest.raises(SystemExit) as e, one_thread(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            main_of(script)(argv)
+            mains[script](argv)
         err = capsys.readouterr().err.strip().splitlines()
         code, line = (1, e.value.code) if isinstance(e.value.code, str) else (e.value.code, err[-1] if err else "")
         assert code == status and "\n" not in line and all(w in line for w in words), (script, argv, code, line)
@@ -1975,9 +1885,10 @@ def test_runs_never_collide_and_resume_survives_bad_files(tmp_path, capsys):
     assert "is finished: step 6 of --max-steps 6" in capsys.readouterr().out
 
 
-def test_pixel_report_on_hand_made_sets():
+def test_pixel_report_on_hand_made_sets_and_command(tmp_path, capsys):
     """Identical sets: agreement 1, diversity 1, pixel FD 0; a copy shifted by c in every one of D pixels:
-    FD = D c^2 exactly; every sample of a class the same image: diversity 0; wrong labels: agreement 0."""
+    FD = D c^2 exactly; every sample of a class the same image: diversity 0; wrong labels: agreement 0. The same
+    report from the command line."""
     d = np.load(os.path.join(HERE, "digits.npz"))
     x, y = d["images"].astype(np.float64) / 8 - 1, d["labels"]
     r = fid.pixel_report(x, y, x, y)
@@ -1991,26 +1902,13 @@ def test_pixel_report_on_hand_made_sets():
     assert fid.pixel_report(x, (y + 1) % 10, x, y)["agreement"] == 0.0
     big = np.kron(x.reshape(-1, 1, 8, 8), np.ones((4, 4)))  # (N, 1, 32, 32): pixel FD on 8x8 averages, 64 dims
     assert abs(fid.pixel_report(big + 0.1, y, big, y)["pixel_fd"] - 64 * 0.01) < 1e-8
-
-
-def test_pixel_report_command(tmp_path, capsys):
-    """fid.py SAMPLES --pixel-ref digits: sample.py's uint8 RGB file against the digits, as train.py evaluates."""
-    d = np.load(os.path.join(HERE, "digits.npz"))
+    # fid.py SAMPLES --pixel-ref digits: sample.py's uint8 RGB file against the digits, as train.py evaluates
     rgb = np.repeat((d["images"].astype(int) * 16).clip(0, 255).astype(np.uint8)[..., None], 3, axis=-1)  # (N, 8, 8, 3)
     np.savez(tmp_path / "s.npz", arr_0=rgb, arr_1=d["labels"])
     fid.main(fid.parse_args([str(tmp_path / "s.npz"), "--pixel-ref", "digits"]))
     out = dict(line.split(": ") for line in capsys.readouterr().out.split("\n") if ": " in line)
     assert float(out["agreement"]) == 1.0 and abs(float(out["diversity"]) - 1) < 0.02
     assert float(out["pixel_fd"]) < float(out["pixel_fd_floor"])
-
-
-def eval_worker(rank, argv, port):
-    """One of two gloo processes of a training run that evaluates with the stand-in Inception."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    fid.load_inception = lambda path=None, device="cpu": InceptionStandIn((6, 4, 5))
-    T.main(*T.resolve(argv))
 
 
 def test_in_loop_evaluation_over_two_processes(tmp_path, capsys, monkeypatch):

@@ -446,18 +446,6 @@ def build(s, C, H, num_classes, device):
             "opt_d": adamw(D, s.lr_d, (0.0, 0.9)), "gradnorm": afm}
 
 
-def rng_states(device):
-    """Every rank's RNG state (rank 0 writes them all to the checkpoint: an exact resume)."""
-    mine = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        mine["cuda"] = torch.cuda.get_rng_state(device)
-    states = [mine]
-    if dist.is_initialized():
-        states = [None] * dist.get_world_size()
-        dist.all_gather_object(states, mine)
-    return states
-
-
 def restore(ckpt, path, state, s, rank, world, device):
     """Load every part of `state` and this rank's RNG from a checkpoint -> (step, data position)."""
     try:
@@ -478,8 +466,15 @@ def restore(ckpt, path, state, s, rank, world, device):
 
 
 def save_checkpoint(run_dir, state, s, step, position, rank, device):
-    """Plain tensors and plain Python (torch.load(weights_only=True) reads it), written atomically."""
-    rng = rng_states(device)  # collective: every rank calls this
+    """Plain tensors and plain Python (torch.load(weights_only=True) reads it), written atomically; with every
+    rank's RNG state, gathered to rank 0 (a collective: every rank calls this), for an exact resume."""
+    mine = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(device)
+    rng = [mine]
+    if dist.is_initialized():
+        rng = [None] * dist.get_world_size()
+        dist.all_gather_object(rng, mine)
     if rank == 0:
         path = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
         save_atomic({**{key: part.state_dict() for key, part in state.items()}, "args": vars(s), "step": step,
@@ -497,20 +492,17 @@ def make_run_dir(s, rank):
             os.makedirs(s.results_dir, exist_ok=True)
             while run_dir is None:
                 used = [int(m[1]) for n in os.listdir(s.results_dir) if (m := re.match(r"(\d+)-", n))]
-                try:
+                with contextlib.suppress(FileExistsError):  # another launch took this index first: look again
                     os.mkdir(path := os.path.join(s.results_dir, f"{max(used, default=-1) + 1:03d}-{tag}"))
                     run_dir = path
-                except FileExistsError:  # another launch took this index first: look again
-                    pass
             os.mkdir(os.path.join(run_dir, "checkpoints"))
         except OSError as e:
             raise SystemExit(f"train.py: error: --results-dir {s.results_dir}: {e.strerror}")
         save_atomic(vars(s), os.path.join(run_dir, "args.json"), save_json)
+    box = [run_dir]
     if dist.is_initialized():
-        box = [run_dir]
         dist.broadcast_object_list(box)
-        run_dir = box[0]
-    return run_dir
+    return box[0]
 
 
 def write_log(run_dir, record, rank, plot=False):

@@ -8,11 +8,9 @@ current ones, and `load_vae` reads .safetensors (parsed here, no safetensors pac
 (`attentions.0.to_q`), diffusers legacy (`attentions.0.query`: sd-vae-ft-mse's .bin) and LDM / CompVis
 (`encoder.down.0.block.0`: vae-ft-mse-840000-ema-pruned.ckpt, or a full SD checkpoint's `first_stage_model.*`).
 
-    python vae.py                                          # self-check: shapes, parameter count
-    python vae.py --ckpt vae-ft-mse-840000-ema-pruned.safetensors --image cat.png   # reconstruct
+    python vae.py          # self-check: shapes, a state-dict round trip, parameter count
 """
 
-import argparse
 import json
 import math
 import os
@@ -60,9 +58,8 @@ class Resample(nn.Module):
 
     def forward(self, x):
         if self.down:
-            # Asymmetric padding: one zero row/column on the right and bottom only, then a stride-2
-            # conv without padding. That is what LDM trained with; padding=1 on all sides would
-            # shift the sampling grid by one pixel and the weights would no longer fit.
+            # One zero row/column on the right and bottom only, then a stride-2 conv without padding, as LDM
+            # trained: padding=1 on all sides would shift the sampling grid by one pixel and the weights not fit.
             return self.conv(F.pad(x, (0, 1, 0, 1)))  # (N, C, H/2, W/2)
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (N, C, 2H, 2W)
 
@@ -185,10 +182,9 @@ class AutoencoderKL(nn.Module):
 # Loading: legacy diffusers and LDM keys -> current diffusers; safetensors without the package
 # --------------------------------------------------------------------------------------
 
-# Renames applied in order to every key; keys already in the current layout match none of them, so
-# converting twice is harmless. Legacy diffusers (AttentionBlock, diffusers < 0.14) differs only in the
-# attention's projections; LDM names everything differently but the tensors are the same. (decoder.up.I
-# is handled in convert_state_dict: its numbering runs the other way.)
+# Renames applied in order to every key; current keys match none, so converting twice is harmless. Legacy
+# diffusers (AttentionBlock, diffusers < 0.14) differs only in the attention's projections; LDM names everything
+# differently, with the same tensors (decoder.up.I: see convert_state_dict, its numbering runs the other way).
 _RENAMES = [
     (r"\.mid\.attn_1\.", ".mid_block.attentions.0."),  # LDM; its attention's own names follow
     (r"\.attentions\.0\.norm\.", ".attentions.0.group_norm."),  # LDM
@@ -201,15 +197,13 @@ _RENAMES = [
     (r"\.nin_shortcut\.", ".conv_shortcut."),
     (r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out."),
 ]
-_PREFIX = "first_stage_model."  # the VAE inside a full LDM / SD checkpoint
 
 
 def convert_state_dict(sd):
-    """A state dict in any known layout -> diffusers' current layout (our own state_dict() keys). A full SD
-    checkpoint keeps only its `first_stage_model.*` keys; `loss.*` (LPIPS, discriminator) and `model_ema.*` are
-    dropped: LDM's VAE training checkpoints, vae-ft-mse-840000-ema-pruned.ckpt included, carry them beside it."""
-    if any(k.startswith(_PREFIX) for k in sd):
-        sd = {k[len(_PREFIX):]: v for k, v in sd.items() if k.startswith(_PREFIX)}
+    """Any known layout -> diffusers' current layout (our state_dict() keys). `loss.*` (LPIPS, discriminator) and
+    `model_ema.*` are dropped: LDM's VAE training checkpoints, vae-ft-mse-840000-ema-pruned.ckpt included, hold them."""
+    if any(k.startswith("first_stage_model.") for k in sd):  # the VAE inside a full LDM / SD checkpoint
+        sd = {k.removeprefix("first_stage_model."): v for k, v in sd.items() if k.startswith("first_stage_model.")}
     sd = {k: v for k, v in sd.items() if not k.startswith(("loss.", "model_ema."))}
     # LDM numbers decoder levels by resolution, highest first (decoder.up.0 runs last);
     # diffusers numbers them in execution order, so up.I -> up_blocks.(n - 1 - I).
@@ -262,19 +256,6 @@ def load_safetensors(path):
     return out
 
 
-def _infer_config(sd):
-    """AutoencoderKL kwargs from a current-layout state dict (norm_num_groups is not in the weights)."""
-    def count(pattern):
-        return 1 + max(int(m[1]) for k in sd if (m := re.match(pattern, k)))
-    levels = count(r"encoder\.down_blocks\.(\d+)\.")
-    return dict(in_channels=sd["encoder.conv_in.weight"].shape[1],
-                out_channels=sd["decoder.conv_out.weight"].shape[0],
-                latent_channels=sd["post_quant_conv.weight"].shape[0],
-                layers_per_block=count(r"encoder\.down_blocks\.0\.resnets\.(\d+)\."),
-                block_out_channels=tuple(sd[f"encoder.down_blocks.{i}.resnets.0.conv2.weight"].shape[0]
-                                         for i in range(levels)))
-
-
 def load_vae(path, device="cpu", dtype=torch.float32, norm_num_groups=32):
     """Frozen AutoencoderKL (eval, requires_grad False) from a .safetensors/.bin/.pt/.pth/.ckpt file. The config
     is read from the weights' shapes, so any AutoencoderKL-shaped VAE loads; norm_num_groups cannot be (32 in
@@ -297,8 +278,16 @@ def load_vae(path, device="cpu", dtype=torch.float32, norm_num_groups=32):
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise RuntimeError(f"load_vae: cannot read {path!r} as {expected}: {type(e).__name__}: {msg}") from None
     sd = convert_state_dict(sd)
-    try:
-        config = _infer_config(sd)
+
+    def count(prefix):  # 1 + the highest index after prefix: levels, or resnets per level
+        return 1 + max(int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix))
+    try:  # the config from the weights' shapes (norm_num_groups is not in them)
+        config = dict(in_channels=sd["encoder.conv_in.weight"].shape[1],
+                      out_channels=sd["decoder.conv_out.weight"].shape[0],
+                      latent_channels=sd["post_quant_conv.weight"].shape[0],
+                      layers_per_block=count("encoder.down_blocks.0.resnets."),
+                      block_out_channels=tuple(sd[f"encoder.down_blocks.{i}.resnets.0.conv2.weight"].shape[0]
+                                               for i in range(count("encoder.down_blocks."))))
     except (KeyError, ValueError):  # unknown keys: the default config, so the error below names them
         config = {}
     with torch.device("meta"):  # no random init of 84M weights that are overwritten anyway
@@ -338,14 +327,13 @@ def decode(vae, z):
 
 
 # --------------------------------------------------------------------------------------
-# Self-check and image reconstruction
+# Self-check
 # --------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def main(args):
-    """Self-check (shapes, a strict state-dict round trip, sd-vae-ft-mse's parameter count); with --ckpt and
-    --image, a reconstruction of the image and its PSNR (a check of a downloaded VAE)."""
+def main():
+    """Shapes, a strict state-dict round trip and sd-vae-ft-mse's parameter count."""
     torch.manual_seed(0)
     small, again = (AutoencoderKL(block_out_channels=(32, 32, 64, 64), layers_per_block=1).eval() for _ in "ab")
     again.load_state_dict(small.state_dict())
@@ -356,31 +344,7 @@ def main(args):
         n = sum(p.numel() for p in AutoencoderKL().parameters())
     assert n == 83_653_863, n  # diffusers' count
     print(f"self-check ok: (2, 3, 64, 64) -> {tuple(mean.shape)} -> {tuple(x.shape)}; sd-vae-ft-mse: {n:,} parameters")
-    if args.ckpt:
-        from PIL import Image
-        vae = load_vae(args.ckpt, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        img = Image.open(args.image).convert("RGB")
-        img = img.crop((0, 0, img.width // 8 * 8, img.height // 8 * 8))  # sides divisible by 8
-        x = torch.tensor(list(img.getdata()), dtype=torch.float32).view(img.height, img.width, 3)
-        x = (x.permute(2, 0, 1)[None] / 127.5 - 1).to(vae.decoder.conv_out.weight.device)  # (1, 3, H, W)
-        rec = decode(vae, posterior(vae, x)[0] * SCALE)  # the posterior mean, decoded
-        psnr = 10 * math.log10(4 / float((rec - x).pow(2).mean()))  # peak-to-peak 2 in [-1, 1]
-        out = args.out or os.path.splitext(args.image)[0] + "_recon.png"
-        Image.fromarray(rec[0].add(1).mul(127.5).round().byte().permute(1, 2, 0).cpu().numpy()).save(out)
-        print(f"{args.image} -> {out}, PSNR {psnr:.2f} dB")
-
-
-def parse_args():
-    p = argparse.ArgumentParser(description="SD-VAE self-check; with --ckpt and --image, reconstruct an image.")
-    p.add_argument("--ckpt", default=None, help="VAE weights (.safetensors/.bin/.pt/.pth/.ckpt)")
-    p.add_argument("--image", default=None, help="image to encode and decode (needs --ckpt)")
-    p.add_argument("--out", default=None, help="where to write the reconstruction (default: IMAGE_recon.png)")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    args = p.parse_args()
-    if (args.ckpt is None) != (args.image is None):
-        p.error("--ckpt and --image go together")
-    return args
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    main()
