@@ -86,6 +86,16 @@ def print0(*a, **k):
         print(*a, **k, flush=True)
 
 
+def all_mean(values, device, op=dist.ReduceOp.SUM):
+    """Average a dict of scalars over ranks (one all-reduce); op=MAX: their maximum."""
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], device=device, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=op)
+        t /= dist.get_world_size() if op == dist.ReduceOp.SUM else 1
+    return dict(zip(keys, t.tolist()))
+
+
 def save_atomic(obj, path, save=torch.save):
     """`save(obj, path)` under a temporary name, then a rename: a crash mid-write never leaves half a file under the
     real name, nor destroys the previous one. A failed write (a full disk) removes the partial file: one-line exit."""

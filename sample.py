@@ -28,7 +28,8 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from dataset import ArgumentParser, cleanup, load_checkpoint, positive, print0, save_atomic, save_json, save_npz, setup
+from dataset import (ArgumentParser, all_mean, cleanup, load_checkpoint, positive, print0, save_atomic, save_json,
+                     save_npz, setup)
 from model import Generator, models
 from vae import decode, load_vae
 
@@ -200,13 +201,11 @@ def sample_npz(args, images, labels, meta, rank, world, device):
             break
     for s, h in handlers.items():
         signal.signal(s, h)
-    flag = torch.tensor([float(interrupted)], device=device)
-    if world > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # also waits until every rank's shards are written
-    if flag.item():
+    interrupted = all_mean({"i": interrupted}, device, dist.ReduceOp.MAX)["i"]  # also waits for every rank's shards
+    if interrupted:
         print0(f"interrupted: finished samples are in {parts}; rerun the same command to resume")
     cleanup()
-    if flag.item():
+    if interrupted:
         raise SystemExit(1)
     return assemble(parts, args.out, labels) if rank == 0 else None
 

@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dataset import (ArgumentParser, IndexStream, batches, cleanup, load_checkpoint, open_data,
+from dataset import (ArgumentParser, IndexStream, all_mean, batches, cleanup, load_checkpoint, open_data,
                      print0, save_atomic, save_json, setup)
 from model import Classifier, Discriminator, Generator, models
 import fid
@@ -512,16 +512,6 @@ def write_log(run_dir, record, rank, plot=False):
         with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
         plot_curves(run_dir) if plot else None
-
-
-def all_mean(values, device, op=dist.ReduceOp.SUM):
-    """Average a dict of scalars over ranks (one all-reduce); op=MAX: their maximum."""
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], device=device, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=op)
-        t /= dist.get_world_size() if op == dist.ReduceOp.SUM else 1
-    return dict(zip(keys, t.tolist()))
 
 
 def open_evaluation(s, data, vae, generator, device):
