@@ -358,9 +358,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 def inception_score(logits, split_size=5000):
     """exp(E KL(p(y|x) || p(y))) per chunk of split_size in file order, averaged; float32 like ADM's TF softmax."""
     preds = torch.softmax(torch.as_tensor(logits, dtype=torch.float32), 1).numpy()  # (N, 1008)
-    parts = [preds[i:i + split_size] for i in range(0, len(preds), split_size)]
-    kls = [np.sum(p * (np.log(p) - np.log(np.expand_dims(np.mean(p, 0), 0))), 1) for p in parts]  # (n,) per part
-    return float(np.mean([np.exp(np.mean(kl)) for kl in kls]))
+    scores = []
+    for i in range(0, len(preds), split_size):  # ADM's loop, line for line
+        part = preds[i:i + split_size]
+        kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))
+        scores.append(np.exp(np.mean(np.sum(kl, 1))))
+    return float(np.mean(scores))
 
 
 def _sqdist(u, v):
