@@ -72,9 +72,10 @@ def cosine_schedule(step, start, end, steps):
     return end + (start - end) * (1 + math.cos(math.pi * step / (steps - 1))) / 2
 
 
-class _GradNormFn(torch.autograd.Function):
-    """Identity forward; backward divides the incoming gradient g by sqrt(s) + eps, where s is an
-    EMA (decay 0.9, starting from 0, no bias correction: the release's) of sum(g^2) * numel(g).
+class GradientNormalization(nn.Module):
+    """Identity forward; backward divides the incoming gradient g by sqrt(s) + eps, where s is an EMA
+    (decay 0.9, starting from 0, no bias correction: the release's) of sum(g^2) * numel(g), held in the
+    buffer `square_avg` (the release's name, saved in checkpoints).
 
     Why numel: sum(g^2) of a mean-reduced loss shrinks like 1/numel, so sum(g^2) * numel is
     independent of the batch and image size. Why all ranks agree: s is averaged across ranks
@@ -82,31 +83,24 @@ class _GradNormFn(torch.autograd.Function):
     the adversarial gradient reaching G has a fixed scale (about 1 / sqrt(numel) per element)
     whatever the discriminator's logit scale, so `ot` alone sets the balance with the transport cost."""
 
-    @staticmethod
-    def forward(ctx, x, square_avg, decay, eps):
-        ctx.square_avg, ctx.decay, ctx.eps = square_avg, decay, eps
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        sq = g.float().square().sum() * g.numel()
-        if dist.is_available() and dist.is_initialized():  # SUM then divide: gloo has no AVG
-            dist.all_reduce(sq)
-            sq = sq / dist.get_world_size()
-        ctx.square_avg.lerp_(sq, 1 - ctx.decay)
-        return g * (1 / (ctx.square_avg.sqrt() + ctx.eps)).to(g.dtype), None, None, None
-
-
-class GradientNormalization(nn.Module):
-    """Holds the EMA `square_avg` (the release's buffer name, saved in checkpoints)."""
-
     def __init__(self, decay=0.9, eps=1e-8):
         super().__init__()
         self.decay, self.eps = decay, eps
         self.register_buffer("square_avg", torch.tensor(0.0))
 
     def forward(self, x):
-        return _GradNormFn.apply(x, self.square_avg, self.decay, self.eps)
+        x = x.clone()  # the hook below replaces the gradient flowing back through this copy
+        if x.requires_grad:
+            x.register_hook(self.normalize)
+        return x
+
+    def normalize(self, g):
+        sq = g.float().square().sum() * g.numel()
+        if dist.is_available() and dist.is_initialized():  # SUM then divide: gloo has no AVG
+            dist.all_reduce(sq)
+            sq = sq / dist.get_world_size()
+        self.square_avg.lerp_(sq, 1 - self.decay)
+        return g * (1 / (self.square_avg.sqrt() + self.eps)).to(g.dtype)
 
 
 def augment(real, fake, p, translate=0.3, erase=(0.1, 0.5), ratio=(0.3, 3.3), n_erase=3):
