@@ -1091,6 +1091,16 @@ def test_resume_is_bitwise_exact_and_survives_a_non_finite_loss(tmp_path):
     assert logs[0] == logs[1] and len(logs[0]) == 4
 
 
+def test_resume_from_an_older_checkpoint_keeps_the_later_ones(tmp_path):
+    """--resume of an older checkpoint file of a run starts a new run folder: the later checkpoints stay as they were."""
+    train(tmp_path, "--max-steps", "8")
+    ckpts = tmp_path / "000-T-2" / "checkpoints"
+    later = (ckpts / "0000008.pt").read_bytes()
+    train(tmp_path, "--resume", ckpts / "0000004.pt", "--max-steps", "8", "--lr", "1e-3")
+    assert (ckpts / "0000008.pt").read_bytes() == later
+    assert load(tmp_path / "001-T-2" / "checkpoints" / "0000008.pt")["args"]["lr"] == 1e-3
+
+
 def test_sigint_saves_and_resumes(tmp_path):
     p = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), "--results-dir", str(tmp_path), *TRAIN_FLAGS,
                           "--max-steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

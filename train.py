@@ -611,8 +611,11 @@ def main(s, ckpt=None, ckpt_path=None):
     step, position = restore(ckpt, ckpt_path, state, s, rank, world, device) if ckpt else (0, 0)
     inception, ref = open_evaluation(s, data, vae, afm is not None, device)
     folder = os.path.dirname(os.path.abspath(ckpt_path)) if ckpt else ""
-    # A resumed run writes where it was; a new run, or a checkpoint file from elsewhere, gets a new run folder.
-    run_dir = os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else make_run_dir(s, rank)
+    # A resumed run writes where it was; a new run, a checkpoint file from elsewhere, or an older checkpoint of a
+    # run (its later checkpoints must not be overwritten by another history) gets a new run folder.
+    newest = os.path.basename(folder) == "checkpoints" and (os.path.isdir(s.resume) or os.path.basename(
+        ckpt_path) == max(f for f in os.listdir(folder) if f.endswith(".pt")))  # a folder: its newest readable one
+    run_dir = os.path.dirname(folder) if newest else make_run_dir(s, rank)
     if step >= s.max_steps:
         print0(f"{run_dir} is finished: step {step} of --max-steps {s.max_steps}. To train it further: "
                f"--resume {run_dir} --max-steps N (and --decay-steps N to stretch the transport schedule)")
