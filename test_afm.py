@@ -1092,7 +1092,7 @@ def test_resume_is_bitwise_exact_and_survives_a_non_finite_loss(tmp_path):
 
 
 def test_resume_from_an_older_checkpoint_keeps_the_later_ones(tmp_path):
-    """--resume of an older checkpoint file of a run starts a new run folder: the later checkpoints stay as they were."""
+    """--resume of a run's older checkpoint file starts a new run folder: the later checkpoints stay as they were."""
     train(tmp_path, "--max-steps", "8")
     ckpts = tmp_path / "000-T-2" / "checkpoints"
     later = (ckpts / "0000008.pt").read_bytes()
