@@ -476,6 +476,17 @@ def save_checkpoint(run_dir, state, s, step, position, rank, device):
         print0(f"saved checkpoint {path}")
 
 
+def resumed_run_dir(s, path):
+    """The run folder a resumed run keeps writing to, or None for a new one. A run folder (--resume RUN) or its
+    newest checkpoint file continues in place; a checkpoint file from elsewhere, or an older checkpoint of a run
+    (whose later checkpoints must not be overwritten by another history), starts a new run folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(folder) != "checkpoints":
+        return None
+    newest = max(f for f in os.listdir(folder) if f.endswith(".pt"))
+    return os.path.dirname(folder) if os.path.isdir(s.resume) or os.path.basename(path) == newest else None
+
+
 def make_run_dir(s, rank):
     """results/NNN-MODEL with checkpoints/ and args.json (rank 0 makes it). NNN is one past the largest index
     in use, and the folder is created exclusively: a new run never writes into another's folder."""
@@ -610,12 +621,8 @@ def main(s, ckpt=None, ckpt_path=None):
     G, D, afm, ema = state["model"], state.get("dis"), state.get("gradnorm"), state["ema"]
     step, position = restore(ckpt, ckpt_path, state, s, rank, world, device) if ckpt else (0, 0)
     inception, ref = open_evaluation(s, data, vae, afm is not None, device)
-    folder = os.path.dirname(os.path.abspath(ckpt_path)) if ckpt else ""
-    # A resumed run writes where it was; a new run, a checkpoint file from elsewhere, or an older checkpoint of a
-    # run (its later checkpoints must not be overwritten by another history) gets a new run folder.
-    newest = os.path.basename(folder) == "checkpoints" and (os.path.isdir(s.resume) or os.path.basename(
-        ckpt_path) == max(f for f in os.listdir(folder) if f.endswith(".pt")))  # a folder: its newest readable one
-    run_dir = os.path.dirname(folder) if newest else make_run_dir(s, rank)
+    run_dir = resumed_run_dir(s, ckpt_path) if ckpt else None
+    run_dir = run_dir or make_run_dir(s, rank)
     if step >= s.max_steps:
         print0(f"{run_dir} is finished: step {step} of --max-steps {s.max_steps}. To train it further: "
                f"--resume {run_dir} --max-steps N (and --decay-steps N to stretch the transport schedule)")
