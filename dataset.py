@@ -2,8 +2,7 @@
 Data for Adversarial Flow Models (AFM_SPEC section 11): `build_dataset(data, image_size, vae_path)` turns
 "digits" (the built-in 8x8 digits, for CPU runs), an image folder (ImageNet's DIR/<class>/<image> or flat;
 ADM's center crop, random flip), an npz of images (ADM's format) or a latent cache into (x, y) examples.
-It also holds what every script needs on the way in: torchrun set-up (`setup`, `print0`), the
-resumable index stream that feeds training, and safe files (`save_atomic`, `load_checkpoint`).
+It also holds the resumable index stream that feeds training.
 
     python dataset.py                                                  # self-check: digits stats
     python dataset.py cache --data /data/imagenet/train --vae sd-vae-ft-mse.pt --out cache/in256
@@ -15,13 +14,10 @@ mirror ([:, 1]), label and index (into the sorted file list) int64 (n,), and the
 An interrupted run resumes when rerun: finished shards are kept.
 """
 
-import argparse
-import glob
 import hashlib
 import json
 import math
 import os
-import shutil
 import struct
 import warnings
 import zipfile
@@ -33,132 +29,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm import tqdm
 
+from plumbing import ArgumentParser, cleanup, positive, save_atomic, save_json, setup
 from vae import SCALE, load_vae, posterior
 
 DIGITS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.npz")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")  # ADM's list + bmp, any case
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # PIL on bad files
 SHARD = "shard_{:05d}.pt"
-
-# --------------------------------------------------------------------------------------
-# Processes and files: torchrun set-up, rank-0 printing, atomic saves, guarded loads
-# --------------------------------------------------------------------------------------
-
-
-def setup(device="auto"):
-    """torchrun's environment when present (NCCL on GPU, gloo on CPU), else one process.
-    Returns (rank, world size, device); TF32 matmuls and convolutions on GPU, as the release."""
-    cuda = torch.cuda.is_available() and device != "cpu"
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    if not dist.is_initialized():
-        return 0, 1, device
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def cleanup():
-    """Leave the process group together: no rank exits while another still talks to it."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line usage errors (`prog: error: ...`, exit status 2), no usage block."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def positive(text):
-    """argparse type: an integer >= 1."""
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
-
-
-def print0(*a, **k):
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*a, **k, flush=True)
-
-
-def all_mean(values, device, op=dist.ReduceOp.SUM):
-    """Average a dict of scalars over ranks (one all-reduce); op=MAX: their maximum."""
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], device=device, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=op)
-        t /= dist.get_world_size() if op == dist.ReduceOp.SUM else 1
-    return dict(zip(keys, t.tolist()))
-
-
-def save_atomic(obj, path, save=torch.save):
-    """`save(obj, path)` under a temporary name, then a rename: a crash mid-write never leaves half a file under the
-    real name, nor destroys the previous one. A failed write (a full disk) removes the partial file: one-line exit."""
-    try:
-        save(obj, path + ".tmp")
-        os.replace(path + ".tmp", path)
-    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**30
-        raise SystemExit(f"error: cannot write {path} ({free:.2f} GiB free there): {str(e).strip().splitlines()[0]}")
-
-
-def save_json(obj, path):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
-
-
-def save_npz(path, **arrays):
-    """np.savez, atomically (through a file object: np.savez would add ".npz" to the temporary name)."""
-    def write(arrays, tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-    save_atomic(arrays, path, write)
-
-
-def read_checkpoint(path, flag):
-    """torch.load of a checkpoint onto the CPU, plain tensors only, memory-mapped (reading a large file's step is then
-    cheap) unless in torch's pre-zip format, which cannot be. Anything unreadable: a ValueError naming flag and file."""
-    if not os.path.isfile(path):
-        raise ValueError(f"{flag} {path}: no such file")
-    try:
-        with warnings.catch_warnings():  # torch's own warnings about a foreign pickle: the line below says it
-            warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as e:
-        why = (str(e).strip().splitlines() or [""])[0][:150]
-        raise ValueError(f"{flag} {path}: not a readable checkpoint ({type(e).__name__}: {why})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{flag} {path}: holds a {type(obj).__name__}, not a checkpoint or state dict")
-    return obj
-
-
-def load_checkpoint(path, flag="--ckpt"):
-    """-> (file, checkpoint) for a checkpoint file, or for a run folder its newest readable checkpoint in
-    checkpoints/, newest by the step stored in it (a truncated newest file is passed over, and said so)."""
-    if not os.path.isdir(path):
-        return path, read_checkpoint(path, flag)
-    found, bad = [], []
-    for f in glob.glob(os.path.join(path, "checkpoints", "*.pt")):
-        try:
-            ckpt = read_checkpoint(f, flag)
-            found.append((ckpt.get("step", -1), f, ckpt))
-        except ValueError as e:
-            bad.append(str(e))
-    if not found:
-        why = f" ({bad[0]})" if bad else ""
-        raise ValueError(f"{flag} {path}: no readable checkpoint in {path}/checkpoints{why}")
-    step, f, ckpt = max(found, key=lambda c: (c[0], c[1]))
-    for msg in bad:
-        print0(f"warning: {msg}; using {f} (step {step}), the newest readable one")
-    return f, ckpt
-
 
 # --------------------------------------------------------------------------------------
 # The training stream: which examples each rank reads, resumable to the example

@@ -1,17 +1,22 @@
-"""Images -> numbers: FID, sFID, Inception Score, precision and recall as the ADM evaluation suite computes them
-(Dhariwal & Nichol 2021, guided-diffusion `evaluations/evaluator.py`), in PyTorch; the AFM paper reports FID-50K with
-it on ImageNet 256 (AFM_SPEC section 12). The network is the 2015-12-05 TF Inception graph (torch-fidelity's and
-pytorch-fid's converted weights), fed as ADM feeds it: TF1's bilinear resize to 299 without half-pixel centers and
-`(x - 128) / 128`, which reproduces ADM's FID to ~0.002 (pytorch-fid's or clean-fid's resize give other numbers).
+"""Images -> numbers: FID, sFID, Inception Score, precision and recall as the ADM evaluation suite
+computes them (Dhariwal & Nichol 2021, guided-diffusion `evaluations/evaluator.py`), in PyTorch.
+The AFM paper reports FID-50K on ImageNet 256 with ADM's suite (arXiv 2511.22475; the release's
+README: its 50k-sample npz files "follow the evaluation script provided by ADM").
 
-    python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz              # FID, sFID, IS, precision, recall
+The network is the 2015-12-05 TF Inception graph (torch-fidelity's and pytorch-fid's converted
+weights), fed as ADM feeds it: TF1's bilinear resize to 299 without half-pixel centers and
+`(x - 128) / 128`, which reproduces ADM's FID to ~0.002 (pytorch-fid's or clean-fid's resize give
+other numbers).
+
+    python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz    # FID, sFID, IS, precision, recall
     python fid.py samples.npz ref.npz --inception weights.pth --batch-size 250 --device cuda
-    python fid.py --make-ref FOLDER_OR_NPZ --out ref.npz                     # a reference batch in ADM's format
+    python fid.py --make-ref FOLDER_OR_NPZ --out ref.npz           # a reference batch, ADM's format
 
-Weights: --inception PATH, else torch-fidelity's or pytorch-fid's file (WEIGHT_NAMES) in $AFM_CACHE (~/.cache/afm/),
-else downloaded there from URL. Samples: npz `arr_0` uint8 (N, H, W, 3), shuffled (IS is taken over 5,000-sample
-chunks in file order: class-sorted files score far lower), or a folder of same-size PNG/JPEG files (sorted paths;
-nothing is resized or cropped here).
+Weights: --inception PATH, else torch-fidelity's or pytorch-fid's file (WEIGHT_NAMES) in
+$AFM_CACHE (~/.cache/afm/), else downloaded there from URL. Samples: npz `arr_0` uint8
+(N, H, W, 3), shuffled (IS is taken over 5,000-sample chunks in file order: class-sorted files
+score far lower), or a folder of same-size PNG/JPEG files (sorted paths; nothing is resized or
+cropped here).
 """
 
 import contextlib
@@ -27,42 +32,55 @@ from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
 
-from dataset import ArgumentParser, build_dataset, positive, read_checkpoint, save_npz
+from dataset import build_dataset
+from plumbing import ArgumentParser, positive, read_checkpoint, save_npz
 
-URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
-WEIGHT_NAMES = ("weights-inception-2015-12-05-6726825d.pth", "pt_inception-2015-12-05-6726825d.pth")
-POOL3, SPATIAL = 2048, 17 * 17 * 7  # feature sizes of FID and sFID (ADM's pool_3 and mixed_6/conv[..., :7])
+URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+       "weights-inception-2015-12-05-6726825d.pth")
+WEIGHT_NAMES = ("weights-inception-2015-12-05-6726825d.pth",
+                "pt_inception-2015-12-05-6726825d.pth")
+# Feature sizes of FID and sFID (ADM's pool_3 and mixed_6/conv[..., :7])
+POOL3, SPATIAL = 2048, 17 * 17 * 7
 
 # --------------------------------------------------------------------------------------
-# The 2015-12-05 Inception graph (block layout of torchvision, patched like pytorch-fid to match TensorFlow)
+# The 2015-12-05 Inception graph (block layout of torchvision, patched like pytorch-fid to
+# match TensorFlow)
 # --------------------------------------------------------------------------------------
 
 
 class FrozenBatchNorm2d(nn.Module):
-    """Inference-only BatchNorm with TF's eps 1e-3. Holds only the four tensors of torch-fidelity's weight file;
-    a `num_batches_tracked` (pytorch-fid's file, or a plain nn.BatchNorm2d state dict) is dropped on load."""
+    """Inference-only BatchNorm with TF's eps 1e-3. Holds only the four tensors of torch-fidelity's
+    weight file; a `num_batches_tracked` (pytorch-fid's file, or a plain nn.BatchNorm2d state
+    dict) is dropped on load."""
 
     def __init__(self, c):
         super().__init__()
-        self.weight, self.bias = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
+        self.weight = nn.Parameter(torch.ones(c))
+        self.bias = nn.Parameter(torch.zeros(c))
         self.register_buffer("running_mean", torch.zeros(c))
         self.register_buffer("running_var", torch.ones(c))
 
     def _load_from_state_dict(self, state_dict, prefix, *args):
-        state_dict.pop(prefix + "num_batches_tracked", None)  # a copy: the caller's dict is untouched
+        # a copy: the caller's dict is untouched
+        state_dict.pop(prefix + "num_batches_tracked", None)
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, x):
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, 1e-3)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                            False, 0.0, 1e-3)
 
 
 class BasicConv2d(nn.Module):
-    """Convolution (no bias) -> BatchNorm -> ReLU. TF's graph pads its stride-1 convolutions to keep the size
-    ("same") and not its stride-2 ones; same=False: the stem's two unpadded stride-1 convolutions."""
+    """Convolution (no bias) -> BatchNorm -> ReLU. TF's graph pads its stride-1 convolutions to
+    keep the size ("same") and not its stride-2 ones; same=False: the stem's two unpadded
+    stride-1 convolutions."""
 
     def __init__(self, cin, cout, kernel=1, stride=1, same=True):
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel, stride, "same" if same and stride == 1 else 0, bias=False)
+        padding = 0
+        if same and stride == 1:
+            padding = "same"
+        self.conv = nn.Conv2d(cin, cout, kernel, stride, padding, bias=False)
         self.bn = FrozenBatchNorm2d(cout)
 
     def forward(self, x):
@@ -70,7 +88,8 @@ class BasicConv2d(nn.Module):
 
 
 class Convs(nn.Module):
-    """BasicConv2d layers given as name=(cin, cout[, kernel, stride, same]); torchvision's names (the files' keys)."""
+    """BasicConv2d layers given as name=(cin, cout[, kernel, stride, same]); torchvision's names
+    (the files' keys)."""
 
     def __init__(self, **convs):
         super().__init__()
@@ -84,8 +103,10 @@ def avg_pool(x):  # TF's average pool leaves the zero padding out of the mean
 
 class InceptionA(Convs):  # Mixed_5b..5d, 35x35
     def __init__(self, cin, pool_features):
-        super().__init__(branch1x1=(cin, 64), branch5x5_1=(cin, 48), branch5x5_2=(48, 64, 5),
-                         branch3x3dbl_1=(cin, 64), branch3x3dbl_2=(64, 96, 3), branch3x3dbl_3=(96, 96, 3),
+        super().__init__(branch1x1=(cin, 64),
+                         branch5x5_1=(cin, 48), branch5x5_2=(48, 64, 5),
+                         branch3x3dbl_1=(cin, 64), branch3x3dbl_2=(64, 96, 3),
+                         branch3x3dbl_3=(96, 96, 3),
                          branch_pool=(cin, pool_features))
 
     def forward(self, x):
@@ -96,7 +117,8 @@ class InceptionA(Convs):  # Mixed_5b..5d, 35x35
 
 class InceptionB(Convs):  # Mixed_6a, 35x35 -> 17x17
     def __init__(self, cin):
-        super().__init__(branch3x3=(cin, 384, 3, 2), branch3x3dbl_1=(cin, 64), branch3x3dbl_2=(64, 96, 3),
+        super().__init__(branch3x3=(cin, 384, 3, 2),
+                         branch3x3dbl_1=(cin, 64), branch3x3dbl_2=(64, 96, 3),
                          branch3x3dbl_3=(96, 96, 3, 2))
 
     def forward(self, x):
@@ -106,13 +128,17 @@ class InceptionB(Convs):  # Mixed_6a, 35x35 -> 17x17
 
 class InceptionC(Convs):  # Mixed_6b..6e, 17x17; returns (output, branch1x1 output)
     def __init__(self, cin, c7):
-        super().__init__(branch1x1=(cin, 192), branch7x7_1=(cin, c7), branch7x7_2=(c7, c7, (1, 7)),
-                         branch7x7_3=(c7, 192, (7, 1)), branch7x7dbl_1=(cin, c7), branch7x7dbl_2=(c7, c7, (7, 1)),
+        super().__init__(branch1x1=(cin, 192),
+                         branch7x7_1=(cin, c7), branch7x7_2=(c7, c7, (1, 7)),
+                         branch7x7_3=(c7, 192, (7, 1)),
+                         branch7x7dbl_1=(cin, c7), branch7x7dbl_2=(c7, c7, (7, 1)),
                          branch7x7dbl_3=(c7, c7, (1, 7)), branch7x7dbl_4=(c7, c7, (7, 1)),
-                         branch7x7dbl_5=(c7, 192, (1, 7)), branch_pool=(cin, 192))
+                         branch7x7dbl_5=(c7, 192, (1, 7)),
+                         branch_pool=(cin, 192))
 
     def forward(self, x):
-        b1 = self.branch1x1(x)  # (N, 192, 17, 17); in Mixed_6d this is TF's mixed_6/conv, the sFID features
+        # (N, 192, 17, 17); in Mixed_6d this is TF's mixed_6/conv, the sFID features
+        b1 = self.branch1x1(x)
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         bd = self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))
         bd = self.branch7x7dbl_5(self.branch7x7dbl_4(bd))
@@ -121,58 +147,80 @@ class InceptionC(Convs):  # Mixed_6b..6e, 17x17; returns (output, branch1x1 outp
 
 class InceptionD(Convs):  # Mixed_7a, 17x17 -> 8x8
     def __init__(self, cin):
-        super().__init__(branch3x3_1=(cin, 192), branch3x3_2=(192, 320, 3, 2), branch7x7x3_1=(cin, 192),
-                         branch7x7x3_2=(192, 192, (1, 7)), branch7x7x3_3=(192, 192, (7, 1)),
-                         branch7x7x3_4=(192, 192, 3, 2))
+        super().__init__(branch3x3_1=(cin, 192), branch3x3_2=(192, 320, 3, 2),
+                         branch7x7x3_1=(cin, 192), branch7x7x3_2=(192, 192, (1, 7)),
+                         branch7x7x3_3=(192, 192, (7, 1)), branch7x7x3_4=(192, 192, 3, 2))
 
     def forward(self, x):
         b3 = self.branch3x3_2(self.branch3x3_1(x))
-        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        b7 = self.branch7x7x3_2(self.branch7x7x3_1(x))
+        b7 = self.branch7x7x3_4(self.branch7x7x3_3(b7))
         return torch.cat([b3, b7, F.max_pool2d(x, 3, stride=2)], 1)
 
 
 class InceptionE(Convs):  # Mixed_7b, 7c, 8x8
     def __init__(self, cin, pool):
-        super().__init__(branch1x1=(cin, 320), branch3x3_1=(cin, 384), branch3x3_2a=(384, 384, (1, 3)),
-                         branch3x3_2b=(384, 384, (3, 1)), branch3x3dbl_1=(cin, 448), branch3x3dbl_2=(448, 384, 3),
-                         branch3x3dbl_3a=(384, 384, (1, 3)), branch3x3dbl_3b=(384, 384, (3, 1)), branch_pool=(cin, 192))
+        super().__init__(branch1x1=(cin, 320),
+                         branch3x3_1=(cin, 384), branch3x3_2a=(384, 384, (1, 3)),
+                         branch3x3_2b=(384, 384, (3, 1)),
+                         branch3x3dbl_1=(cin, 448), branch3x3dbl_2=(448, 384, 3),
+                         branch3x3dbl_3a=(384, 384, (1, 3)), branch3x3dbl_3b=(384, 384, (3, 1)),
+                         branch_pool=(cin, 192))
         self.pool = pool
 
     def forward(self, x):
         b3 = self.branch3x3_1(x)
         bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        # The FID graph's quirk: Mixed_7c pools with max, not average (pytorch-fid's FIDInceptionE_2)
-        pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.pool == "max" else avg_pool(x)
+        # The FID graph's quirk: Mixed_7c pools with max, not average (pytorch-fid's
+        # FIDInceptionE_2)
+        if self.pool == "max":
+            pooled = F.max_pool2d(x, 3, stride=1, padding=1)
+        else:
+            pooled = avg_pool(x)
         return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
-                          self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd), self.branch_pool(pooled)], 1)
+                          self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd),
+                          self.branch_pool(pooled)], 1)
 
 
 def resize_tf1(x, size=299):
-    """TF1 `resize_bilinear(align_corners=False, half_pixel_centers=False)` of float (N, C, H, W): output pixel i
-    samples input coordinate i * in/out (no half-pixel offset), coordinates in float32 as in TF and torch-fidelity."""
+    """TF1 `resize_bilinear(align_corners=False, half_pixel_centers=False)` of float (N, C, H, W):
+    output pixel i samples input coordinate i * in/out (no half-pixel offset), coordinates in
+    float32 as in TF and torch-fidelity."""
     def taps(n_in):
-        src = torch.arange(size, dtype=torch.float32, device=x.device) * torch.tensor(n_in / size, dtype=torch.float32)
+        step = torch.tensor(n_in / size, dtype=torch.float32)
+        src = torch.arange(size, dtype=torch.float32, device=x.device) * step  # (size,)
         lo = src.long()
         return lo, (lo + 1).clamp_max(n_in - 1), src - lo.float()
-    (y0, y1, dy), (x0, x1, dx) = taps(x.shape[2]), taps(x.shape[3])
-    rows = x[:, :, y0], x[:, :, y1]  # (N, C, size, W) each
-    top, bot = (r[..., x0] + (r[..., x1] - r[..., x0]) * dx for r in rows)  # (N, C, size, size) each
+
+    y0, y1, dy = taps(x.shape[2])
+    x0, x1, dx = taps(x.shape[3])
+    row0, row1 = x[:, :, y0], x[:, :, y1]  # (N, C, size, W) each
+    top = row0[..., x0] + (row0[..., x1] - row0[..., x0]) * dx  # (N, C, size, size)
+    bot = row1[..., x0] + (row1[..., x1] - row1[..., x0]) * dx  # (N, C, size, size)
     return top + (bot - top) * dy[:, None]
 
 
 class InceptionV3(Convs):
-    """uint8 (N, 3, H, W) -> (pool3 (N, 2048), spatial (N, 2023), logits (N, 1008)), as ADM's TF graph."""
+    """uint8 (N, 3, H, W) -> (pool3 (N, 2048), spatial (N, 2023), logits (N, 1008)), as ADM's TF
+    graph."""
 
     def __init__(self):
-        super().__init__(Conv2d_1a_3x3=(3, 32, 3, 2), Conv2d_2a_3x3=(32, 32, 3, 1, False), Conv2d_2b_3x3=(32, 64, 3),
-                         Conv2d_3b_1x1=(64, 80), Conv2d_4a_3x3=(80, 192, 3, 1, False))
-        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = InceptionA(192, 32), InceptionA(256, 64), InceptionA(288, 64)
+        super().__init__(Conv2d_1a_3x3=(3, 32, 3, 2), Conv2d_2a_3x3=(32, 32, 3, 1, False),
+                         Conv2d_2b_3x3=(32, 64, 3), Conv2d_3b_1x1=(64, 80),
+                         Conv2d_4a_3x3=(80, 192, 3, 1, False))
+        self.Mixed_5b = InceptionA(192, 32)
+        self.Mixed_5c = InceptionA(256, 64)
+        self.Mixed_5d = InceptionA(288, 64)
         self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b, self.Mixed_6c = InceptionC(768, 128), InceptionC(768, 160)
-        self.Mixed_6d, self.Mixed_6e = InceptionC(768, 160), InceptionC(768, 192)
+        self.Mixed_6b = InceptionC(768, 128)
+        self.Mixed_6c = InceptionC(768, 160)
+        self.Mixed_6d = InceptionC(768, 160)
+        self.Mixed_6e = InceptionC(768, 192)
         self.Mixed_7a = InceptionD(768)
-        self.Mixed_7b, self.Mixed_7c = InceptionE(1280, "avg"), InceptionE(2048, "max")
-        self.fc = nn.Linear(POOL3, 1008)  # 1008 classes of the 2015 graph; the bias is unused (ADM's logits)
+        self.Mixed_7b = InceptionE(1280, "avg")
+        self.Mixed_7c = InceptionE(2048, "max")
+        # 1008 classes of the 2015 graph; the bias is unused (ADM's logits)
+        self.fc = nn.Linear(POOL3, 1008)
 
     def body(self, x):
         """Normalized float (N, 3, 299, 299) -> (pool3, spatial, logits)."""
@@ -180,48 +228,63 @@ class InceptionV3(Convs):
         x = F.max_pool2d(x, 3, stride=2)  # (N, 64, 73, 73)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))  # (N, 192, 71, 71)
         x = F.max_pool2d(x, 3, stride=2)  # (N, 192, 35, 35)
-        x = self.Mixed_6a(self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x))))  # (N, 768, 17, 17)
+        x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))  # (N, 288, 35, 35)
+        x = self.Mixed_6a(x)  # (N, 768, 17, 17)
         x = self.Mixed_6c(self.Mixed_6b(x)[0])[0]
         x, conv = self.Mixed_6d(x)  # conv: (N, 192, 17, 17), after BN and ReLU
-        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(self.Mixed_6e(x)[0])))  # (N, 2048, 8, 8)
+        x = self.Mixed_6e(x)[0]
+        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))  # (N, 2048, 8, 8)
         pool3 = F.adaptive_avg_pool2d(x, 1).flatten(1)  # (N, 2048)
-        spatial = conv.permute(0, 2, 3, 1)[..., :7].reshape(len(x), -1)  # (N, 2023): TF's NHWC order
-        return pool3, spatial, pool3 @ self.fc.weight.T  # logits (N, 1008), no bias as in ADM's softmax graph
+        # TF's NHWC order
+        spatial = conv.permute(0, 2, 3, 1)[..., :7].reshape(len(x), -1)  # (N, 2023)
+        logits = pool3 @ self.fc.weight.T  # (N, 1008), no bias as in ADM's softmax graph
+        return pool3, spatial, logits
 
     def forward(self, images):
-        x = resize_tf1(images.float())  # (N, 3, 299, 299); applied even at 299, where it is the identity
+        # applied even at 299, where it is the identity
+        x = resize_tf1(images.float())  # (N, 3, 299, 299)
         return self.body((x - 128) / 128)
 
 
 def load_inception(path=None, device="cpu"):
-    """The pretrained Inception in eval mode, fp32, no grad. Looks in $AFM_CACHE (~/.cache/afm) when no path."""
+    """The pretrained Inception in eval mode, fp32, no grad. Looks in $AFM_CACHE (~/.cache/afm)
+    when no path."""
     if path is None:
         cache = os.path.expanduser(os.environ.get("AFM_CACHE", "~/.cache/afm"))
-        found = [p for p in (os.path.join(cache, n) for n in WEIGHT_NAMES) if os.path.isfile(p)]
-        path = found[0] if found else os.path.join(cache, WEIGHT_NAMES[0])
-        if not found:
+        found = []
+        for name in WEIGHT_NAMES:
+            if os.path.isfile(os.path.join(cache, name)):
+                found.append(os.path.join(cache, name))
+        if found:
+            path = found[0]
+        else:
+            path = os.path.join(cache, WEIGHT_NAMES[0])
             try:
                 os.makedirs(cache, exist_ok=True)
                 torch.hub.download_url_to_file(URL, path)
             except Exception as e:
-                raise FileNotFoundError(f"no Inception weights in {cache}/ and the download of {URL} failed "
-                                        f"({type(e).__name__}); put the file there or pass --inception PATH") from None
+                raise FileNotFoundError(f"no Inception weights in {cache}/ and the download of "
+                                        f"{URL} failed ({type(e).__name__}); put the file there "
+                                        f"or pass --inception PATH") from None
     sd = read_checkpoint(path, "--inception")
     with torch.device("meta"):  # no random init: every tensor comes from the file
         model = InceptionV3()
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
     try:
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, assign=True)
+        model.load_state_dict(sd, assign=True)
     except RuntimeError as e:  # fp16 files are fine; another network's keys are not
-        raise ValueError(f"--inception {path}: not the FID Inception's weights: {str(e).splitlines()[1].strip()}")
+        why = str(e).splitlines()[1].strip()
+        raise ValueError(f"--inception {path}: not the FID Inception's weights: {why}")
     return model.to(device).eval().requires_grad_(False)
 
 
 @contextlib.contextmanager
 def exact_fp32():
-    """TF32 off while measuring: training scripts turn it on, and on an H200 it moved Inception features by 3-13% of
-    their largest value (fp32: 1e-4, as on the CPU)."""
+    """TF32 off while measuring: training scripts turn it on, and on an H200 it moved Inception
+    features by 3-13% of their largest value (fp32: 1e-4, as on the CPU)."""
     flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     try:
         yield
     finally:
@@ -234,31 +297,55 @@ def exact_fp32():
 
 
 def compute_features(model, images, batch_size=250, device=None, progress=True):
-    """uint8 NHWC images (one array, or an iterable of numpy/torch batches) -> dict of float32 numpy arrays
-    pool3 (N, 2048), spatial (N, 2023), logits (N, 1008), in input order."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    """uint8 NHWC images (one array, or an iterable of numpy/torch batches) -> dict of float32
+    numpy arrays pool3 (N, 2048), spatial (N, 2023), logits (N, 1008), in input order."""
+    if device is None:
+        device = next(model.parameters()).device
+    device = torch.device(device)
     model = model.to(device)
     single = isinstance(images, (np.ndarray, torch.Tensor))  # one array: split into batches below
+    total = None
+    batches = images
+    if single:
+        total = len(images)
+        batches = [images]
     feats = []  # per chunk: [pool3, spatial, logits]
-    with torch.inference_mode(), exact_fp32(), tqdm(total=len(images) if single else None, unit="img",
-                                                    desc="Inception", disable=not progress) as bar:
-        for batch in [images] if single else images:
+    bar = tqdm(total=total, unit="img", desc="Inception", disable=not progress)
+    with torch.inference_mode(), exact_fp32(), bar:
+        for batch in batches:
             batch = torch.as_tensor(batch)
             if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
-                raise ValueError(f"expected uint8 (N, H, W, 3) image batches, got {batch.dtype} {tuple(batch.shape)}")
-            for chunk in batch.split(batch_size):  # (n, H, W, 3) -> the network's (n, 3, H, W)
-                feats.append([f.float().cpu().numpy() for f in model(chunk.to(device).permute(0, 3, 1, 2))])
+                raise ValueError(f"expected uint8 (N, H, W, 3) image batches, "
+                                 f"got {batch.dtype} {tuple(batch.shape)}")
+            for chunk in batch.split(batch_size):
+                x = chunk.to(device).permute(0, 3, 1, 2)  # (n, H, W, 3) -> (n, 3, H, W)
+                feats.append([f.float().cpu().numpy() for f in model(x)])
                 bar.update(len(chunk))
-    return {k: np.concatenate([f[i] for f in feats]) if feats else np.zeros((0, d), np.float32)
-            for i, (k, d) in enumerate({"pool3": POOL3, "spatial": SPATIAL, "logits": 1008}.items())}
+    out = {}
+    for i, (k, d) in enumerate({"pool3": POOL3, "spatial": SPATIAL, "logits": 1008}.items()):
+        if feats:
+            out[k] = np.concatenate([f[i] for f in feats])
+        else:
+            out[k] = np.zeros((0, d), np.float32)
+    return out
+
+
+def _image_paths(folder):
+    """The PNG/JPEG files under folder, sorted by path."""
+    paths = []
+    for d, _, names in os.walk(folder):
+        for n in names:
+            if n.lower().endswith((".png", ".jpg", ".jpeg")):
+                paths.append(os.path.join(d, n))
+    return sorted(paths)
 
 
 def _read_batch(path):
-    """A batch in ADM's format, an npz (samples or a reference) or a folder of PNG/JPEG files (sorted paths, one
-    size) -> dict of `arr_0` uint8 (N, H, W, 3) images and/or all of the statistics mu, sigma, mu_s, sigma_s."""
+    """A batch in ADM's format, an npz (samples or a reference) or a folder of PNG/JPEG files
+    (sorted paths, one size) -> dict of `arr_0` uint8 (N, H, W, 3) images and/or all of the
+    statistics mu, sigma, mu_s, sigma_s."""
     if os.path.isdir(path):
-        paths = sorted(os.path.join(d, n) for d, _, names in os.walk(path) for n in names
-                       if n.lower().endswith((".png", ".jpg", ".jpeg")))
+        paths = _image_paths(path)
         if not paths:
             raise ValueError(f"{path}: no PNG/JPEG images in this folder")
         images = []
@@ -267,57 +354,82 @@ def _read_batch(path):
                 images.append(np.asarray(im.convert("RGB")))
             if images[-1].shape != images[0].shape:
                 raise ValueError(f"{p}: size {images[-1].shape[:2]} differs from {paths[0]}'s "
-                                 f"{images[0].shape[:2]}; all images must have one size (resize or crop them first)")
+                                 f"{images[0].shape[:2]}; all images must have one size "
+                                 f"(resize or crop them first)")
         return {"arr_0": np.stack(images)}  # (N, H, W, 3)
-    stat_shapes = {"mu": (POOL3,), "sigma": (POOL3, POOL3), "mu_s": (SPATIAL,), "sigma_s": (SPATIAL, SPATIAL)}
+    stat_shapes = {"mu": (POOL3,), "sigma": (POOL3, POOL3),
+                   "mu_s": (SPATIAL,), "sigma_s": (SPATIAL, SPATIAL)}
     try:
-        with np.load(path, allow_pickle=False) as f:  # a bare .npy array has no `with`: also an error
+        # a bare .npy array has no `with`: also an error
+        with np.load(path, allow_pickle=False) as f:
             files = f.files
-            data = {k: f[k] for k in (*stat_shapes, "arr_0") if k in files}  # the checks' order below
+            # in the checks' order below
+            data = {k: f[k] for k in (*stat_shapes, "arr_0") if k in files}
     except Exception:
-        raise ValueError(f"{path}: {'not a readable .npz file' if os.path.exists(path) else 'no such file'}") from None
-    if not data or len(data) - ("arr_0" in data) not in (0, 4):  # images, all four statistics, or both
-        raise ValueError(f"{path}: expected 'arr_0' (uint8 images N,H,W,3) and/or all of mu, sigma, mu_s, sigma_s; "
-                         f"found keys {sorted(files)}")
+        why = "no such file"
+        if os.path.exists(path):
+            why = "not a readable .npz file"
+        raise ValueError(f"{path}: {why}") from None
+    n_stats = len([k for k in data if k != "arr_0"])
+    if not data or n_stats not in (0, 4):  # images, all four statistics, or both
+        raise ValueError(f"{path}: expected 'arr_0' (uint8 images N,H,W,3) and/or all of mu, "
+                         f"sigma, mu_s, sigma_s; found keys {sorted(files)}")
     for k, v in data.items():
-        if k == "arr_0" and (v.dtype != np.uint8 or v.ndim != 4 or v.shape[-1] != 3):
-            raise ValueError(f"{path}: 'arr_0' should be uint8 images (N, H, W, 3), got {v.dtype} {v.shape}")
-        if k != "arr_0" and (v.shape != stat_shapes[k] or v.dtype.kind != "f"):
-            raise ValueError(f"{path}: '{k}' should be float {stat_shapes[k]}, got {v.dtype} {v.shape}")
-        if k != "arr_0" and not np.isfinite(v).all():
+        if k == "arr_0":
+            if v.dtype != np.uint8 or v.ndim != 4 or v.shape[-1] != 3:
+                raise ValueError(f"{path}: 'arr_0' should be uint8 images (N, H, W, 3), "
+                                 f"got {v.dtype} {v.shape}")
+            continue
+        if v.shape != stat_shapes[k] or v.dtype.kind != "f":
+            raise ValueError(f"{path}: '{k}' should be float {stat_shapes[k]}, "
+                             f"got {v.dtype} {v.shape}")
+        if not np.isfinite(v).all():
             raise ValueError(f"{path}: '{k}' holds non-finite values (NaN or inf)")
     return data
 
 
 def read_images(path):
-    """uint8 (N, H, W, 3) from an npz's `arr_0` or from a folder of PNG/JPEG files (sorted paths, one size)."""
+    """uint8 (N, H, W, 3) from an npz's `arr_0` or from a folder of PNG/JPEG files (sorted paths,
+    one size)."""
     data = _read_batch(path)
     if "arr_0" not in data:
-        raise ValueError(f"{path}: expected images in 'arr_0' (uint8 N,H,W,3); found only statistics")
+        raise ValueError(f"{path}: expected images in 'arr_0' (uint8 N,H,W,3); "
+                         f"found only statistics")
     return data["arr_0"]
 
 
 def feature_stats(features):
     """ADM's statistics in float64: np.mean(axis=0) and the unbiased np.cov(rowvar=False)."""
-    p, s = features["pool3"].astype(np.float64), features["spatial"].astype(np.float64)
+    p = features["pool3"].astype(np.float64)
+    s = features["spatial"].astype(np.float64)
     if len(p) < 2:  # one sample has no covariance (NaN), and sqrtm of NaN never returns
         raise ValueError(f"statistics need at least 2 images, got {len(p)}")
     if len(p) < p.shape[1]:
-        warnings.warn(f"{len(p)} images give a covariance of rank < {p.shape[1]}: the FID is biased high; "
-                      f"use at least {p.shape[1]} (ADM: 50,000)")
-    return dict(mu=p.mean(axis=0), sigma=np.cov(p, rowvar=False), mu_s=s.mean(axis=0), sigma_s=np.cov(s, rowvar=False))
+        warnings.warn(f"{len(p)} images give a covariance of rank < {p.shape[1]}: the FID is "
+                      f"biased high; use at least {p.shape[1]} (ADM: 50,000)")
+    return dict(mu=p.mean(axis=0), sigma=np.cov(p, rowvar=False),
+                mu_s=s.mean(axis=0), sigma_s=np.cov(s, rowvar=False))
 
 
 def reference_stats(path, model=None, batch_size=250, device=None, pool3=True):
-    """A reference batch (a path as _read_batch reads them, or its dict) -> dict(mu, sigma, mu_s, sigma_s, pool3).
-    Stored statistics win, as in ADM; pool3 (for precision/recall) comes from the images in arr_0, and is None
-    without them (or with pool3=False, when stored statistics suffice)."""
-    data = path if isinstance(path, dict) else _read_batch(path)
-    ref = {k: data[k].astype(np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s") if k in data}
+    """A reference batch (a path as _read_batch reads them, or its dict) -> dict(mu, sigma, mu_s,
+    sigma_s, pool3). Stored statistics win, as in ADM; pool3 (for precision/recall) comes from
+    the images in arr_0, and is None without them (or with pool3=False, when stored statistics
+    suffice)."""
+    data = path
+    if not isinstance(path, dict):
+        data = _read_batch(path)
+    ref = {}
+    for k in ("mu", "sigma", "mu_s", "sigma_s"):
+        if k in data:
+            ref[k] = data[k].astype(np.float64)
     ref["pool3"] = None
     if "arr_0" in data and (pool3 or "mu" not in ref):
         if model is None:
-            model = load_inception(device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            where = device
+            if where is None:
+                where = "cuda" if torch.cuda.is_available() else "cpu"
+            model = load_inception(device=where)
         feats = compute_features(model, data["arr_0"], batch_size, device)
         ref["pool3"] = feats["pool3"]
         if "mu" not in ref:
@@ -331,33 +443,44 @@ def reference_stats(path, model=None, batch_size=250, device=None, pool3=True):
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """|mu1 - mu2|^2 + tr(s1 + s2 - 2 sqrtm(s1 s2)), exactly as ADM / pytorch-fid (scipy's sqrtm)."""
-    mu1, mu2, sigma1, sigma2 = np.atleast_1d(mu1), np.atleast_1d(mu2), np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    """|mu1 - mu2|^2 + tr(s1 + s2 - 2 sqrtm(s1 s2)), exactly as ADM / pytorch-fid (scipy's
+    sqrtm)."""
+    mu1 = np.atleast_1d(mu1)
+    mu2 = np.atleast_1d(mu2)
+    sigma1 = np.atleast_2d(sigma1)
+    sigma2 = np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape}")
-    if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
-        raise ValueError("the statistics hold non-finite values (NaN or inf)")
+    for a in (mu1, sigma1, mu2, sigma2):
+        if not np.isfinite(a).all():
+            raise ValueError("the statistics hold non-finite values (NaN or inf)")
     diff = mu1 - mu2
-    with warnings.catch_warnings():  # scipy warns of a singular product even when its root is finite (and used)
+    # scipy warns of a singular product even when its root is finite (and used)
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
         covmean = linalg.sqrtm(sigma1.dot(sigma2))
-        if not np.isfinite(covmean).all():  # the product is close to singular: regularize and retry
-            warnings.warn(f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates")
+        if not np.isfinite(covmean).all():  # the product is close to singular: regularize, retry
+            warnings.warn(f"fid calculation produces singular product; adding {eps} to diagonal "
+                          f"of cov estimates")
             offset = np.eye(sigma1.shape[0]) * eps
             covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
-    if np.iscomplexobj(covmean):  # rounding leaves a small imaginary part; a large one means broken statistics
+    # rounding leaves a small imaginary part; a large one means broken statistics
+    if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f"Imaginary component {np.max(np.abs(covmean.imag))}")
         covmean = covmean.real
-    out = float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    out = diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
+    out = float(out)
     if not np.isfinite(out):
         raise ValueError(f"the Frechet distance is not finite ({out})")
     return out
 
 
 def inception_score(logits, split_size=5000):
-    """exp(E KL(p(y|x) || p(y))) per chunk of split_size in file order, averaged; float32 like ADM's TF softmax."""
-    preds = torch.softmax(torch.as_tensor(logits, dtype=torch.float32), 1).numpy()  # (N, 1008)
+    """exp(E KL(p(y|x) || p(y))) per chunk of split_size in file order, averaged; float32 like
+    ADM's TF softmax."""
+    logits = torch.as_tensor(logits, dtype=torch.float32)
+    preds = torch.softmax(logits, 1).numpy()  # (N, 1008)
     scores = []
     for i in range(0, len(preds), split_size):  # ADM's loop, line for line
         part = preds[i:i + split_size]
@@ -367,87 +490,128 @@ def inception_score(logits, split_size=5000):
 
 
 def _sqdist(u, v):
-    """Squared distances with every step rounded to u's dtype, as TF computes them (products summed in fp32)."""
-    nu, nv = (u * u).float().sum(1).to(u.dtype), (v * v).float().sum(1).to(v.dtype)  # (n,), (m,)
-    return torch.clamp(nu[:, None] - 2 * (u.float() @ v.float().T).to(u.dtype) + nv[None], min=0)  # (n, m)
+    """Squared distances with every step rounded to u's dtype, as TF computes them (products
+    summed in fp32)."""
+    nu = (u * u).float().sum(1).to(u.dtype)  # (n,)
+    nv = (v * v).float().sum(1).to(v.dtype)  # (m,)
+    uv = (u.float() @ v.float().T).to(u.dtype)  # (n, m)
+    return torch.clamp(nu[:, None] - 2 * uv + nv[None], min=0)  # (n, m)
 
 
 def _distances(u, v):
-    """ADM's DistanceBlock: fp16 distances (what the published numbers used), fp32 if any is not finite."""
+    """ADM's DistanceBlock: fp16 distances (what the published numbers used), fp32 if any is not
+    finite."""
     d = _sqdist(u.half(), v.half())
-    return (d if torch.isfinite(d).all() else _sqdist(u, v)).float()
+    if not torch.isfinite(d).all():
+        d = _sqdist(u, v)
+    return d.float()
 
 
 def precision_recall(ref_pool3, sample_pool3, k=3, batch_size=10000, device=None):
-    """Improved precision/recall (Kynkaanniemi et al. 2019) as ADM's ManifoldEstimator: a point is covered when it
-    lies within the k-th nearest-neighbour radius of some point of the other set. No percentile clamping."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    ref, sam = (torch.as_tensor(np.asarray(f, np.float32), device=device) for f in (ref_pool3, sample_pool3))
+    """Improved precision/recall (Kynkaanniemi et al. 2019) as ADM's ManifoldEstimator: a point is
+    covered when it lies within the k-th nearest-neighbour radius of some point of the other set.
+    No percentile clamping."""
+    if not device:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    ref = torch.as_tensor(np.asarray(ref_pool3, np.float32), device=device)
+    sam = torch.as_tensor(np.asarray(sample_pool3, np.float32), device=device)
     if min(len(ref), len(sam)) <= k:
-        raise ValueError(f"precision/recall needs more than k={k} points per set, got {len(ref)} and {len(sam)}")
+        raise ValueError(f"precision/recall needs more than k={k} points per set, "
+                         f"got {len(ref)} and {len(sam)}")
 
-    def radii(f):  # squared distance to the k-th neighbour; the row's smallest entry is the point itself
-        return torch.cat([torch.cat([_distances(f[i:i + batch_size], f[j:j + batch_size])
-                                     for j in range(0, len(f), batch_size)], 1).kthvalue(k + 1, 1).values
-                          for i in range(0, len(f), batch_size)])  # (N,)
+    def radii(f):
+        """Squared distance to the k-th neighbour; the row's smallest entry is the point itself."""
+        out = []
+        for i in range(0, len(f), batch_size):
+            rows = []
+            for j in range(0, len(f), batch_size):
+                rows.append(_distances(f[i:i + batch_size], f[j:j + batch_size]))
+            out.append(torch.cat(rows, 1).kthvalue(k + 1, 1).values)
+        return torch.cat(out)  # (N,)
 
     with exact_fp32():
-        r_ref, r_sam = radii(ref), radii(sam)
-        ref_in, sam_in = (torch.zeros(len(f), dtype=torch.bool, device=device) for f in (ref, sam))
+        r_ref = radii(ref)
+        r_sam = radii(sam)
+        ref_in = torch.zeros(len(ref), dtype=torch.bool, device=device)
+        sam_in = torch.zeros(len(sam), dtype=torch.bool, device=device)
         for i in range(0, len(ref), batch_size):
             for j in range(0, len(sam), batch_size):
                 d = _distances(ref[i:i + batch_size], sam[j:j + batch_size])  # (b_ref, b_sam)
                 ref_in[i:i + batch_size] |= (d <= r_sam[None, j:j + batch_size]).any(1)
                 sam_in[j:j + batch_size] |= (d <= r_ref[i:i + batch_size, None]).any(0)
-    return sam_in.sum().item() / len(sam), ref_in.sum().item() / len(ref)  # precision, recall
+    precision = sam_in.sum().item() / len(sam)
+    recall = ref_in.sum().item() / len(ref)
+    return precision, recall
 
 
 def evaluate(features, ref, device=None):
     """Sample features (compute_features) against a reference (reference_stats) -> dict(fid, sfid,
-    inception_score, precision, recall); precision/recall are None when the reference has no pool3."""
+    inception_score, precision, recall); precision/recall are None when the reference has no
+    pool3."""
     s = feature_stats(features)
     out = dict(fid=frechet_distance(s["mu"], s["sigma"], ref["mu"], ref["sigma"]),
                sfid=frechet_distance(s["mu_s"], s["sigma_s"], ref["mu_s"], ref["sigma_s"]),
                inception_score=inception_score(features["logits"]), precision=None, recall=None)
     if ref.get("pool3") is not None:
-        out["precision"], out["recall"] = precision_recall(ref["pool3"], features["pool3"], device=device)
+        precision, recall = precision_recall(ref["pool3"], features["pool3"], device=device)
+        out["precision"] = precision
+        out["recall"] = recall
     return out
 
 
 def pixel_report(images, labels, real, real_labels, seed=0):
-    """Quality of class-conditional samples of a small pixel dataset, without Inception (the built-in digits):
-      agreement  the fraction of samples whose nearest real image (L2 in pixels) has the sample's class;
-      diversity  the mean distance between two samples of one class over that between two real images of the
-                 class, averaged over classes: 1 is as varied as the data, 0 a collapse to one image per class;
-      pixel_fd   the Frechet distance between samples and real images as flat pixel vectors, and beside it
-                 pixel_fd_floor, the same between two random halves of the real images (finite-sample noise).
-    Images are any same-scale arrays (N, ...), labels ints; images (N, C, H, W) larger than 8x8 are averaged down
-    to 8x8 for pixel_fd only: its covariance then has at most 192 dimensions, well estimated from a thousand
-    samples and a second to compute (at 32x32x3 the square root alone takes minutes and the estimate is noise)."""
-    x, r = (torch.as_tensor(np.asarray(a), dtype=torch.float64) for a in (images, real))
+    """Quality of class-conditional samples of a small pixel dataset, without Inception (the
+    built-in digits):
+      agreement  the fraction of samples whose nearest real image (L2 in pixels) has the
+                 sample's class;
+      diversity  the mean distance between two samples of one class over that between two real
+                 images of the class, averaged over classes: 1 is as varied as the data, 0 a
+                 collapse to one image per class;
+      pixel_fd   the Frechet distance between samples and real images as flat pixel vectors, and
+                 beside it pixel_fd_floor, the same between two random halves of the real images
+                 (finite-sample noise).
+    Images are any same-scale arrays (N, ...), labels ints; images (N, C, H, W) larger than 8x8
+    are averaged down to 8x8 for pixel_fd only: its covariance then has at most 192 dimensions,
+    well estimated from a thousand samples and a second to compute (at 32x32x3 the square root
+    alone takes minutes and the estimate is noise)."""
+    x = torch.as_tensor(np.asarray(images), dtype=torch.float64)
+    r = torch.as_tensor(np.asarray(real), dtype=torch.float64)
 
     def flat(a):  # (N, D)
-        return (F.adaptive_avg_pool2d(a, 8) if a.dim() == 4 and a.shape[-1] > 8 else a).flatten(1)
-    x, r, (x8, r8) = x.flatten(1), r.flatten(1), (flat(x), flat(r))
-    y, ry = torch.as_tensor(np.asarray(labels)), torch.as_tensor(np.asarray(real_labels))
+        if a.dim() == 4 and a.shape[-1] > 8:
+            a = F.adaptive_avg_pool2d(a, 8)
+        return a.flatten(1)
+    x8 = flat(x)
+    r8 = flat(r)
+    x = x.flatten(1)
+    r = r.flatten(1)
+    y = torch.as_tensor(np.asarray(labels))
+    ry = torch.as_tensor(np.asarray(real_labels))
     agreement = (ry[torch.cdist(x, r).argmin(1)] == y).double().mean()
-    diversity = np.mean([torch.pdist(x[y == c]).mean().item() / torch.pdist(r[ry == c]).mean().item()
-                         for c in y.unique().tolist() if (y == c).sum() > 1])
+    ratios = []
+    for c in y.unique().tolist():
+        if (y == c).sum() > 1:
+            spread = torch.pdist(x[y == c]).mean().item()
+            ratios.append(spread / torch.pdist(r[ry == c]).mean().item())
+    diversity = np.mean(ratios)
 
     def fd(a, b):
         return frechet_distance(a.mean(0).numpy(), np.cov(a.numpy(), rowvar=False),
                                 b.mean(0).numpy(), np.cov(b.numpy(), rowvar=False))
     half = torch.randperm(len(r), generator=torch.Generator().manual_seed(seed))
+    first, second = half[: len(r) // 2], half[len(r) // 2:]
     return dict(agreement=agreement.item(), diversity=float(diversity), pixel_fd=fd(x8, r8),
-                pixel_fd_floor=fd(r8[half[: len(r) // 2]], r8[half[len(r) // 2:]]))
+                pixel_fd_floor=fd(r8[first], r8[second]))
 
 
 def pixel_report_of(images, labels, data):
-    """pixel_report of uint8 samples (N, H, W, 3), as sample.py writes them, against an in-memory dataset of
-    dataset.py (the digits, a small npz: `.tensors` = images (M, C, H, W) in [-1, 1], labels): the samples are
-    taken back to [-1, 1] and to the data's channels (the sampler writes grey as three equal channels)."""
+    """pixel_report of uint8 samples (N, H, W, 3), as sample.py writes them, against an in-memory
+    dataset of dataset.py (the digits, a small npz: `.tensors` = images (M, C, H, W) in [-1, 1],
+    labels): the samples are taken back to [-1, 1] and to the data's channels (the sampler writes
+    grey as three equal channels)."""
     real, real_y = data.tensors
-    x = images.astype(np.float64)[..., : real.shape[1]].transpose(0, 3, 1, 2) / 127.5 - 1  # (N, C, H, W)
+    x = images.astype(np.float64)[..., : real.shape[1]]  # (N, H, W, C)
+    x = x.transpose(0, 3, 1, 2) / 127.5 - 1  # (N, C, H, W)
     return pixel_report(x, labels, real.numpy(), real_y.numpy())
 
 
@@ -457,24 +621,33 @@ def pixel_report_of(images, labels, data):
 
 
 def main(args):
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = args.device
+    if not device:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    source = args.make_ref or args.samples
     try:
-        images = read_images(args.make_ref or args.samples)  # a bad file fails here, before any Inception work
+        images = read_images(source)  # a bad file fails here, before any Inception work
         if len(images) < 2:
-            raise ValueError(f"{args.make_ref or args.samples}: {len(images)} image(s); statistics need at least 2")
+            raise ValueError(f"{source}: {len(images)} image(s); statistics need at least 2")
         if args.pixel_ref:  # no Inception: the nearest-real-image report of small pixel data
             data = build_dataset(args.pixel_ref)
             if not hasattr(data, "tensors"):
-                raise ValueError(f"--pixel-ref {args.pixel_ref}: expected \"digits\" or an npz held in memory")
-            with np.load(args.samples) as f:  # arr_1 absent: an unconditional model, one class
-                labels = f["arr_1"] if "arr_1" in f.files else np.zeros(len(images), np.int64)
+                raise ValueError(f"--pixel-ref {args.pixel_ref}: expected \"digits\" or an npz "
+                                 f"held in memory")
+            with np.load(args.samples) as f:
+                labels = np.zeros(len(images), np.int64)  # arr_1 absent: unconditional, one class
+                if "arr_1" in f.files:
+                    labels = f["arr_1"]
             for k, v in pixel_report_of(images, labels, data).items():
                 print(f"{k}: {v:.4f}")
             return
         if args.make_ref:
-            feats = compute_features(load_inception(args.inception, device), images, args.batch_size)
+            feats = compute_features(load_inception(args.inception, device), images,
+                                     args.batch_size)
             save_npz(args.out, **feature_stats(feats), arr_0=images)
-            print(f"wrote {args.out}: mu, sigma, mu_s, sigma_s and arr_0 {images.shape} from {args.make_ref}")
+            print(f"wrote {args.out}: mu, sigma, mu_s, sigma_s and arr_0 {images.shape} "
+                  f"from {args.make_ref}")
             return
         ref = _read_batch(args.ref)  # a bad reference fails here too, before any Inception work
         model = load_inception(args.inception, device)
@@ -482,23 +655,33 @@ def main(args):
         m = evaluate(compute_features(model, images, args.batch_size), ref, device)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"fid.py: error: {e}")
-    print(f"Inception Score: {m['inception_score']:.4f}\nFID: {m['fid']:.4f}\nsFID: {m['sfid']:.4f}")
-    print("Precision/Recall: skipped (the reference has no arr_0 images)" if m["precision"] is None
-          else f"Precision: {m['precision']:.4f}\nRecall: {m['recall']:.4f}")
+    print(f"Inception Score: {m['inception_score']:.4f}")
+    print(f"FID: {m['fid']:.4f}")
+    print(f"sFID: {m['sfid']:.4f}")
+    if m["precision"] is None:
+        print("Precision/Recall: skipped (the reference has no arr_0 images)")
+    else:
+        print(f"Precision: {m['precision']:.4f}")
+        print(f"Recall: {m['recall']:.4f}")
 
 
 def parse_args(argv=None):
     p = ArgumentParser(prog="fid.py", description="ADM-suite FID, sFID, IS, precision/recall.",
                        epilog="e.g. python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz")
-    p.add_argument("samples", nargs="?", help="npz with arr_0 uint8 (N, H, W, 3), or an image folder")
-    p.add_argument("ref", nargs="?", help="ADM reference batch npz (mu, sigma, mu_s, sigma_s, arr_0) or folder")
-    p.add_argument("--inception", help="weights file (default: $AFM_CACHE or ~/.cache/afm, else download)")
+    p.add_argument("samples", nargs="?",
+                   help="npz with arr_0 uint8 (N, H, W, 3), or an image folder")
+    p.add_argument("ref", nargs="?",
+                   help="ADM reference batch npz (mu, sigma, mu_s, sigma_s, arr_0) or folder")
+    p.add_argument("--inception",
+                   help="weights file (default: $AFM_CACHE or ~/.cache/afm, else download)")
     p.add_argument("--batch-size", type=positive, default=250, help="Inception batch size")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--make-ref", metavar="FOLDER_OR_NPZ", help="write a reference batch from these images")
+    p.add_argument("--make-ref", metavar="FOLDER_OR_NPZ",
+                   help="write a reference batch from these images")
     p.add_argument("--out", help="output npz for --make-ref")
-    p.add_argument("--pixel-ref", metavar="DATA", help='instead of Inception metrics: fid.pixel_report of the '
-                   'samples against "digits" or an npz of real images (class agreement, diversity, pixel FD)')
+    p.add_argument("--pixel-ref", metavar="DATA",
+                   help='instead of Inception metrics: fid.pixel_report of the samples against '
+                        '"digits" or an npz of real images (class agreement, diversity, pixel FD)')
     args = p.parse_args(argv)
     if args.make_ref and not args.out:
         p.error("--make-ref needs --out ref.npz")

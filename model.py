@@ -5,7 +5,8 @@ discriminator, the deep (weight-repeated) generator and the DiT classifier used 
 All four are plain DiTs (Peebles & Xie 2023, "Scalable Diffusion Models with Transformers"):
 patch embedding + fixed 2-D sin-cos positions, a stack of adaLN-Zero transformer blocks
 conditioned on `c = label embedding (+ timestep embeddings)`, and a head. The AFM variants
-(AFM_SPEC section 8) only change what goes into `c` and what the head reads:
+(the release's models/generator.py, generator_deep.py, discriminator.py, classifier.py) only
+change what goes into `c` and what the head reads:
 
     Generator      c = y (+ t_src) (+ t_tgt)   head: adaLN final layer -> patches -> image
     Discriminator  c = y (+ t)                 head: learned token -> LayerNorm -> Linear -> 1 logit
@@ -27,8 +28,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 # --------------------------------------------------------------------------------------
-# Registry of sizes: `--model` everywhere. DiT's S/B/L/XL, AFM's M (AFM_SPEC section 8),
-# and a tiny T for the built-in 8x8 digits on a laptop CPU.
+# Registry of sizes: `--model` everywhere. DiT's S/B/L/XL, AFM's M (the release's
+# configs/models/m2.yaml), and a tiny T for the built-in 8x8 digits on a laptop CPU.
 # --------------------------------------------------------------------------------------
 
 _sizes = {  # name: (depth, hidden_size, num_heads)
@@ -39,10 +40,22 @@ _sizes = {  # name: (depth, hidden_size, num_heads)
     "L": (24, 1024, 16),
     "XL": (28, 1152, 16),
 }
-models = {
-    f"{name}/{p}": dict(depth=d, hidden_size=h, num_heads=n, patch_size=p)
-    for name, (d, h, n) in _sizes.items() for p in ((1, 2, 4) if name == "T" else (2, 4, 8))
-}
+
+
+def _registry():
+    """{"S/2": dict(depth=12, hidden_size=384, num_heads=6, patch_size=2), ...}"""
+    out = {}
+    for name, (depth, hidden_size, num_heads) in _sizes.items():
+        patch_sizes = (2, 4, 8)
+        if name == "T":  # 8x8 inputs: patches of 1, 2 and 4 pixels
+            patch_sizes = (1, 2, 4)
+        for p in patch_sizes:
+            out[f"{name}/{p}"] = dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads,
+                                      patch_size=p)
+    return out
+
+
+models = _registry()
 
 
 # --------------------------------------------------------------------------------------
@@ -54,15 +67,17 @@ def timestep_embedding(t, dim, max_period=10000):
     """DiT's sinusoidal timestep features: [cos(t f_i), sin(t f_i)], f_i = max_period^(-i/half).
     `t` is what the embedder receives, i.e. already multiplied by 1000 (DiT's scale)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    i = torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(-math.log(max_period) * i / half)  # (half,)
     args = t[:, None].float() * freqs[None]  # (N, half)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, dim)
 
 
 def pos_embed_sincos(dim, grid_size):
     """Fixed 2-D sin-cos positions (MAE / DiT): the first half of the channels encodes the
-    column, the second half the row; each half is [sin(p w_i), cos(p w_i)], w_i = 10000^(-i/(dim/4)).
-    Computed in float64 like the numpy original. Returns (grid_size**2, dim), row-major tokens."""
+    column, the second half the row; each half is [sin(p w_i), cos(p w_i)],
+    w_i = 10000^(-i/(dim/4)). Computed in float64 like the numpy original.
+    Returns (grid_size**2, dim), row-major tokens."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,)
     coords = torch.arange(grid_size, dtype=torch.float64)
     row, col = torch.meshgrid(coords, coords, indexing="ij")  # token k = (row k // g, col k % g)
@@ -110,7 +125,8 @@ class LabelEmbedder(nn.Module):
     def __init__(self, num_classes, hidden_size, dropout_prob):
         super().__init__()
         self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
-        self.num_classes, self.dropout_prob = num_classes, dropout_prob
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
 
     def forward(self, y):
         if self.training and self.dropout_prob > 0:
@@ -128,7 +144,8 @@ class Attention(nn.Module):
 
     def forward(self, x):
         N, T, D = x.shape
-        qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, D // self.num_heads)
+        qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, N, heads, T, D/heads)
         x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (N, heads, T, D/heads)
         return self.proj(x.transpose(1, 2).reshape(N, T, D))  # (N, T, D)
 
@@ -160,7 +177,8 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x, c):
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)  # 6 x (N, D)
+        mods = self.adaLN_modulation(c).chunk(6, dim=1)  # 6 x (N, D)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mods
         x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
         x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
         return x  # (N, T, D)
@@ -193,29 +211,41 @@ def token_head(hidden_size, out_features, bias):
 
 
 class DiT(nn.Module):
-    """Patch embedding + positions + adaLN-Zero blocks, with the embedders each variant needs. Subclasses take these
-    arguments (`*args, **kw`) plus their own keywords, add a head and define forward. `grad_checkpointing = True`
-    recomputes each block's activations in the backward pass (the 112-layer generator needs it on one GPU)."""
+    """Patch embedding + positions + adaLN-Zero blocks, with the embedders each variant needs.
+    Subclasses take these arguments (`*args, **kw`) plus their own keywords, add a head and
+    define forward. `grad_checkpointing = True` recomputes each block's activations in the
+    backward pass (the 112-layer generator needs it on one GPU)."""
 
-    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
-                 mlp_ratio=4.0, class_dropout_prob=0.0, num_classes=1000, learn_sigma=False, *,
-                 t_embedder=True, y_embedder=True):
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
+                 num_heads=16, mlp_ratio=4.0, class_dropout_prob=0.0, num_classes=1000,
+                 learn_sigma=False, *, t_embedder=True, y_embedder=True):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
-        self.in_channels, self.patch_size, self.hidden_size = in_channels, patch_size, hidden_size
+        self.in_channels = in_channels
+        self.patch_size = patch_size
+        self.hidden_size = hidden_size
         self.num_classes = num_classes
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.out_channels = in_channels
+        if learn_sigma:  # DiT's learned variance doubles the output channels
+            self.out_channels = in_channels * 2
         self.grad_checkpointing = False
+        # The modules are created in this order (x, t, y, blocks) so that random init draws as DiT
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size) if t_embedder else None
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if y_embedder else None
+        self.t_embedder = None
+        if t_embedder:
+            self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = None
+        if y_embedder:
+            self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         grid = input_size // patch_size
         # A parameter, not a buffer, because DiT saves it in its state dict; it is never trained.
-        self.pos_embed = nn.Parameter(pos_embed_sincos(hidden_size, grid).float()[None], requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        pos = pos_embed_sincos(hidden_size, grid).float()[None]  # (1, T, D)
+        self.pos_embed = nn.Parameter(pos, requires_grad=False)
+        blocks = [DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)]
+        self.blocks = nn.ModuleList(blocks)
         self.init_weights()
 
     @torch.no_grad()
@@ -247,19 +277,23 @@ class DiT(nn.Module):
         return x  # (N, T, D)
 
     def compile_blocks(self):
-        """Regional compilation: each transformer block is compiled in place, and all blocks share one compiled
-        graph (same code, their weights are its inputs), so compile time does not grow with depth (28 blocks
-        of XL/2, 112 block calls of the deep generator). State-dict keys stay plain: no `_orig_mod.`."""
+        """Regional compilation: each transformer block is compiled in place, and all blocks
+        share one compiled graph (same code, their weights are its inputs), so compile time does
+        not grow with depth (28 blocks of XL/2, 112 block calls of the deep generator).
+        State-dict keys stay plain: no `_orig_mod.`."""
         for block in self.blocks:
             block.compile(dynamic=False)
         return self
 
     def prepend_token(self, token, x):
-        return torch.cat([token.view(1, 1, -1).expand(x.shape[0], 1, -1), x], dim=1)  # (N, T+1, D)
+        token = token.view(1, 1, -1).expand(x.shape[0], 1, -1)  # (N, 1, D)
+        return torch.cat([token, x], dim=1)  # (N, T+1, D)
 
     def unpatchify(self, x):
         N, T, _ = x.shape
-        p, C, g = self.patch_size, self.out_channels, int(T ** 0.5)
+        p = self.patch_size
+        C = self.out_channels
+        g = int(T ** 0.5)  # tokens per side
         x = x.reshape(N, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (N, C, g, p, g, p)
         return x.reshape(N, C, g * p, g * p)  # (N, C, H, W)
 
@@ -267,7 +301,8 @@ class DiT(nn.Module):
 class Generator(DiT):
     """G(x_src, y, t_src, t_tgt) -> output shaped like x (x-prediction or velocity, per recipe).
 
-    Timesteps are in [0, 1] and enter DiT's embedder multiplied by 1000 (AFM_SPEC section 4).
+    Timesteps are in [0, 1] and enter DiT's embedder multiplied by 1000 (the release's
+    models/generator.py: "multiply 1000 to align scaling with original DiTs").
     `use_t_src` keeps DiT's `t_embedder` for t_src (needed for multi-step), `use_t_tgt` adds a
     second embedder `t_tgt_embedder` (any-step). A 1-NFE generator has neither: c = label only.
 
@@ -279,15 +314,18 @@ class Generator(DiT):
 
     def __init__(self, *args, use_t_src=False, use_t_tgt=False, repeat=1, **kw):
         if repeat > 1 and (use_t_src or use_t_tgt):
-            raise ValueError("the deep generator (repeat > 1) is a 1-NFE model: use_t_src/use_t_tgt must be False")
+            raise ValueError("the deep generator (repeat > 1) is a 1-NFE model: "
+                             "use_t_src/use_t_tgt must be False")
         super().__init__(*args, **kw, t_embedder=use_t_src or repeat > 1)
         self.repeat = repeat
         self.final_layer = FinalLayer(self.hidden_size, self.patch_size, self.out_channels)
-        for lin in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):  # zero output at init
+        # zero output at init
+        for lin in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
         self.t_tgt_embedder = None
-        if use_t_tgt:  # added after DiT's init, as in the release: default bias init, N(0, 0.02) weights
+        # Added after DiT's init, as in the release: default bias init, N(0, 0.02) weights
+        if use_t_tgt:
             self.t_tgt_embedder = TimestepEmbedder(self.hidden_size)
             nn.init.normal_(self.t_tgt_embedder.mlp[0].weight, std=0.02)
             nn.init.normal_(self.t_tgt_embedder.mlp[2].weight, std=0.02)
@@ -328,8 +366,9 @@ class Discriminator(DiT):
 
 
 class Classifier(DiT):
-    """C(x_t, t) -> (N, num_classes) logits, for classifier guidance (AFM_SPEC section 7).
-    Conditioned on the timestep only (no label embedder); reads a learned token `cls_embed`."""
+    """C(x_t, t) -> (N, num_classes) logits, for classifier guidance (the release's
+    models/classifier.py, trained by its train_classifier.py). Conditioned on the timestep only
+    (no label embedder); reads a learned token `cls_embed`."""
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw, y_embedder=False)
@@ -338,7 +377,8 @@ class Classifier(DiT):
 
     def forward(self, x, t):
         h = self.x_embedder(x) + self.pos_embed  # (N, T, D)
-        h = self.run_blocks(self.prepend_token(self.cls_embed, h), self.t_embedder(t * 1000))  # (N, T+1, D)
+        c = self.t_embedder(t * 1000)  # (N, D)
+        h = self.run_blocks(self.prepend_token(self.cls_embed, h), c)  # (N, T+1, D)
         return self.final_layer(h[:, 0])  # (N, num_classes)
 
 
@@ -352,6 +392,10 @@ def default_input(name):
     return (1, 8) if name.startswith("T/") else (4, 32)
 
 
+def param_count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
 def forward_flops(model, *inputs):
     """FLOPs of one forward pass (2 per multiply-add; DiT's paper reports multiply-adds)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -362,19 +406,31 @@ def forward_flops(model, *inputs):
 
 def main():
     torch.manual_seed(0)
-    print(f"{'model':6} {'input':>9} {'G params':>13} {'G+t params':>13} {'D params':>13} {'G GFLOPs':>10}")
+    header = ["model".ljust(6), "input".rjust(9), "G params".rjust(13), "G+t params".rjust(13),
+              "D params".rjust(13), "G GFLOPs".rjust(10)]
+    print(" ".join(header))
     for name, cfg in models.items():
         c, s = default_input(name)
         if s % cfg["patch_size"]:
             continue
-        kw = dict(cfg, input_size=s, in_channels=c, num_classes=10 if name.startswith("T/") else 1000)
+        num_classes = 1000
+        if name.startswith("T/"):  # the digits
+            num_classes = 10
+        kw = dict(cfg, input_size=s, in_channels=c, num_classes=num_classes)
         with torch.device("meta"):  # shapes and counts only: no memory, no init time
-            x, y, t = torch.randn(2, c, s, s), torch.randint(0, kw["num_classes"], (2,)), torch.rand(2)
-            G, Gt, D = Generator(**kw), Generator(**kw, use_t_src=True), Discriminator(**kw)
-        assert G(x, y, t, t).shape == x.shape and Gt(x, y, t, t).shape == x.shape and D(x, y, t).shape == (2,)
-        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+            x = torch.randn(2, c, s, s)
+            y = torch.randint(0, num_classes, (2,))
+            t = torch.rand(2)
+            G = Generator(**kw)
+            Gt = Generator(**kw, use_t_src=True)
+            D = Discriminator(**kw)
+        assert G(x, y, t, t).shape == x.shape
+        assert Gt(x, y, t, t).shape == x.shape
+        assert D(x, y, t).shape == (2,)
         gflops = forward_flops(G, x[:1], y[:1], t[:1], t[:1]) / 1e9
-        print(f"{name:6} {f'{c}x{s}x{s}':>9} {count(G):>13,} {count(Gt):>13,} {count(D):>13,} {gflops:>10.4g}")
+        size = f"{c}x{s}x{s}"
+        counts = f"{param_count(G):>13,} {param_count(Gt):>13,} {param_count(D):>13,}"
+        print(f"{name:6} {size:>9} {counts} {gflops:>10.4g}")
     print("G: 1-NFE generator (no timestep embedder); G+t: with t_src (DiT's layout); "
           "FLOPs count 2 per multiply-add; pos_embed (fixed) is included in the parameter counts.")
 

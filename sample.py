@@ -28,8 +28,9 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from dataset import (ArgumentParser, all_mean, cleanup, load_checkpoint, positive, print0, save_atomic, save_json,
-                     save_npz, setup)
+from plumbing import (ArgumentParser, any_rank, cleanup, load_checkpoint, positive, print0, save_atomic,
+                      save_json, save_npz, setup)
+from afm import generate
 from model import Generator, models
 from vae import decode, load_vae
 
@@ -41,27 +42,16 @@ IMAGENET_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py gr
 
 
 @torch.no_grad()
-def generate(G, z, y, steps=1, pred="x"):
-    """Sampling (AFM_SPEC section 9): t = linspace(1, 0, steps + 1); each jump t_i -> t_{i+1} is
-    one generator evaluation. x-prediction returns the target, v-prediction a velocity."""
-    t = torch.linspace(1, 0, steps + 1, device=z.device)
-    x = z
-    for i in range(steps):
-        out = G(x, y, t[i].expand(z.shape[0]), t[i + 1].expand(z.shape[0])).float()
-        x = out if pred == "x" else x - (t[i] - t[i + 1]) * out
-    return x
-
-
-@torch.no_grad()
-def sample_images(G, z, y, steps, pred, vae=None, amp=contextlib.nullcontext()):
+def sample_images(G, z, y, steps, pred, vae=None, amp=contextlib.nullcontext(), solver="euler"):
     """(N, C, h, w) noise and labels -> (N, 3, H, W) images in [-1, 1]. Latents decode as z / 0.18215."""
     with amp:
-        x = generate(G, z, y, steps, pred)  # (N, C, h, w): pixels, or SD-VAE latents x 0.18215
+        x = generate(G, z, y, steps, pred, solver)  # (N, C, h, w): pixels, or SD-VAE latents x 0.18215
         x = decode(vae, x) if vae is not None else x.float().clamp(-1, 1)  # (N, 3, H, W)
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # gray -> RGB: ADM and Inception take 3 channels
 
 
-def sample_indices(G, idx, y, shape, steps, pred, seed, batch_size, vae=None, amp=contextlib.nullcontext()):
+def sample_indices(G, idx, y, shape, steps, pred, seed, batch_size, vae=None, amp=contextlib.nullcontext(),
+                   solver="euler"):
     """Sample indices `idx` with labels `y` (lists) -> (n, 3, H, W) in [-1, 1]. Sample i's noise comes from its own
     CPU generator: the same on any device, process count or batch. A short batch is padded to batch_size, so every
     batch has one shape (one compiled graph, the same kernels)."""
@@ -70,7 +60,7 @@ def sample_indices(G, idx, y, shape, steps, pred, seed, batch_size, vae=None, am
     z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 10**8 + i))
                      for i in idx + idx[-1:] * pad])  # (B, C, h, w)
     y = torch.tensor(y + y[-1:] * pad, device=device)
-    return sample_images(G, z.to(device), y, steps, pred, vae, amp)[:n]
+    return sample_images(G, z.to(device), y, steps, pred, vae, amp, solver)[:n]
 
 
 def to_uint8(x):
@@ -97,7 +87,8 @@ def save_grid(images, path, nrow):
 # --------------------------------------------------------------------------------------
 
 
-def load_generator(path, model=None, weights="ema", steps=None, pred=None, repeat=None, num_classes=None):
+def load_generator(path, model=None, weights="ema", steps=None, pred=None, repeat=None, num_classes=None,
+                   solver=None):
     """-> (Generator in eval mode on the CPU, info dict); a file that does not fit is a one-line ValueError. Flags
     left None come from our checkpoint's args, else from the keys: channels and size (x_embedder, pos_embed), classes
     (y_embedder rows; 1001 = 1000 + a class-dropout null row), depth and width (hence --model), t_src / t_tgt
@@ -121,9 +112,18 @@ def load_generator(path, model=None, weights="ema", steps=None, pred=None, repea
     repeat = repeat or a.get("repeat", 1)
     t_src = repeat == 1 and any(k.startswith("t_embedder.") for k in sd)
     t_tgt = any(k.startswith("t_tgt_embedder.") for k in sd)
-    trained = a.get("steps", 1)  # int or "any"
+    flow = a.get("recipe") in ("fm", "fm-digits")  # a flow-matching run: an ODE, any number of steps
+    trained = a.get("steps", 1)  # int or "any" (None for flow matching)
+    if flow:
+        trained = "any"
+        steps = steps or a.get("sample_steps") or 32
+        solver = solver or a.get("sample_solver") or "euler"
     steps = steps or (1 if trained == "any" else trained)
+    solver = solver or "euler"
     pred = pred or a.get("pred") or ("v" if t_src or t_tgt else "x")
+    if solver == "heun" and (pred != "v" or steps % 2):
+        raise ValueError(f"--solver heun needs a velocity model (pred v) and an even --steps (its NFE), got "
+                         f"pred {pred}, --steps {steps}")
     if ours and trained != "any" and steps != trained:
         print0(f"warning: {path} was trained for {trained} steps; sampling with {steps}")
     if steps > 1 and not (t_src or t_tgt):
@@ -142,7 +142,7 @@ def load_generator(path, model=None, weights="ema", steps=None, pred=None, repea
         raise ValueError(f"{path} (depth {depth}, hidden {hidden}, patch {p}) does not fit {desc}: "
                          f"{'; '.join(few)} (--model, --repeat, --num-classes?)")
     G.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, assign=True)
-    info = dict(model=name, steps=steps, pred=pred, repeat=repeat, num_classes=num_classes, channels=C, size=H,
+    info = dict(model=name, steps=steps, pred=pred, solver=solver, flow=flow, repeat=repeat, num_classes=num_classes, channels=C, size=H,
                 use_t_src=t_src, use_t_tgt=t_tgt, vae=a.get("vae"), desc=desc,
                 source=f"{weights} weights at step {obj.get('step')}" if ours else "bare state dict")
     return G.eval().requires_grad_(False), info
@@ -201,7 +201,7 @@ def sample_npz(args, images, labels, meta, rank, world, device):
             break
     for s, h in handlers.items():
         signal.signal(s, h)
-    interrupted = all_mean({"i": interrupted}, device, dist.ReduceOp.MAX)["i"]  # also waits for every rank's shards
+    interrupted = any_rank(interrupted, device)  # also waits for every rank's shards
     if interrupted:
         print0(f"interrupted: finished samples are in {parts}; rerun the same command to resume")
     cleanup()
@@ -241,7 +241,7 @@ def main(args):
     amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
     try:
         G, info = load_generator(args.ckpt, args.model, args.weights, args.steps, args.pred, args.repeat,
-                                 args.num_classes)
+                                 args.num_classes, args.solver)
         C, H, K = info["channels"], info["size"], info["num_classes"]
         vae_path = args.vae or info["vae"]
         if C == 4 and not vae_path:
@@ -255,11 +255,13 @@ def main(args):
         raise SystemExit(f"sample.py: error: {e}")
     G.to(device)
     G.compile_blocks() if args.compile else None
-    print0(f"{args.ckpt} ({info['source']}): {info['desc']}; {info['steps']} step(s), pred {info['pred']}; "
+    print0(f"{args.ckpt} ({info['source']}): {info['desc']}; {info['steps']} step(s), pred {info['pred']}, "
+           f"{info['solver']}; "
            f"{world} process(es) on {device}")
 
     def images(idx, y):  # sample indices and their labels -> (n, 3, H, W) in [-1, 1]
-        return sample_indices(G, idx, y, (C, H, H), info["steps"], info["pred"], args.seed, args.batch_size, vae, amp)
+        return sample_indices(G, idx, y, (C, H, H), info["steps"], info["pred"], args.seed, args.batch_size, vae, amp,
+                              info["solver"])
 
     if not args.num_samples:  # the grid: a row per class, --per-class columns (unconditional: --per-class rows)
         classes = args.classes or (list(range(K)) if K <= 10 else IMAGENET_CLASSES)
@@ -275,6 +277,8 @@ def main(args):
         return cleanup()
     labels = np.arange(args.num_samples) // (args.num_samples // K)  # sample i has class i // per_class (release)
     meta = {k: v for k, v in info.items() if k in ("model", "steps", "pred", "repeat", "num_classes")}
+    if info["solver"] != "euler":  # (only when not Euler: earlier parts/ folders stay valid)
+        meta["solver"] = info["solver"]
     meta.update(ckpt=os.path.abspath(args.ckpt), weights=args.weights, seed=args.seed, num_samples=args.num_samples,
                 vae=vae_path and os.path.abspath(vae_path), precision=args.precision)
     out = sample_npz(args, images, labels, meta, rank, world, device)
@@ -295,6 +299,8 @@ def parse_args(argv=None):
     a("--weights", choices=["ema", "model"], default="ema", help="which weights of our checkpoints")
     a("--model", choices=list(models), default=None, help="generator size (default: checkpoint's, or from the keys)")
     a("--steps", type=positive, default=None, help="NFE (default: as trained; any-step and bare files: 1)")
+    a("--solver", choices=["euler", "heun"], default=None, help="flow matching: Euler, or Heun (NFE = --steps; "
+      "default: the run's --sample-solver)")
     a("--pred", choices=["x", "v"], default=None, help="x or v (default: as trained; bare: v if t-conditioned, else x)")
     a("--repeat", type=positive, default=None, help="deep generator: block repetitions (2 = 56, 4 = 112 layers)")
     a("--num-classes", type=positive, default=None, help="classes (default: label-table rows; 1001 rows = 1000 + null)")

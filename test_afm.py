@@ -37,9 +37,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
+import afm as A
 import dataset as DS
 import fid
 import model as M
+import plumbing as P
 import sample as S
 import train as T
 import vae as V
@@ -138,7 +140,7 @@ def digits_checkpoint(path, steps="any"):
     """A checkpoint in train.py's format (model, ema, args, step) of the digits model, model and EMA weights
     made different."""
     s = T.resolve(["--steps", steps])[0]
-    G = T.build(s, 1, 8, 10, torch.device("cpu"))["model"]  # T/2 on 1x8x8 digits, 10 classes
+    G = T.AFMPair(s, 1, 8, 10, torch.device("cpu")).G  # T/2 on 1x8x8 digits, 10 classes
     ema = M.Generator(**M.models["T/2"], input_size=8, in_channels=1, num_classes=10, use_t_src=steps != "1",
                       use_t_tgt=steps == "any")
     randomize(G, seed=1), randomize(ema, seed=2)
@@ -160,7 +162,7 @@ def expected_samples(G, indices, labels, steps, pred, seed=0, vae=None):
     z = torch.stack([torch.randn(G.in_channels, H, H, generator=torch.Generator().manual_seed(seed * 10**8 + int(i)))
                      for i in indices])  # (N, C, H, W)
     with torch.no_grad(), one_thread():
-        x = S.generate(G, z, torch.as_tensor(np.asarray(labels)), steps, pred)
+        x = A.generate(G, z, torch.as_tensor(np.asarray(labels)), steps, pred)
         if vae is not None:
             x = vae.decode(x / V.SCALE)
     x = x.float().clamp(-1, 1).expand(-1, 3, -1, -1)
@@ -775,7 +777,7 @@ def test_regional_compile_equals_eager():
         assert set(twin.state_dict()) == set(net.state_dict())
     x0, y, _, _ = tiny_inputs(4)
     for (G, D) in (nets, twins):
-        loss_fn = T.AdversarialFlowLoss(steps=2, pred="v")  # its own gradient-normalization state
+        loss_fn = A.AdversarialFlowLoss(steps=2, pred="v")  # its own gradient-normalization state
         torch.manual_seed(0)
         with one_thread():
             loss = loss_fn.d_loss(G, D, x0, y, 0)[0] + loss_fn.g_loss(G, D, x0, y, 0)[0]
@@ -804,7 +806,7 @@ def test_d_loss_terms_by_hand(monkeypatch):
     fixed_noise(monkeypatch, [z_src, z_tgt, e1[:n], e2[:n]])
     G = lambda x, y, ts, tt: 2 * x + 1  # noqa: E731
     D = LinearD(a)
-    loss_fn = T.AdversarialFlowLoss(steps=1, gp=0.25, gp_ratio=0.25, gp_eps=0.01, cp=0.01)
+    loss_fn = A.AdversarialFlowLoss(steps=1, gp=0.25, gp_ratio=0.25, gp_eps=0.01, cp=0.01)
     loss, logs = loss_fn.d_loss(G, D, x0, y, step=0)
     assert D.calls == [2 * B + 2 * n]  # one forward on [real, fake, real_gp, fake_gp]
     real, fake = x0, 2 * z_src + 1  # 1 NFE: x_src = z, x_tgt = x0
@@ -818,14 +820,14 @@ def test_d_loss_terms_by_hand(monkeypatch):
     torch.testing.assert_close(loss, adv + r1 + r2 + cp, rtol=1e-4, atol=1e-6)
     # Sign: a discriminator that scores reals far above fakes has a vanishing adversarial loss.
     fixed_noise(monkeypatch, [z_src, z_tgt, e1[:n], e2[:n]])
-    far = T.AdversarialFlowLoss(gp=0, cp=0).d_loss(lambda *_: torch.full_like(x0, -50.0), LinearD(torch.ones(dim)),
+    far = A.AdversarialFlowLoss(gp=0, cp=0).d_loss(lambda *_: torch.full_like(x0, -50.0), LinearD(torch.ones(dim)),
                                                     x0, y, 0)[1]["d_adv"]
     assert far < 1e-6
     # k NFE: the penalty is weighted by w = t_src - t_tgt, clamped to 0.001: (eps * 3)^2 / eps^2 = 9, times w
     ts, tt = torch.tensor([1.0, 0.5, 0.3, 0.3]), torch.tensor([0.0, 0.25, 0.3, 0.1])
-    monkeypatch.setattr(T, "sample_timesteps", lambda steps, n, device: (ts, tt))
+    monkeypatch.setattr(A, "sample_timesteps", lambda steps, n, device: (ts, tt))
     fixed_noise(monkeypatch, [torch.zeros(4, 2)] * 2 + [torch.ones(4, 2)] * 2)
-    loss_fn = T.AdversarialFlowLoss(steps=2, gp=1.0, gp_ratio=1.0, gp_eps=0.1, cp=0)
+    loss_fn = A.AdversarialFlowLoss(steps=2, gp=1.0, gp_ratio=1.0, gp_eps=0.1, cp=0)
     _, logs = loss_fn.d_loss(lambda x, *_: x, LinearD(torch.tensor([1.0, 2.0]), b=0.0), torch.zeros(4, 2),
                              torch.zeros(4, dtype=torch.long), 0)
     torch.testing.assert_close(logs["r1"], (9.0 * torch.tensor([1.0, 0.25, 0.001, 0.2])).mean())
@@ -839,11 +841,11 @@ def test_g_loss_terms_by_hand_and_w_clamp(monkeypatch):
     y = torch.zeros(B, dtype=torch.long)
     z_src, z_tgt = torch.randn(B, dim, generator=g), torch.randn(B, dim, generator=g)
     ts, tt = torch.tensor([0.5, 0.5, 0.75, 1.0]), torch.tensor([0.5, 0.25, 0.5, 0.0])
-    monkeypatch.setattr(T, "sample_timesteps", lambda steps, n, device: (ts, tt))
+    monkeypatch.setattr(A, "sample_timesteps", lambda steps, n, device: (ts, tt))
     fixed_noise(monkeypatch, [z_src, z_tgt])
     v = torch.randn(B, dim, generator=g)
     G = lambda x, y, t1, t2: v  # noqa: E731  (a constant velocity)
-    loss_fn = T.AdversarialFlowLoss(steps=4, pred="v", ot=0.3, ot_end=0.3, decay_steps=10)
+    loss_fn = A.AdversarialFlowLoss(steps=4, pred="v", ot=0.3, ot_end=0.3, decay_steps=10)
     loss, logs = loss_fn.g_loss(G, LinearD(a, b=0.0, c=0.5), x0, y, step=3)
     x_src = (1 - ts[:, None]) * x0 + ts[:, None] * z_src
     x_tgt = (1 - tt[:, None]) * x0 + tt[:, None] * z_tgt
@@ -862,12 +864,12 @@ def test_gradient_normalization_scale_free():
     x0, g = torch.randn(5, 3), torch.arange(15.0).view(5, 3)
     grads = []
     for scale in (1.0, 1000.0):
-        gn, x = T.GradientNormalization(), x0.clone().requires_grad_()
+        gn, x = A.GradientNormalization(), x0.clone().requires_grad_()
         (gn(x) * g).sum().mul(scale).backward()
         grads.append(x.grad)
     torch.testing.assert_close(grads[0], grads[1])
     torch.testing.assert_close(grads[0], g / ((0.1 * g.square().sum() * 15).sqrt() + 1e-8))
-    gn = T.GradientNormalization()
+    gn = A.GradientNormalization()
     for _ in range(3):  # the EMA state evolves: s_k = 0.9 s_{k-1} + 0.1 q
         x = x0.clone().requires_grad_()
         (gn(x) * g).sum().backward()
@@ -885,7 +887,7 @@ def test_classifier_guidance_term(monkeypatch):
     y = torch.tensor([0, 1, 2, 3])
     fake = torch.randn(B, dim, generator=g)
     t_tgt = torch.tensor([0.1, 0.3, 0.5, 0.7])
-    loss_fn = T.AdversarialFlowLoss(steps=2, classifier=cls, cg=0.02, cg_range=(0.0, 0.49), cg_t="tgt")
+    loss_fn = A.AdversarialFlowLoss(steps=2, classifier=cls, cg=0.02, cg_range=(0.0, 0.49), cg_t="tgt")
     out = loss_fn.guidance(fake, y, t_tgt)
     ce = F.cross_entropy(fake @ W, y, reduction="none") * 0.02
     torch.testing.assert_close(out, (ce * torch.tensor([1.0, 1.0, 0.0, 0.0])).mean())
@@ -893,7 +895,7 @@ def test_classifier_guidance_term(monkeypatch):
     z = torch.randn(B, dim, generator=g)
     fixed_noise(monkeypatch, [z])
     torch.manual_seed(0)
-    loss_fn = T.AdversarialFlowLoss(classifier=cls, cg=0.003, cg_range=(0.0, 0.1), cg_t="uniform")
+    loss_fn = A.AdversarialFlowLoss(classifier=cls, cg=0.003, cg_range=(0.0, 0.1), cg_t="uniform")
     out = loss_fn.guidance(fake, y, torch.zeros(B))
     x_cg, t_cg = seen[-1]
     assert (t_cg >= 0).all() and (t_cg <= 0.1).all()
@@ -905,22 +907,22 @@ def test_classifier_guidance_term(monkeypatch):
 
 
 def test_schedules_timestep_sampler_and_ema():
-    assert T.cosine_schedule(0, 0.2, 0.005, 1001) == pytest.approx(0.2)
-    assert T.cosine_schedule(500, 0.2, 0.005, 1001) == pytest.approx((0.2 + 0.005) / 2)
-    assert T.cosine_schedule(250, 0.2, 0.005, 1001) == pytest.approx(0.005 + 0.195 * (1 + math.cos(math.pi / 4)) / 2)
-    assert T.cosine_schedule(1000, 0.2, 0.005, 1001) == 0.005 and T.cosine_schedule(10 ** 7, 0.2, 0.005, 1001) == 0.005
+    assert A.cosine_schedule(0, 0.2, 0.005, 1001) == pytest.approx(0.2)
+    assert A.cosine_schedule(500, 0.2, 0.005, 1001) == pytest.approx((0.2 + 0.005) / 2)
+    assert A.cosine_schedule(250, 0.2, 0.005, 1001) == pytest.approx(0.005 + 0.195 * (1 + math.cos(math.pi / 4)) / 2)
+    assert A.cosine_schedule(1000, 0.2, 0.005, 1001) == 0.005 and A.cosine_schedule(10 ** 7, 0.2, 0.005, 1001) == 0.005
     torch.manual_seed(0)
-    s, t = T.sample_timesteps(1, 100, "cpu")
+    s, t = A.sample_timesteps(1, 100, "cpu")
     assert (s == 1).all() and (t == 0).all()
-    s, t = T.sample_timesteps(4, 4000, "cpu")
+    s, t = A.sample_timesteps(4, 4000, "cpu")
     assert set(s.tolist()) == {1.0, 0.75, 0.5, 0.25} and torch.equal(t, s - 0.25)
     assert min((s == v).sum() for v in (1.0, 0.75, 0.5, 0.25)) > 900
-    s, t = T.sample_timesteps("any", 20000, "cpu")
+    s, t = A.sample_timesteps("any", 20000, "cpu")
     assert (0 <= t).all() and (t <= s).all() and (s <= 1).all()
     assert abs(s.mean() - 0.5) < 0.01 and abs((t / s).mean() - 0.5) < 0.01
     a, b = nn.Linear(3, 2), nn.Linear(3, 2)
     a0 = [p.clone() for p in a.parameters()]
-    T.ema_update(a, b, 0.9)
+    A.ema_update(a, b, 0.9)
     for p, p0, q in zip(a.parameters(), a0, b.parameters()):
         torch.testing.assert_close(p, 0.9 * p0 + 0.1 * q)
 
@@ -928,15 +930,15 @@ def test_schedules_timestep_sampler_and_ema():
 def test_augment_identical_on_real_and_fake():
     torch.manual_seed(0)
     real = torch.randn(64, 2, 16, 16)
-    ra, fa = T.augment(real, 3 * real, p=1.0)
+    ra, fa = A.augment(real, 3 * real, p=1.0)
     torch.testing.assert_close(fa, 3 * ra)  # the same translation and erasing for each pair
     assert (ra == 0).float().mean() > 0.2  # zero fill and erasing happened
-    same = T.augment(real, real, p=0.0)
+    same = A.augment(real, real, p=0.0)
     assert same[0] is real
     # Translation only moves content: with erasing off, a one-hot pixel lands at (r + dy, c + dx).
     x = torch.zeros(200, 1, 10, 10)
     x[:, :, 2, 3] = 1
-    moved, _ = T.augment(x, x, p=1.0, erase=(0.0, 0.0), n_erase=0)
+    moved, _ = A.augment(x, x, p=1.0, erase=(0.0, 0.0), n_erase=0)
     pos = moved.flatten(1).argmax(1)
     rows, cols = pos // 10, pos % 10
     kept = moved.flatten(1).sum(1) == 1
@@ -949,8 +951,8 @@ def test_frozen_discriminator_gets_no_gradient():
     G = nn.Linear(2, 2)
     Dnet = nn.Linear(2, 1)
     D = lambda x, y, t: Dnet(x).squeeze(1)  # noqa: E731
-    loss_fn = T.AdversarialFlowLoss()
-    with T.frozen(Dnet):
+    loss_fn = A.AdversarialFlowLoss()
+    with A.frozen(Dnet):
         loss, _ = loss_fn.g_loss(lambda x, *_: G(x), D, torch.randn(8, 2), torch.zeros(8, dtype=torch.long), 0)
     loss.backward()
     assert Dnet.weight.grad is None and G.weight.grad.abs().sum() > 0
@@ -965,7 +967,7 @@ def test_classifier_objective(monkeypatch):
     C = lambda x, t: (seen.append(t) or x @ W + t[:, None])  # noqa: E731
     fixed_noise(monkeypatch, [z])
     torch.manual_seed(0)
-    loss, logs = T.classifier_loss(C, x0, y)
+    loss, logs = A.classifier_loss(C, x0, y)
     t = seen[0]
     logits = ((1 - t[:, None]) * x0 + t[:, None] * z) @ W + t[:, None]
     torch.testing.assert_close(loss, F.cross_entropy(logits, y))
@@ -984,7 +986,7 @@ def test_1d_toy_learns_the_monotone_map():
     with one_thread():
         torch.manual_seed(0)
         G, D = FourierMLP(), FourierMLP(logit=True)
-        loss_fn = T.AdversarialFlowLoss(ot=0.2, ot_end=0.2)
+        loss_fn = A.AdversarialFlowLoss(ot=0.2, ot_end=0.2)
         opt_g = torch.optim.Adam(G.parameters(), lr=1e-3, betas=(0.0, 0.9))
         opt_d = torch.optim.Adam(D.parameters(), lr=1e-3, betas=(0.0, 0.9))
         _, w1_start = toy_metrics(G)
@@ -1963,14 +1965,14 @@ def test_in_loop_evaluation_over_two_processes(tmp_path, capsys, monkeypatch):
 
 def test_full_disk_keeps_the_previous_file(tmp_path):
     path = str(tmp_path / "ck.pt")
-    DS.save_atomic({"step": 1}, path)
+    P.save_atomic({"step": 1}, path)
 
     def full_disk(obj, tmp):
         with open(tmp, "wb") as f:
             f.write(b"half")
         raise OSError(28, "No space left on device")
     with pytest.raises(SystemExit) as e:
-        DS.save_atomic({"step": 2}, path, full_disk)
+        P.save_atomic({"step": 2}, path, full_disk)
     msg = str(e.value.code)
     assert path in msg and "GiB free" in msg and "No space left" in msg and "\n" not in msg
     assert load(path) == {"step": 1} and os.listdir(tmp_path) == ["ck.pt"]

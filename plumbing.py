@@ -1,0 +1,175 @@
+"""
+Process and file plumbing shared by the scripts: torchrun set-up, rank-0 printing, reductions across
+ranks, atomic saves, guarded checkpoint loading and an argparse with one-line errors. Nothing here
+knows about AFM; nanochat keeps the same things in its common.py.
+"""
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import warnings
+import zipfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+# --------------------------------------------------------------------------------------
+# Processes: torchrun set-up, printing, reductions across ranks
+# --------------------------------------------------------------------------------------
+
+
+def setup(device="auto"):
+    """torchrun's environment when present (NCCL on GPU, gloo on CPU), else one process.
+    Returns (rank, world size, device); TF32 matmuls and convolutions on GPU, as the release."""
+    cuda = torch.cuda.is_available() and device != "cpu"
+    if cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    if "RANK" in os.environ and not dist.is_initialized():
+        if cuda:
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    if not dist.is_initialized():
+        return 0, 1, device
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def cleanup():
+    """Leave the process group together: no rank exits while another still talks to it."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only (and always when there is no process group)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def _reduce(values, device, op):
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], device=device, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=op)
+    return dict(zip(keys, t.tolist()))
+
+
+def mean_over_ranks(values, device):
+    """A dict of scalars -> the same dict averaged over ranks (one all-reduce)."""
+    total = _reduce(values, device, dist.ReduceOp.SUM)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return {k: v / world for k, v in total.items()}
+
+
+def any_rank(flag, device):
+    """True on every rank if `flag` is true on any rank (a collective: every rank must call it)."""
+    return _reduce({"flag": bool(flag)}, device, dist.ReduceOp.MAX)["flag"] > 0
+
+
+# --------------------------------------------------------------------------------------
+# Files: atomic saves, guarded checkpoint loading
+# --------------------------------------------------------------------------------------
+
+
+def save_atomic(obj, path, save=torch.save):
+    """`save(obj, path)` under a temporary name, then a rename: a crash mid-write never leaves half
+    a file under the real name, nor destroys the previous one. A failed write (a full disk)
+    removes the partial file and exits with one line."""
+    tmp = path + ".tmp"
+    try:
+        save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        folder = os.path.dirname(os.path.abspath(path))
+        free = shutil.disk_usage(folder).free / 2**30
+        why = str(e).strip().splitlines()[0]
+        raise SystemExit(f"error: cannot write {path} ({free:.2f} GiB free there): {why}")
+
+
+def save_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def save_npz(path, **arrays):
+    """np.savez, atomically (through a file object: np.savez would add ".npz" to the temporary
+    name)."""
+    def write(arrays, tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    save_atomic(arrays, path, write)
+
+
+def read_checkpoint(path, flag):
+    """torch.load of a checkpoint onto the CPU, plain tensors only, memory-mapped (reading a large
+    file's step is then cheap) unless in torch's pre-zip format, which cannot be. Anything
+    unreadable: a ValueError naming the flag and the file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{flag} {path}: no such file")
+    try:
+        # torch warns about a foreign pickle on its own; the error below says it in one line
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mmap = zipfile.is_zipfile(path)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:
+        lines = str(e).strip().splitlines()
+        why = lines[0][:150] if lines else ""
+        what = f"{type(e).__name__}: {why}"
+        raise ValueError(f"{flag} {path}: not a readable checkpoint ({what})") from None
+    if not isinstance(obj, dict):
+        kind = type(obj).__name__
+        raise ValueError(f"{flag} {path}: holds a {kind}, not a checkpoint or state dict")
+    return obj
+
+
+def load_checkpoint(path, flag="--ckpt"):
+    """-> (file, checkpoint) for a checkpoint file; for a run folder, its newest readable checkpoint
+    in checkpoints/, newest by the step stored in it (a truncated newest file is passed over, and
+    said so)."""
+    if not os.path.isdir(path):
+        return path, read_checkpoint(path, flag)
+    found, bad = [], []
+    for f in glob.glob(os.path.join(path, "checkpoints", "*.pt")):
+        try:
+            ckpt = read_checkpoint(f, flag)
+            found.append((ckpt.get("step", -1), f, ckpt))
+        except ValueError as e:
+            bad.append(str(e))
+    if not found:
+        why = f" ({bad[0]})" if bad else ""
+        raise ValueError(f"{flag} {path}: no readable checkpoint in {path}/checkpoints{why}")
+    step, f, ckpt = max(found, key=lambda c: (c[0], c[1]))
+    for msg in bad:
+        print0(f"warning: {msg}; using {f} (step {step}), the newest readable one")
+    return f, ckpt
+
+
+# --------------------------------------------------------------------------------------
+# Command lines
+# --------------------------------------------------------------------------------------
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (`prog: error: ...`, exit status 2), no usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive(text):
+    """argparse type: an integer >= 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
