@@ -1,17 +1,17 @@
 """
-Benchmarks: every timing number in the README comes from one of these commands (random weights: the speed
-does not depend on them). Nothing here is imported by the other scripts.
+Benchmarks: every timing number in the README comes from one of these commands (random weights:
+the speed does not depend on them). Nothing imports this file.
 
-    python bench.py train --model B/2 --precision bf16 --compile      # one D step + one G step: ms, TFLOP/s, memory
-    python bench.py train --model B/2 --profile prof/                 # + torch.profiler table and trace of 2 steps
-    python bench.py sample --model XL/2 --batch-size 256 --vae sd-vae-ft-mse.bin --precision bf16   # images/s
-    python bench.py inception --batch-size 250                        # Inception images/s
-    python bench.py fid --model XL/2 --num-samples 50000 --precision bf16 --compile   # a FID-50K, stage by stage
-    python bench.py data                                              # raw images vs latent cache, samples/s
+    python bench.py train --model B/2 --precision bf16 --compile   # D+G step: ms, TFLOP/s, memory
+    python bench.py train --model B/2 --profile prof/              # + torch.profiler of 2 steps
+    python bench.py train --recipe fm-digits                       # one flow-matching step
+    python bench.py sample --model XL/2 --vae sd-vae-ft-mse.bin --precision bf16      # images/s
+    python bench.py inception --batch-size 250                     # Inception images/s
+    python bench.py fid --model XL/2 --precision bf16 --compile    # a FID-50K, stage by stage
+    python bench.py data                                           # raw images vs latent cache
 """
 
 import argparse
-import itertools
 import os
 import tempfile
 import time
@@ -31,9 +31,16 @@ from vae import AutoencoderKL, encode, load_vae
 
 
 def where(device, args=None):
-    """The device for a printed line; given args, after the precision and --compile: 'bf16 compile on NVIDIA H200'."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    return name if args is None else f"{args.precision}{' compile' if args.compile else ''} on {name}"
+    """The device for a printed line; given args, with the precision and --compile:
+    'bf16 compile on NVIDIA H200'."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"cpu ({torch.get_num_threads()} threads)"
+    if args is None:
+        return name
+    compiled = " compile" if args.compile else ""
+    return f"{args.precision}{compiled} on {name}"
 
 
 def sync(device):
@@ -42,13 +49,14 @@ def sync(device):
 
 
 def timed(fn, device, warmup, done):
-    """(seconds per call of fn, seconds of warm-up): `warmup` untimed calls (compilation, cuDNN autotuning,
-    allocator), then timed calls until done(calls, seconds)."""
+    """(seconds per call of fn, seconds of warm-up): `warmup` untimed calls (compilation, cuDNN
+    autotuning, allocator), then timed calls until done(calls, seconds)."""
     t_warm = time.perf_counter()
     for _ in range(warmup):
         fn()
     sync(device)
-    n, t0 = 0, time.perf_counter()
+    n = 0
+    t0 = time.perf_counter()
     while not done(n, time.perf_counter() - t0):
         fn()
         n += 1
@@ -57,181 +65,272 @@ def timed(fn, device, warmup, done):
 
 
 def latent_shape(args):
-    """The usual input of --model: the 8x8 digits for T/*, else SD-VAE latents of --image-size images."""
-    return (1, 8, 10) if args.model.startswith("T/") else (4, args.image_size // 8, 1000)
+    """The usual input of --model: the 8x8 digits for T/*, else SD-VAE latents of --image-size
+    images. -> (channels, size, classes)"""
+    if args.model.startswith("T/"):
+        return 1, 8, 10
+    return 4, args.image_size // 8, 1000
 
 
 def bench_train(args, device):
-    """Time of one discriminator step + one generator step of --recipe, as train.py runs them."""
-    flags = ["--recipe", args.recipe, "--model", args.model, "--data", "digits"] + ["--steps", args.steps] * bool(
-        args.steps) + ["--grad-checkpoint"] * args.grad_checkpoint
+    """Time of train.py's step for --recipe: one discriminator step + one generator step for
+    AFM, one step for flow matching and the classifier."""
+    flags = ["--recipe", args.recipe, "--model", args.model, "--data", "digits"]
+    if args.steps:
+        flags += ["--steps", args.steps]
+    if args.grad_checkpoint:
+        flags.append("--grad-checkpoint")
+    if args.precision == "bf16":
+        flags += ["--precision", "bf16"]
     s = train.resolve(flags)[0]
     C, H, K = latent_shape(args)
-    state = train.build(s, C, H, K, device)
-    G, D, afm = state["model"], state["dis"], state["gradnorm"]
+    trainee = train.OBJECTIVES[train.objective_of(s)](s, C, H, K, device)
+    trainee.wrap(device, compile_blocks=False)  # no process group: the plain networks
     B = args.batch_size
-    x0, y = torch.randn(B, C, H, H, device=device), torch.randint(0, K, (B,), device=device)
-    amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
+    x0 = torch.randn(B, C, H, H, device=device)
+    y = torch.randint(0, K, (B,), device=device)
+    loop_steps = 2 if isinstance(trainee, train.AFMPair) else 1  # D + G, or one step
+    what = "D+G step" if loop_steps == 2 else "step"
 
-    def pair():
-        for d_step, net, opt in ((True, D, state["opt_d"]), (False, G, state["opt_g"])):
-            with train.frozen(None if d_step else D):
-                with amp:
-                    loss = afm.d_loss(G, D, x0, y, 0)[0] if d_step else afm.g_loss(G, D, x0, y, 0)[0]
-                loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), s.clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+    def one():
+        for step in range(loop_steps):  # the AFM pair alternates: step 0 is D's, step 1 is G's
+            trainee.step(x0, y, step)
 
-    with FlopCounterMode(display=False) as counter:  # eager, before compiling: forward + backward of both steps
-        pair()
+    # eager, before compiling: forward + backward of the timed steps
+    with FlopCounterMode(display=False) as counter:
+        one()
     flops = counter.get_total_flops()
     if args.compile:  # regional, as train.py: one compiled graph for all blocks (per input shape)
-        G.compile_blocks(), D.compile_blocks()
-    dt, t_warm = timed(pair, device, 3, lambda n, t: n >= args.iters)  # 3 warm-up steps (and compilation)
-    mem = f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB" if device.type == "cuda" else "- (cpu)"
-    print(f"train {args.recipe} {args.model} batch {B} {where(device, args)}: D+G step {dt * 1000:.1f} ms, "
-          f"{B / dt:.1f} img/s (one image = one D and one G step), {flops / dt / 1e12:.2f} TFLOP/s "
-          f"({flops / 1e9:.1f} GFLOP per D+G step), warm-up {t_warm:.0f} s, peak mem {mem}", flush=True)
-    if args.profile:  # where the time goes: operators by total time, and a trace for chrome://tracing
-        acts = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * (device.type == "cuda")
+        for net in trainee.nets.values():
+            net.compile_blocks()
+    dt, t_warm = timed(one, device, 3, lambda n, t: n >= args.iters)  # 3 warm-up (and compile)
+    mem = "- (cpu)"
+    if device.type == "cuda":
+        mem = f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB"
+    print(f"train {args.recipe} {args.model} batch {B} {where(device, args)}: {what} "
+          f"{dt * 1000:.1f} ms, {B / dt:.1f} img/s, {flops / dt / 1e12:.2f} TFLOP/s "
+          f"({flops / 1e9:.1f} GFLOP per {what}), warm-up {t_warm:.0f} s, peak mem {mem}",
+          flush=True)
+    if args.profile:  # where the time goes: operators by total time, and a chrome://tracing trace
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
         with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
             for _ in range(2):
-                pair()
+                one()
             sync(device)
         os.makedirs(args.profile, exist_ok=True)
         prof.export_chrome_trace(os.path.join(args.profile, "train_step.json"))
-        table = prof.key_averages().table(sort_by=f"{device.type}_time_total", row_limit=25)  # cuda_ or cpu_
+        table = prof.key_averages().table(sort_by=f"{device.type}_time_total", row_limit=25)
         with open(os.path.join(args.profile, "train_step.txt"), "w") as f:
             f.write(table)
-        print(table + f"\nwrote {args.profile}/train_step.json (trace) and train_step.txt", flush=True)
+        print(table, flush=True)
+        print(f"wrote {args.profile}/train_step.json (trace) and train_step.txt", flush=True)
 
 
 def bench_sample(args, device):
     """Images/s of sampling --model (+ SD-VAE decoding with --vae), as sample.py does it."""
-    B, steps = args.batch_size, int(args.steps or 1)
+    B = args.batch_size
+    steps = int(args.steps or 1)
+    pred = "x" if steps == 1 else "v"
     C, H, K = latent_shape(args)
-    G = Generator(**models[args.model], input_size=H, in_channels=C, num_classes=K, use_t_src=steps > 1,
-                  repeat=args.repeat).to(device).eval().requires_grad_(False)
-    vae = load_vae(args.vae, device) if args.vae and C == 4 else None
-    G.compile_blocks() if args.compile else None
-    z, y = torch.randn(B, C, H, H, device=device), torch.randint(0, K, (B,), device=device)
+    G = Generator(**models[args.model], input_size=H, in_channels=C, num_classes=K,
+                  use_t_src=steps > 1, repeat=args.repeat)
+    G = G.to(device).eval().requires_grad_(False)
+    vae = None
+    if args.vae and C == 4:
+        vae = load_vae(args.vae, device)
+    if args.compile:
+        G.compile_blocks()
+    z = torch.randn(B, C, H, H, device=device)
+    y = torch.randint(0, K, (B,), device=device)
     amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
-    dt = timed(lambda: (sample_images(G, z, y, steps, "x" if steps == 1 else "v", vae, amp), sync(device)), device,
-               2, lambda n, t: n >= 3 and t >= 5)[0]  # 2 warm-up batches, then at least 3 batches and 5 s
-    what = f"{args.model}{f' x{args.repeat}' if args.repeat > 1 else ''} {C}x{H}x{H}, {steps} NFE"
-    print(f"sample {what}{' + VAE decode' if vae else ''}, batch {B}, {where(device, args)}: {B / dt:.1f} images/s "
+
+    def one():
+        sample_images(G, z, y, steps, pred, vae, amp)
+        sync(device)
+
+    # 2 warm-up batches, then at least 3 batches and 5 s
+    dt = timed(one, device, 2, lambda n, t: n >= 3 and t >= 5)[0]
+    what = f"{args.model}"
+    if args.repeat > 1:
+        what += f" x{args.repeat}"
+    what += f" {C}x{H}x{H}, {steps} NFE"
+    if vae is not None:
+        what += " + VAE decode"
+    print(f"sample {what}, batch {B}, {where(device, args)}: {B / dt:.1f} images/s "
           f"({dt * 1000:.1f} ms per batch)", flush=True)
 
 
 def bench_inception(args, device):
     """Inception images/s at 256 px (ImageNet samples)."""
     model = fid.InceptionV3().to(device).eval()
-    torch.set_flush_denormal(True)  # random weights' vanishing activations: keep them out of slow denormal math
+    # random weights' vanishing activations: keep them out of slow denormal arithmetic
+    torch.set_flush_denormal(True)
     x = torch.randint(0, 256, (args.batch_size, 3, 256, 256), dtype=torch.uint8, device=device)
-    with torch.inference_mode(), fid.exact_fp32():  # 1 warm-up batch, then 5 batches or 20 s, whichever comes first
-        dt = timed(lambda: (model(x), sync(device)), device, 1, lambda n, t: n >= 5 or (n > 0 and t >= 20))[0]
-    print(f"inception fp32 on {where(device)}: {args.batch_size / dt:.1f} images/s (batch {args.batch_size}, "
-          f"256x256 uint8 -> 299)")
+
+    def one():
+        model(x)
+        sync(device)
+
+    # 1 warm-up batch, then 5 batches or 20 s, whichever comes first
+    with torch.inference_mode(), fid.exact_fp32():
+        dt = timed(one, device, 1, lambda n, t: n >= 5 or (n > 0 and t >= 20))[0]
+    print(f"inception fp32 on {where(device)}: {args.batch_size / dt:.1f} images/s "
+          f"(batch {args.batch_size}, 256x256 uint8 -> 299)")
 
 
 @torch.no_grad()
 def bench_fid(args, device):
-    """A FID-N end to end, timed by stage, with random weights: N class-balanced samples of --model (1 NFE, with
-    sample.py's per-index noise) decoded by a full-size SD-VAE (for latent models), Inception features of them,
-    then the statistics and the Frechet distances (FID and sFID) against the first half of the samples."""
+    """A FID-N end to end, timed by stage, with random weights: N class-balanced samples of
+    --model (1 NFE, with sample.py's per-index noise) decoded by a full-size SD-VAE (for latent
+    models), their Inception features, then the statistics and the Frechet distances (FID and
+    sFID) against the first half of the samples."""
     C, H, K = latent_shape(args)
-    G = Generator(**models[args.model], input_size=H, in_channels=C, num_classes=K).to(device).eval()
-    vae = AutoencoderKL().to(device).eval().requires_grad_(False) if C == 4 else None
-    G.compile_blocks() if args.compile else None
+    G = Generator(**models[args.model], input_size=H, in_channels=C, num_classes=K)
+    G = G.to(device).eval()
+    vae = None
+    if C == 4:
+        vae = AutoencoderKL().to(device).eval().requires_grad_(False)
+    if args.compile:
+        G.compile_blocks()
     amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
-    N, B, times = args.num_samples, args.batch_size, {}
+    N = args.num_samples
+    B = args.batch_size
     labels = np.arange(N) // max(N // K, 1) % K
+    times = {}
+
     t0 = time.time()
-    images = np.concatenate([to_uint8(sample_indices(G, list(range(i, min(i + B, N))), labels[i:i + B].tolist(),
-                                                     (C, H, H), 1, "x", 0, B, vae, amp)) for i in range(0, N, B)])
+    images = []
+    for i in range(0, N, B):
+        idx = list(range(i, min(i + B, N)))
+        x = sample_indices(G, idx, labels[i:i + B].tolist(), (C, H, H), 1, "x", 0, B, vae, amp)
+        images.append(to_uint8(x))
+    images = np.concatenate(images)
     sync(device)
-    times["sampling" + (" + VAE decode" if vae else "")], t0 = time.time() - t0, time.time()
+    stage = "sampling + VAE decode" if vae is not None else "sampling"
+    times[stage] = time.time() - t0
+
+    t0 = time.time()
     torch.set_flush_denormal(True)
-    feats = fid.compute_features(fid.InceptionV3().to(device).eval(), images, 250, device, progress=False)
-    times["Inception features"], t0 = time.time() - t0, time.time()
-    s, r = (fid.feature_stats({k: v[part] for k, v in feats.items()}) for part in (slice(None), slice(N // 2)))
-    times["statistics"], t0 = time.time() - t0, time.time()
-    fid.frechet_distance(s["mu"], s["sigma"], r["mu"], r["sigma"]), fid.frechet_distance(
-        s["mu_s"], s["sigma_s"], r["mu_s"], r["sigma_s"])
+    inception = fid.InceptionV3().to(device).eval()
+    feats = fid.compute_features(inception, images, 250, device, progress=False)
+    times["Inception features"] = time.time() - t0
+
+    t0 = time.time()
+    s = fid.feature_stats(feats)
+    r = fid.feature_stats({k: v[:N // 2] for k, v in feats.items()})
+    times["statistics"] = time.time() - t0
+
+    t0 = time.time()
+    fid.frechet_distance(s["mu"], s["sigma"], r["mu"], r["sigma"])
+    fid.frechet_distance(s["mu_s"], s["sigma_s"], r["mu_s"], r["sigma_s"])
     times["FID + sFID (sqrtm)"] = time.time() - t0
-    print(f"fid {args.model} {N} samples, batch {B}, {where(device, args)}: " + ", ".join(
-        f"{k} {v:.1f} s" for k, v in times.items()) + f"; total {sum(times.values()) / 60:.2f} min", flush=True)
+
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in times.items())
+    print(f"fid {args.model} {N} samples, batch {B}, {where(device, args)}: {stages}; "
+          f"total {sum(times.values()) / 60:.2f} min", flush=True)
+
+
+def synthetic_jpegs(folder, n, seed=0):
+    """n smooth noisy JPEGs of ImageNet-like sizes in 3 class folders: decode and crop cost as
+    there."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        w, h = rng.integers(300, 600, 2)
+        ramp = np.linspace(0, 255, w)[None, :, None] * rng.random(3)  # (1, w, 3)
+        arr = ramp + rng.normal(0, 20, (h, w, 3))  # (h, w, 3)
+        os.makedirs(os.path.join(folder, f"class{i % 3}"), exist_ok=True)
+        img = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+        img.save(os.path.join(folder, f"class{i % 3}", f"{i}.jpg"))
 
 
 def bench_data(args, device):
-    """Training batches per second: raw images (decode, crop, flip, VAE encode) against the latent cache."""
+    """Training batches per second: raw images (decode, crop, flip, VAE encode) against the
+    latent cache."""
     tmp = tempfile.TemporaryDirectory()
-    vae_path, data = args.vae or os.path.join(tmp.name, "tiny_vae.pt"), args.data or os.path.join(tmp.name, "images")
-    if not args.vae:  # tiny random VAE with SD's /8 latents: compares pipelines, not VAEs
-        torch.save(AutoencoderKL(block_out_channels=(32,) * 4, layers_per_block=1, norm_num_groups=8).state_dict(),
-                   vae_path)
-    if not args.data:  # smooth noisy JPEGs of ImageNet-like sizes: decode + crop cost as there
-        rng = np.random.default_rng(0)
-        for i in range(2 * args.batch_size):
-            w, h = rng.integers(300, 600, 2)
-            arr = np.linspace(0, 255, w)[None, :, None] * rng.random(3) + rng.normal(0, 20, (h, w, 3))  # (h, w, 3)
-            os.makedirs(os.path.join(data, f"class{i % 3}"), exist_ok=True)
-            Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(f"{data}/class{i % 3}/{i}.jpg")
+    vae_path = args.vae
+    if not args.vae:  # a tiny random VAE with SD's /8 latents: compares pipelines, not VAEs
+        vae_path = os.path.join(tmp.name, "tiny_vae.pt")
+        tiny = AutoencoderKL(block_out_channels=(32,) * 4, layers_per_block=1, norm_num_groups=8)
+        torch.save(tiny.state_dict(), vae_path)
+    data = args.data
+    if not args.data:
+        data = os.path.join(tmp.name, "images")
+        synthetic_jpegs(data, 2 * args.batch_size)
     vae = load_vae(vae_path, device=device)
 
     def rate(ds, step):  # samples/s over --iters batches, after one untimed (warm-up) batch
-        loader = DataLoader(ds, args.batch_size, shuffle=True, num_workers=args.workers, drop_last=True,
-                            persistent_workers=args.workers > 0)
-        stream = (b for _ in itertools.count() for b in loader)  # as many epochs as needed
-        return args.batch_size / timed(lambda: step(*next(stream)), device, 1, lambda n, t: n >= args.iters)[0]
+        loader = DataLoader(ds, args.batch_size, shuffle=True, num_workers=args.workers,
+                            drop_last=True, persistent_workers=args.workers > 0)
+
+        def endless():  # as many epochs as needed
+            while True:
+                yield from loader
+        stream = endless()
+
+        def one():
+            x, y = next(stream)
+            step(x)
+        seconds = timed(one, device, 1, lambda n, t: n >= args.iters)[0]
+        return args.batch_size / seconds
 
     folder = ImageFolder(data, args.image_size)
     n = min(len(folder), args.max_images)
-    raw = rate(Subset(folder, range(n)), lambda x, y: encode(vae, x.to(device)))  # what train.py does per batch
-    t0, cache = time.perf_counter(), os.path.join(tmp.name, "cache")
+    raw = rate(Subset(folder, range(n)), lambda x: encode(vae, x.to(device)))  # as train.py
+    t0 = time.perf_counter()
+    cache = os.path.join(tmp.name, "cache")
     build_cache(data, vae_path, cache, args.image_size, args.batch_size, 1024, args.workers, n)
     build = n / (time.perf_counter() - t0)
-    cached = rate(LatentCache(cache), lambda x, y: x.to(device))
-    print(f"data on {where(device)}, {args.image_size}px, batch {args.batch_size}, {args.workers} workers, "
-          f"VAE {args.vae or 'tiny random (32,32,32,32)'}, {n} images")
+    cached = rate(LatentCache(cache), lambda x: x.to(device))
+    print(f"data on {where(device)}, {args.image_size}px, batch {args.batch_size}, "
+          f"{args.workers} workers, VAE {args.vae or 'tiny random (32,32,32,32)'}, {n} images")
     print(f"raw images (decode, crop, flip, VAE encode, sample): {raw:10.1f} samples/s")
     print(f"latent cache (read, flip, posterior sample):         {cached:10.1f} samples/s")
     print(f"cache build (image + mirror encoded once):            {build:10.1f} images/s")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["train", "sample", "inception", "fid", "data"])
-    p.add_argument("--num-samples", type=int, default=50000, help="fid: samples (and a reference of half of them)")
-    p.add_argument("--model", choices=list(models), default="T/2", help="train, sample: network size")
-    p.add_argument("--recipe", choices=list(train.RECIPES)[:-1], default="1nfe", help="train: the method's recipe")
-    p.add_argument("--steps", default=None, help="train, sample: NFE (default: the recipe's; sample: 1)")
-    p.add_argument("--repeat", type=int, default=1, help="sample: deep generator repetitions")
-    p.add_argument("--batch-size", type=int, help="per device (default train/data 32, sample/fid 256, inception 250)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--grad-checkpoint", action="store_true", help="train: recompute activations in backward")
-    p.add_argument("--iters", type=int, default=10, help="train: timed D+G steps; data: timed batches")
-    p.add_argument("--profile", metavar="DIR", help="train: torch.profiler table and trace of 2 steps into DIR")
-    p.add_argument("--image-size", type=int, default=256, help="latent models: image-size / 8 latents")
-    p.add_argument("--vae", help="sample: decode with this SD-VAE; data: encode with it (default: a tiny random one)")
-    p.add_argument("--data", help="data: an image folder (default: synthetic JPEGs)")
-    p.add_argument("--workers", type=int, default=2, help="data: DataLoader workers")
-    p.add_argument("--max-images", type=int, default=256, help="data: images read, and cached")
-    p.add_argument("--device", choices=["auto", "cpu"], default="auto")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("what", choices=["train", "sample", "inception", "fid", "data"])
+    a("--num-samples", type=int, default=50000,
+      help="fid: samples (and a reference of half of them)")
+    a("--model", choices=list(models), default="T/2", help="train, sample: network size")
+    a("--recipe", choices=list(train.METHOD), default="1nfe", help="train: the recipe")
+    a("--steps", default=None, help="train, sample: NFE (default: the recipe's; sample: 1)")
+    a("--repeat", type=int, default=1, help="sample: deep generator repetitions")
+    a("--batch-size", type=int,
+      help="per device (default train/data 32, sample/fid 256, inception 250)")
+    a("--precision", choices=["fp32", "bf16"], default="fp32")
+    a("--compile", action="store_true")
+    a("--grad-checkpoint", action="store_true", help="train: recompute activations in backward")
+    a("--iters", type=int, default=10, help="train: timed steps; data: timed batches")
+    a("--profile", metavar="DIR", help="train: torch.profiler table and trace of 2 steps into DIR")
+    a("--image-size", type=int, default=256, help="latent models: image-size / 8 latents")
+    a("--vae", help="sample: decode with this SD-VAE; data: encode with it (default: a tiny "
+                    "random one)")
+    a("--data", help="data: an image folder (default: synthetic JPEGs)")
+    a("--workers", type=int, default=2, help="data: DataLoader workers")
+    a("--max-images", type=int, default=256, help="data: images read, and cached")
+    a("--device", choices=["auto", "cpu"], default="auto")
     args = p.parse_args(argv)
     default_batch = {"train": 32, "sample": 256, "inception": 250, "fid": 256, "data": 32}
-    args.batch_size = args.batch_size or default_batch[args.what]
+    if args.batch_size is None:
+        args.batch_size = default_batch[args.what]
     return args
 
 
 def main(args):
-    device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py and sample.py
-    {"train": bench_train, "sample": bench_sample, "inception": bench_inception, "fid": bench_fid,
-     "data": bench_data}[args.what](args, device)
+    device = torch.device("cpu")
+    if torch.cuda.is_available() and args.device != "cpu":
+        device = torch.device("cuda")
+        torch.backends.cuda.matmul.allow_tf32 = True  # as train.py and sample.py
+        torch.backends.cudnn.allow_tf32 = True
+    benches = {"train": bench_train, "sample": bench_sample, "inception": bench_inception,
+               "fid": bench_fid, "data": bench_data}
+    benches[args.what](args, device)
 
 
 if __name__ == "__main__":

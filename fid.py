@@ -17,6 +17,12 @@ $AFM_CACHE (~/.cache/afm/), else downloaded there from URL. Samples: npz `arr_0`
 (N, H, W, 3), shuffled (IS is taken over 5,000-sample chunks in file order: class-sorted files
 score far lower), or a folder of same-size PNG/JPEG files (sorted paths; nothing is resized or
 cropped here).
+
+Bad input stops the command with one line, `fid.py: error: ...`, before any long work: npz files
+are read and checked and folders listed first, then the Inception weights load, then the folders'
+images are decoded, and only then Inception runs. An unreadable or truncated image is refused,
+not skipped (an FID over a silently smaller set compares with nothing); --out is never
+overwritten. Ctrl-C: "fid.py: interrupted", exit status 130.
 """
 
 import contextlib
@@ -267,14 +273,30 @@ def load_inception(path=None, device="cpu"):
                                         f"{URL} failed ({type(e).__name__}); put the file there "
                                         f"or pass --inception PATH") from None
     sd = read_checkpoint(path, "--inception")
+    not_fid = (f"--inception {path}: not the FID Inception weights (torch-fidelity's or "
+               f"pytorch-fid's 2015-12-05 file)")
+    if not all(torch.is_tensor(v) for v in sd.values()):
+        raise ValueError(f"{not_fid}: it holds entries that are not tensors")
     with torch.device("meta"):  # no random init: every tensor comes from the file
         model = InceptionV3()
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    own = set(model.state_dict())
+    given = {k for k in sd if not k.endswith(".num_batches_tracked")}  # pytorch-fid's extra
+    missing = sorted(own - given)
+    unexpected = sorted(given - own)
+    # Another network: counts and an example, so that the line stays short
+    found = []
+    if missing:
+        found.append(f"{len(missing)} of its {len(own)} tensors missing (e.g. {missing[0]})")
+    if unexpected:
+        found.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if found:
+        raise ValueError(f"{not_fid}: " + ", ".join(found))
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}  # fp16 files
     try:
         model.load_state_dict(sd, assign=True)
-    except RuntimeError as e:  # fp16 files are fine; another network's keys are not
-        why = str(e).splitlines()[1].strip()
-        raise ValueError(f"--inception {path}: not the FID Inception's weights: {why}")
+    except RuntimeError as e:  # the right names with the wrong shapes
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise ValueError(f"{not_fid}: {lines[-1]}") from None
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -340,23 +362,55 @@ def _image_paths(folder):
     return sorted(paths)
 
 
+def _decode_files(paths):
+    """Image files -> uint8 (N, H, W, 3). A file PIL cannot decode (not an image, truncated) or of
+    another size stops the read, named: skipping it would give an FID over a smaller set than
+    the one asked for."""
+    images = []
+    for p in tqdm(paths, unit="img", desc="reading"):
+        try:
+            with Image.open(p) as im:
+                image = np.asarray(im.convert("RGB"))
+        except Exception as e:  # PIL raises OSError, SyntaxError or ValueError, by format
+            lines = str(e).strip().splitlines()
+            why = lines[0][:150] if lines else ""
+            raise ValueError(f"{p}: not a readable image ({type(e).__name__}: {why}); "
+                             f"replace or remove it") from None
+        if images and image.shape != images[0].shape:
+            raise ValueError(f"{p}: size {image.shape[:2]} differs from {paths[0]}'s "
+                             f"{images[0].shape[:2]}; all images must have one size "
+                             f"(resize or crop them first)")
+        images.append(image)
+    return np.stack(images)  # (N, H, W, 3)
+
+
+def _listed(path):
+    """The cheap half of _read_batch: an npz is read and checked; a folder is only listed,
+    {"paths": sorted image paths}, for _decoded to read once the cheap checks have passed."""
+    if not os.path.isdir(path):
+        return _read_npz(path)
+    paths = _image_paths(path)
+    if not paths:
+        raise ValueError(f"{path}: no PNG/JPEG images in this folder")
+    return {"paths": paths}
+
+
+def _decoded(data):
+    """_listed's dict with a folder's images read into `arr_0`; an npz's dict as it is."""
+    if "paths" in data:
+        data = {"arr_0": _decode_files(data["paths"])}
+    return data
+
+
 def _read_batch(path):
     """A batch in ADM's format, an npz (samples or a reference) or a folder of PNG/JPEG files
     (sorted paths, one size) -> dict of `arr_0` uint8 (N, H, W, 3) images and/or all of the
     statistics mu, sigma, mu_s, sigma_s."""
-    if os.path.isdir(path):
-        paths = _image_paths(path)
-        if not paths:
-            raise ValueError(f"{path}: no PNG/JPEG images in this folder")
-        images = []
-        for p in tqdm(paths, unit="img", desc="reading"):
-            with Image.open(p) as im:
-                images.append(np.asarray(im.convert("RGB")))
-            if images[-1].shape != images[0].shape:
-                raise ValueError(f"{p}: size {images[-1].shape[:2]} differs from {paths[0]}'s "
-                                 f"{images[0].shape[:2]}; all images must have one size "
-                                 f"(resize or crop them first)")
-        return {"arr_0": np.stack(images)}  # (N, H, W, 3)
+    return _decoded(_listed(path))
+
+
+def _read_npz(path):
+    """_read_batch of an npz file."""
     stat_shapes = {"mu": (POOL3,), "sigma": (POOL3, POOL3),
                    "mu_s": (SPATIAL,), "sigma_s": (SPATIAL, SPATIAL)}
     try:
@@ -544,18 +598,25 @@ def precision_recall(ref_pool3, sample_pool3, k=3, batch_size=10000, device=None
     return precision, recall
 
 
-def evaluate(features, ref, device=None):
+def evaluate(features, ref, device=None, progress=False):
     """Sample features (compute_features) against a reference (reference_stats) -> dict(fid, sfid,
     inception_score, precision, recall); precision/recall are None when the reference has no
-    pool3."""
-    s = feature_stats(features)
-    out = dict(fid=frechet_distance(s["mu"], s["sigma"], ref["mu"], ref["sigma"]),
-               sfid=frechet_distance(s["mu_s"], s["sigma_s"], ref["mu_s"], ref["sigma_s"]),
-               inception_score=inception_score(features["logits"]), precision=None, recall=None)
-    if ref.get("pool3") is not None:
-        precision, recall = precision_recall(ref["pool3"], features["pool3"], device=device)
-        out["precision"] = precision
-        out["recall"] = recall
+    pool3. progress: a bar over the steps (each matrix square root takes seconds to minutes)."""
+    with tqdm(total=5, unit="step", desc="metrics", disable=not progress) as bar:
+        s = feature_stats(features)
+        bar.update()
+        fid = frechet_distance(s["mu"], s["sigma"], ref["mu"], ref["sigma"])
+        bar.update()
+        sfid = frechet_distance(s["mu_s"], s["sigma_s"], ref["mu_s"], ref["sigma_s"])
+        bar.update()
+        score = inception_score(features["logits"])
+        bar.update()
+        out = dict(fid=fid, sfid=sfid, inception_score=score, precision=None, recall=None)
+        if ref.get("pool3") is not None:
+            precision, recall = precision_recall(ref["pool3"], features["pool3"], device=device)
+            out["precision"] = precision
+            out["recall"] = recall
+        bar.update()
     return out
 
 
@@ -620,41 +681,105 @@ def pixel_report_of(images, labels, data):
 # --------------------------------------------------------------------------------------
 
 
-def main(args):
-    device = args.device
-    if not device:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    source = args.make_ref or args.samples
+def _listed_images(path):
+    """_listed, for inputs that must hold images (samples, --make-ref), with at least 2."""
+    data = _listed(path)
+    if "arr_0" not in data and "paths" not in data:
+        raise ValueError(f"{path}: expected images in 'arr_0' (uint8 N,H,W,3); "
+                         f"found only statistics")
+    n = _count(data)
+    if n < 2:
+        raise ValueError(f"{path}: {n} image(s); statistics need at least 2")
+    return data
+
+
+def _count(data):
+    """The number of images of a _listed dict (0 for statistics alone)."""
+    if "paths" in data:
+        return len(data["paths"])
+    if "arr_0" in data:
+        return len(data["arr_0"])
+    return 0
+
+
+def _check_reference(path, ref, samples_path, n_samples):
+    """Image counts that would fail only after Inception had run, checked before."""
+    n = _count(ref)
+    if "mu" not in ref and n < 2:  # the statistics come from the reference's images
+        raise ValueError(f"{path}: {n} image(s); statistics need at least 2")
+    if "arr_0" not in ref and "paths" not in ref:
+        return  # statistics alone: no precision/recall
+    # precision/recall: each point's k=3 nearest neighbours in its own set, besides itself
+    for p, count in ((path, n), (samples_path, n_samples)):
+        if count < 4:
+            raise ValueError(f"{p}: {count} image(s); precision/recall against a reference "
+                             f"with images needs at least 4")
+
+
+def _refuse_out(path):
+    """None when --out can be written (its folder exists, the file does not), else the reason."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"--out {path}: the folder {folder} does not exist"
+    if os.path.lexists(path):
+        return (f"--out {path}: the file exists and fid.py never overwrites; remove it or "
+                f"choose another --out")
+    return None
+
+
+def _pixel_command(args):
+    """fid.py SAMPLES.npz --pixel-ref DATA: the nearest-real-image report of small pixel data,
+    no Inception."""
+    if os.path.isdir(args.samples):  # the report is per class: labels only an npz carries
+        raise ValueError(f"{args.samples}: --pixel-ref needs the samples as an npz (arr_0 "
+                         f"images, arr_1 labels, as sample.py writes), not a folder")
+    images = _listed_images(args.samples)["arr_0"]  # (N, H, W, 3)
+    with np.load(args.samples) as f:
+        labels = np.zeros(len(images), np.int64)  # arr_1 absent: unconditional, one class
+        if "arr_1" in f.files:
+            labels = f["arr_1"]
+    if labels.shape != (len(images),):
+        raise ValueError(f"{args.samples}: arr_1 should hold {len(images)} labels, "
+                         f"got {labels.dtype} {labels.shape}")
     try:
-        images = read_images(source)  # a bad file fails here, before any Inception work
-        if len(images) < 2:
-            raise ValueError(f"{source}: {len(images)} image(s); statistics need at least 2")
-        if args.pixel_ref:  # no Inception: the nearest-real-image report of small pixel data
-            data = build_dataset(args.pixel_ref)
-            if not hasattr(data, "tensors"):
-                raise ValueError(f"--pixel-ref {args.pixel_ref}: expected \"digits\" or an npz "
-                                 f"held in memory")
-            with np.load(args.samples) as f:
-                labels = np.zeros(len(images), np.int64)  # arr_1 absent: unconditional, one class
-                if "arr_1" in f.files:
-                    labels = f["arr_1"]
-            for k, v in pixel_report_of(images, labels, data).items():
-                print(f"{k}: {v:.4f}")
-            return
-        if args.make_ref:
-            feats = compute_features(load_inception(args.inception, device), images,
-                                     args.batch_size)
-            save_npz(args.out, **feature_stats(feats), arr_0=images)
-            print(f"wrote {args.out}: mu, sigma, mu_s, sigma_s and arr_0 {images.shape} "
-                  f"from {args.make_ref}")
-            return
-        ref = _read_batch(args.ref)  # a bad reference fails here too, before any Inception work
-        model = load_inception(args.inception, device)
-        ref = reference_stats(ref, model, args.batch_size)
-        m = evaluate(compute_features(model, images, args.batch_size), ref, device)
+        data = build_dataset(args.pixel_ref)
     except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"fid.py: error: {e}")
+        raise ValueError(f"--pixel-ref {args.pixel_ref}: {e}") from None
+    if not hasattr(data, "tensors"):
+        raise ValueError(f"--pixel-ref {args.pixel_ref}: expected \"digits\" or an npz "
+                         f"held in memory")
+    real = data.tensors[0]  # (M, C, H, W)
+    if tuple(real.shape[2:]) != images.shape[1:3]:
+        raise ValueError(f"--pixel-ref {args.pixel_ref}: its images are "
+                         f"{tuple(real.shape[2:])}, the samples' in {args.samples} "
+                         f"{images.shape[1:3]}; both must have one size")
+    for k, v in pixel_report_of(images, labels, data).items():
+        print(f"{k}: {v:.4f}")
+
+
+def _make_ref_command(args, device):
+    """fid.py --make-ref IMAGES --out REF.npz: a reference batch in ADM's format."""
+    data = _listed_images(args.make_ref)
+    model = load_inception(args.inception, device)  # wrong weights: before the long reads
+    images = _decoded(data)["arr_0"]  # (N, H, W, 3)
+    stats = feature_stats(compute_features(model, images, args.batch_size))
+    refused = _refuse_out(args.out)  # checked again: a file may have appeared meanwhile
+    if refused:
+        raise ValueError(refused)
+    save_npz(args.out, **stats, arr_0=images)
+    print(f"wrote {args.out}: mu, sigma, mu_s, sigma_s and arr_0 {images.shape} "
+          f"from {args.make_ref}")
+
+
+def _score_command(args, device):
+    """fid.py SAMPLES REF: FID, sFID, IS, precision and recall, printed."""
+    samples = _listed_images(args.samples)
+    ref = _listed(args.ref)
+    _check_reference(args.ref, ref, args.samples, _count(samples))
+    model = load_inception(args.inception, device)  # wrong weights: before the long reads
+    images = _decoded(samples)["arr_0"]  # a corrupt image: before Inception runs
+    ref = reference_stats(_decoded(ref), model, args.batch_size)
+    m = evaluate(compute_features(model, images, args.batch_size), ref, device, progress=True)
     print(f"Inception Score: {m['inception_score']:.4f}")
     print(f"FID: {m['fid']:.4f}")
     print(f"sFID: {m['sfid']:.4f}")
@@ -663,6 +788,27 @@ def main(args):
     else:
         print(f"Precision: {m['precision']:.4f}")
         print(f"Recall: {m['recall']:.4f}")
+
+
+def main(args):
+    device = args.device
+    if not device:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    try:
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: no CUDA device here")
+        if args.pixel_ref:
+            _pixel_command(args)
+        elif args.make_ref:
+            _make_ref_command(args, device)
+        else:
+            _score_command(args, device)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"fid.py: error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback, the shell's status for SIGINT
+        print("fid.py: interrupted", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
 
 
 def parse_args(argv=None):
@@ -678,15 +824,26 @@ def parse_args(argv=None):
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--make-ref", metavar="FOLDER_OR_NPZ",
                    help="write a reference batch from these images")
-    p.add_argument("--out", help="output npz for --make-ref")
+    p.add_argument("--out", help="output npz for --make-ref (a new file: never overwritten)")
     p.add_argument("--pixel-ref", metavar="DATA",
                    help='instead of Inception metrics: fid.pixel_report of the samples against '
                         '"digits" or an npz of real images (class agreement, diversity, pixel FD)')
     args = p.parse_args(argv)
     if args.make_ref and not args.out:
         p.error("--make-ref needs --out ref.npz")
+    if args.out and not args.make_ref:
+        p.error("--out is the output of --make-ref; the scores are printed")
     if not (args.make_ref or (args.samples and (args.ref or args.pixel_ref))):
         p.error("give samples.npz and ref.npz, samples.npz --pixel-ref DATA, or --make-ref")
+    if args.out:  # before any work, not after it
+        refused = _refuse_out(args.out)
+        if refused:
+            p.error(refused)
+    if args.device:
+        try:
+            torch.device(args.device)
+        except RuntimeError:
+            p.error(f"--device {args.device}: expected cpu, cuda or cuda:N")
     return args
 
 

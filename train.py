@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from tqdm import tqdm
 
 import fid
 from afm import AdversarialFlowLoss, classifier_loss, ema_update, flow_matching_loss, frozen
@@ -119,7 +120,7 @@ OURS = ("digits", "pixel32", "pixel64")
 
 # Flags that are not part of a recipe, with their defaults.
 DEFAULTS = dict(data="digits", vae=None, eval_ref=None, inception=None, unconditional=False,
-                image_size=256, dis_model=None, grad_checkpoint=False, cls=None, cls_model="B/2",
+                image_size=None, dis_model=None, grad_checkpoint=False, cls=None, cls_model="B/2",
                 cg_renoise=True, precision="fp32", compile=False, device="auto", workers=4, seed=0,
                 results_dir="results", resume=None, sample_solver="euler")
 
@@ -153,6 +154,10 @@ def objective_of(s):
 # --------------------------------------------------------------------------------------
 
 
+def is_image_folder(data):
+    return os.path.isdir(data) and not os.path.isfile(os.path.join(data, "meta.json"))
+
+
 def resolve(argv=None):
     """-> (settings, checkpoint or None, its path). Settings: the recipe's values, then (with
     --resume) the run's own, then every flag given explicitly now. Flag combinations the release
@@ -175,6 +180,10 @@ def resolve(argv=None):
                              f"resume; sample from it with sample.py)")
         known = set(DEFAULTS) | set(recipe("1nfe")) | {"recipe"}
         base = {k: v for k, v in ckpt["args"].items() if k in known}
+        if not is_image_folder(base.get("data", "digits")):
+            # Only an image folder is cropped to --image-size; the other kinds have their own
+            # size (runs before this rule saved the default 256 for every kind).
+            base["image_size"] = None
         if "recipe" not in base:  # runs older than named recipes
             if ckpt["args"].get("train_classifier"):
                 base["recipe"] = "classifier"
@@ -449,11 +458,13 @@ def restore(ckpt, path, trainee, s, rank, world, device):
     try:
         for key, part in trainee.state().items():
             part.load_state_dict(ckpt[key])
-    except (RuntimeError, ValueError, KeyError) as e:  # e.g. --model given, unlike the run's
+    except (RuntimeError, ValueError, KeyError) as e:  # e.g. another --model or --data
         lines = str(e).splitlines() + [""]
-        why = (lines[1].strip() or lines[0])[:200]
-        raise SystemExit(f"train.py: error: --resume {path}: written by a {ckpt['args']['model']} "
-                         f"run, does not fit --model {s.model}: {why}")
+        why = (lines[1].strip() or lines[0])[:120]
+        old = ckpt["args"]
+        raise SystemExit(f"train.py: error: --resume {path}: the run's networks (--model "
+                         f"{old.get('model')}, --data {old.get('data')}) do not fit --model "
+                         f"{s.model} on --data {s.data}: {why}")
     if len(ckpt["rng"]) == world:
         torch.set_rng_state(ckpt["rng"][rank]["cpu"])
         if device.type == "cuda" and "cuda" in ckpt["rng"][rank]:
@@ -660,19 +671,28 @@ class Sampler:
 
 
 @torch.no_grad()
-def evaluate(s, G, sampler, data, vae, shape, inception, ref, rank, world, device, amp):
+def evaluate(s, G, sampler, data, vae, shape, inception, ref, rank, world, device, amp,
+             received=()):
     """Class-balanced samples of the EMA generator, split over the ranks with sample.py's scheme
     (sample i has class i // (N / K) and noise seeded by (seed, i), so every evaluation sees the
     same noise), decoded to uint8 images -> FID and Inception Score against --eval-ref; for data
-    held in memory also fid.pixel_report."""
+    held in memory also fid.pixel_report. None if a signal arrived (checked between batches, on
+    all ranks together): Ctrl-C stops an evaluation too."""
     N = s.eval_samples
     K = data.num_classes
     labels = np.arange(N) // (N // K)
     mine = list(range(rank, N, world))
     B = s.global_batch_size // world
     images = []
-    for i in range(0, len(mine), B):
-        idx = mine[i:i + B]
+    n_batches = math.ceil(len(range(0, N, world)) / B)  # rank 0's count: every rank runs as many
+    # progress only for an evaluation that lasts (delay: shown after 3 s)
+    for b in tqdm(range(n_batches), desc="evaluating", unit="batch", leave=False, delay=3,
+                  disable=rank != 0):
+        if any_rank(len(received) > 0, device):  # a collective: the same count on every rank
+            return None
+        idx = mine[b * B:(b + 1) * B]
+        if not idx:
+            continue
         x = sample_indices(G, idx, labels[idx].tolist(), shape, sampler.steps, sampler.pred,
                            s.seed, B, vae, amp, sampler.solver)
         images.append(to_uint8(x))
@@ -708,6 +728,68 @@ def evaluate(s, G, sampler, data, vae, shape, inception, ref, rank, world, devic
 
 
 # --------------------------------------------------------------------------------------
+# Checks before the first step
+# --------------------------------------------------------------------------------------
+
+
+def check_data(s, data, H):
+    """What only the data can tell: the networks' patches tile its inputs, a batch fits in it, and
+    an in-memory evaluation asks for no more samples than the data has (capped, said so)."""
+    patch = models[s.model]["patch_size"]
+    if H % patch:
+        raise SystemExit(f"train.py: error: --data {s.data}: its {H}x{H} inputs do not split into "
+                         f"the {patch}x{patch} patches of --model {s.model} (--image-size?)")
+    if s.global_batch_size > len(data):
+        raise SystemExit(f"train.py: error: --global-batch-size {s.global_batch_size} is larger "
+                         f"than the {len(data)} examples of --data {s.data}")
+    K = data.num_classes
+    if hasattr(data, "tensors") and s.eval_every and s.eval_samples > len(data):
+        capped = max(len(data) // K, 1) * K
+        print0(f"--eval-samples {s.eval_samples} is more than the {len(data)} examples of --data: "
+               f"evaluating {capped}")
+        s.eval_samples = capped
+
+
+def check_writable(run_dir, device):
+    """Fail now, not at the first checkpoint, if the run folder cannot be written (a resumed run
+    on a read-only copy). Every rank learns the answer, so all exit together."""
+    why = ""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        probe = os.path.join(run_dir, "checkpoints", ".write-test")
+        try:
+            with open(probe, "w"):
+                pass
+            os.remove(probe)
+        except OSError as e:
+            why = e.strerror
+    if any_rank(why, device):
+        raise SystemExit(f"train.py: error: {run_dir}/checkpoints cannot be written ({why}): no "
+                         f"checkpoint could be saved")
+
+
+def trim_log(run_dir, step, rank):
+    """A run resumed in place from step N rewrites log.jsonl up to N: an interrupted run logged
+    steps past its last checkpoint, which the resumed run logs again, so each step stays once."""
+    path = os.path.join(run_dir, "log.jsonl")
+    if rank != 0 or not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(kept) < len(lines):
+        save_atomic("".join(kept), path, write_text)
+
+
+def write_text(text, path):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def out_of_memory(e):
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
+
+
+# --------------------------------------------------------------------------------------
 # The training loop
 # --------------------------------------------------------------------------------------
 
@@ -722,6 +804,7 @@ def main(s, ckpt=None, ckpt_path=None):
     torch.manual_seed(s.seed * world + rank)  # per-rank seeds
     data, vae, encode_batches, C, H = open_data(s.data, s.image_size, s.vae, device,
                                                 s.unconditional)
+    check_data(s, data, H)
     trainee = OBJECTIVES[objective_of(s)](s, C, H, data.num_classes, device)
     step = 0
     position = 0
@@ -734,6 +817,9 @@ def main(s, ckpt=None, ckpt_path=None):
         run_dir = resumed_run_dir(s, ckpt_path)
     if run_dir is None:
         run_dir = make_run_dir(s, rank)
+    else:
+        trim_log(run_dir, step, rank)
+    check_writable(run_dir, device)
     if step >= s.max_steps:
         print0(f"{run_dir} is finished: step {step} of --max-steps {s.max_steps}. To train it "
                f"further: --resume {run_dir} --max-steps N (and --decay-steps N to stretch the "
@@ -763,6 +849,10 @@ def main(s, ckpt=None, ckpt_path=None):
     grid_vae = None  # decodes latent samples
     if data.space == "latent" or encode_batches:
         grid_vae = vae
+    draws_grids = makes_samples and s.sample_every > 0
+    if draws_grids and C == 4 and grid_vae is None:
+        print0("no --vae: the latent samples cannot be decoded, so no sample grids are drawn")
+        draws_grids = False
     sampler = Sampler(s, trainee.pred)
     can_score = inception is not None or hasattr(data, "tensors")
     evaluating = makes_samples and s.eval_every > 0 and can_score
@@ -784,7 +874,14 @@ def main(s, ckpt=None, ckpt_path=None):
         y = y.to(device, non_blocking=True).long()
         if encode_batches:
             x0 = encode(vae, x0)  # SD-VAE latents x 0.18215, a fresh posterior sample
-        loss, out = trainee.step(x0, y, step)
+        try:
+            loss, out = trainee.step(x0, y, step)
+        except RuntimeError as e:
+            if not out_of_memory(e):
+                raise
+            raise SystemExit(f"train.py: error: out of memory at step {step} with {local_batch} "
+                             f"examples per process: lower --global-batch-size (or try "
+                             f"--grad-checkpoint, --precision bf16)")
         bad = (non_finite == 0) & ~torch.isfinite(loss.detach())
         non_finite = torch.where(bad, step + 1, non_finite)
         for k, v in out.items():  # (sum, count): D-step and G-step terms averaged separately
@@ -823,31 +920,44 @@ def main(s, ckpt=None, ckpt_path=None):
             t0 = time.time()
             window = 0
         last = step == s.max_steps
-        if makes_samples and rank == 0 and s.sample_every and (step % s.sample_every == 0 or last):
+        if draws_grids and rank == 0 and (step % s.sample_every == 0 or last):
             x = sampler(trainee.ema, grid_z.to(device), grid_y.to(device), grid_vae, amp)
-            if x.shape[1] == 3:
-                save_grid(x, os.path.join(run_dir, f"samples_{step:07d}.png"), nrow=10)
-        if evaluating and (step % s.eval_every == 0 or last):
+            save_grid(x, os.path.join(run_dir, f"samples_{step:07d}.png"), nrow=10)
+        # Evaluate every eval_every steps, and at the end of a run that trained at least that
+        # long: a short (smoke) run does not spend longer evaluating than it trained.
+        final_eval = last and step - start_step >= s.eval_every
+        if evaluating and not stop and (step % s.eval_every == 0 or final_eval):
             t_eval = time.time()
             metrics = evaluate(s, trainee.ema, sampler, data, grid_vae, (C, H, H), inception, ref,
-                               rank, world, device, amp)
+                               rank, world, device, amp, received)
             seconds = time.time() - t_eval
             t0 += seconds  # evaluation time is not training time: excluded from it/s
-            terms = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-            print0(f"eval {step:07d} | {terms} | {seconds:.1f} s")
-            record = {"step": step, **metrics, "eval_seconds": time.time() - t_eval}
-            write_log(run_dir, record, rank, plot=True)
+            if metrics is None:
+                print0(f"eval {step:07d} | interrupted by a signal")
+                stop = True
+            else:
+                terms = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+                print0(f"eval {step:07d} | {terms} | {seconds:.1f} s")
+                record = {"step": step, **metrics, "eval_seconds": seconds}
+                write_log(run_dir, record, rank, plot=True)
         if step % s.ckpt_every == 0 or last or stop:
             position = start_position + (step - start_step) * local_batch
             save_checkpoint(run_dir, trainee, s, step, position, rank, device)
         if stop:
-            print0(f"stopped by a signal at step {step}; resume with --resume {run_dir}")
             break
     for sig, handler in handlers.items():
         signal.signal(sig, handler)
-    print0(f"done at step {step}: checkpoints in {run_dir}/checkpoints, sample grids and "
-           f"curves.png in {run_dir}")
     cleanup()
+    if stop:
+        # Exit status 128 + the signal's number, as a shell reports a killed command: a script
+        # running `train.py && sample.py` does not go on as if training had finished.
+        signum = received[0] if received else signal.SIGINT
+        print0(f"stopped by a signal at step {step}; resume with --resume {run_dir}")
+        raise SystemExit(128 + signum)
+    outputs = f"checkpoints in {run_dir}/checkpoints, log.jsonl and curves.png"
+    if draws_grids:
+        outputs += ", sample grids"
+    print0(f"done at step {step}: {outputs} in {run_dir}")
 
 
 # --------------------------------------------------------------------------------------
@@ -878,7 +988,8 @@ def parser():
     a("--unconditional", action="store_true", default=None,
       help="ignore class folders / labels: one class")
     a("--vae", help="SD-VAE weights (sd-vae-ft-mse): encode images / decode sample grids")
-    a("--image-size", type=int, help="image folders: crop size (256)")
+    a("--image-size", type=int,
+      help="image folders: crop size (256); other data: their own size (checked if given)")
     a("--model", choices=list(models), help="generator (or classifier) size")
     a("--dis-model", choices=list(models), help="discriminator size (default: as --model)")
     a("--repeat", type=int,
@@ -941,4 +1052,8 @@ def parser():
 
 
 if __name__ == "__main__":
-    main(*resolve())
+    try:
+        main(*resolve())
+    except KeyboardInterrupt:  # before the loop's own handler is set, or after it is restored
+        print("train.py: interrupted", flush=True)
+        raise SystemExit(130)
