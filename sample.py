@@ -40,10 +40,10 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from plumbing import (ArgumentParser, any_rank, cleanup, load_checkpoint, positive, print0,
-                      save_atomic, save_json, save_npz, setup)
 from afm import generate
 from model import Generator, models
+from plumbing import (ArgumentParser, any_rank, cleanup, load_checkpoint, positive, print0,
+                      save_atomic, save_json, save_npz, setup)
 from vae import decode, load_vae
 
 # DiT's sample.py grid: dog, otter, panda, ...

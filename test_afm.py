@@ -145,7 +145,7 @@ def sample_main(*argv):
 # 1. Formats load: the release's networks, sd-vae-ft-mse, the FID Inception
 # --------------------------------------------------------------------------------------
 
-# 3 levels: factor 4
+# A tiny SD-VAE-shaped autoencoder: 3 levels, so a factor 4
 VAE_TINY = dict(block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=8)
 
 
@@ -208,8 +208,7 @@ def to_ldm(sd):
             levels.add(int(m[1]))
     n = 1 + max(levels)
 
-    # decoder.up_blocks are numbered from the lowest resolution, LDM's up from the highest
-    def up(m):
+    def up(m):  # up_blocks count from the lowest resolution, LDM's up from the highest
         return f"decoder.up.{n - 1 - int(m[1])}."
     out = {}
     for k, v in sd.items():
@@ -1582,7 +1581,7 @@ def test_run_stopped_by_sigint_resumes(tmp_path):
         time.sleep(0.2)
     p.send_signal(signal.SIGINT)
     out, _ = p.communicate(timeout=120)
-    assert p.returncode == 0 and "stopped by a signal" in out, out
+    assert p.returncode == 130 and "stopped by a signal" in out, out  # 128 + SIGINT
     step = load(sorted((run_dir / "checkpoints").glob("*.pt"))[-1])["step"]
     assert step >= 2 and not list((run_dir / "checkpoints").glob("*.tmp"))
     train(tmp_path, "--resume", run_dir, "--max-steps", step + 2)
@@ -1748,7 +1747,7 @@ def test_npz_same_for_one_and_two_processes(tmp_path):
     a, b = read_npz(tmp_path / "a.npz"), read_npz(tmp_path / "b.npz")
     # Format: ADM's sample batch, uint8 NHWC RGB (the gray digit in all three channels), labels
     # beside it.
-    assert sorted(a) == ["arr_0", "arr_1"]
+    assert sorted(a) == ["arr_0", "arr_1", "meta"]  # meta: the settings, for a rerun
     assert a["arr_0"].dtype == np.uint8 and a["arr_0"].shape == (N, 8, 8, 3)
     assert a["arr_1"].dtype == np.int64 and a["arr_1"].shape == (N,)
     assert (a["arr_0"] == a["arr_0"][..., :1]).all() and a["arr_0"].std() > 20
@@ -1866,7 +1865,7 @@ def test_sigint_stops_after_a_batch_with_parts_saved(one_step, tmp_path):
         time.sleep(0.05)
     p.send_signal(signal.SIGINT)
     log, _ = p.communicate(timeout=120)
-    assert p.returncode == 1 and "rerun the same command to resume" in log, log
+    assert p.returncode == 130 and "rerun the same command to resume" in log, log
     assert "Traceback" not in log, log
     assert not out.exists() and not list(parts.glob("*.tmp"))
     idx = np.sort(np.concatenate([read_npz(f)["idx"] for f in parts.glob("*.npz")]))
@@ -2076,7 +2075,7 @@ def test_frechet_distance(monkeypatch):
             assert abs(fid.frechet_distance(mu1, s1, mu2, s2) - val) <= 1e-9 * val
     monkeypatch.undo()
     # pytorch-fid's number (scipy's sqrtm) on the fixture's d=64 statistics, and a set against
-    # itself (last: a missing fixture file skips only this part)
+    # itself (last, so that a missing fixture file skips the test after the checks above ran)
     c = fixture("fid_stats.pt")["cases"]["d64"]
     mu1, s1, mu2, s2 = (c[k].double().numpy() for k in ("mu1", "sigma1", "mu2", "sigma2"))
     assert abs(fid.frechet_distance(mu1, s1, mu2, s2) - c["fid"]) <= 1e-6 * abs(c["fid"])
@@ -2414,7 +2413,8 @@ def test_resume_passes_over_a_truncated_checkpoint(runs, capsys):
     out = capsys.readouterr().out
     assert "0000004.pt: not a readable checkpoint" in out and "at step 2" in out
     assert load(run_dir / "checkpoints" / "0000006.pt")["step"] == 6
-    assert len(read_log(run_dir)) == 2 + 2
+    # the resumed run from step 2 logs steps 4 and 6: each step once
+    assert [r["step"] for r in read_log(run_dir)] == [2, 4, 6]
     train_here(results, "--resume", str(run_dir), "--max-steps", "6")
     assert "is finished: step 6 of --max-steps 6" in capsys.readouterr().out
 
