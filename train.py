@@ -91,23 +91,27 @@ CG_RANGE = {"uniform": [0.0, 0.1], "tgt": [0.0, 0.49], None: [0.0, 0.1]}
 
 # The loop: its length in loop steps (a D step and a G step are two loop steps), and how often it
 # logs, draws a grid, saves, and evaluates (with how many samples). The release logs every 100
-# steps, draws every 1,000, saves every 20,000 and evaluates every 10,000. sample_steps: NFE of
-# the grids and the evaluations of flow matching (AFM samples with its own --steps).
+# steps, draws every 1,000, saves every 20,000 (its flow matching: 25,000) and evaluates every
+# 10,000 (its flow matching: 50,000). NFE and solver: how flow matching samples its grids and
+# evaluations (the release validates its flow models with Heun, 256 NFE; the digits use Euler,
+# whose NFE is its step count); AFM samples with its own --steps.
 SCHEDULE_KEYS = ("max_steps", "log_every", "sample_every", "ckpt_every", "eval_every",
-                 "eval_samples", "sample_steps")
+                 "eval_samples", "sample_steps", "sample_solver")
 SCHEDULE = {
-    #              max_steps  log  sample ckpt    eval    eval_samples sample_steps
-    "release":    (5_000_000, 100, 1000,  20_000, 10_000, 10_000,      None),
-    "fm":         (1_000_000, 100, 1000,  25_000, 10_000, 10_000,      256),
-    "digits":     (16_000,    500, 2000,  4000,   1000,   1000,        None),
-    "pixel":      (400_000,   100, 2000,  10_000, 10_000, 10_000,      None),
-    "fm-digits":  (16_000,    500, 2000,  4000,   1000,   1000,        32),
+    #              max_steps  log  grid  ckpt    eval    samples NFE   solver
+    "1nfe":       (5_000_000, 100, 1000, 20_000, 10_000, 10_000, None, "euler"),
+    "1nfe-cg":    (5_000_000, 100, 1000, 20_000, 10_000, 10_000, None, "euler"),
+    "knfe":       (5_000_000, 100, 1000, 20_000, 10_000, 10_000, None, "euler"),
+    "knfe-cg":    (5_000_000, 100, 1000, 20_000, 10_000, 10_000, None, "euler"),
+    "any":        (5_000_000, 100, 1000, 20_000, 10_000, 10_000, None, "euler"),
+    "deep":       (5_000_000, 100, 1000, 20_000, 10_000, 10_000, None, "euler"),
+    "classifier": (5_000_000, 100, 1000, 20_000, 10_000, 10_000, None, "euler"),
+    "fm":         (1_000_000, 100, 1000, 25_000, 50_000, 10_000, 256,  "heun"),
+    "digits":     (20_000,    500, 2000, 4000,   1000,   1000,   None, "euler"),
+    "pixel32":    (400_000,   100, 2000, 10_000, 10_000, 10_000, None, "euler"),
+    "pixel64":    (400_000,   100, 2000, 10_000, 10_000, 10_000, None, "euler"),
+    "fm-digits":  (20_000,    500, 2000, 4000,   1000,   1000,   32,   "euler"),
 }
-SCHEDULE_OF = {"fm": "fm", "digits": "digits", "pixel32": "pixel", "pixel64": "pixel",
-               "fm-digits": "fm-digits"}  # the rest: "release"
-# The release validates its flow-matching runs with Heun's method; the digits comparison uses
-# Euler, whose NFE is the step count.
-SOLVER = {"fm": "heun", "fm-digits": "euler"}
 
 # Why the digits and pixel recipes keep the transport weight constant, where the release decays it
 # over 1M steps: within runs this short, every decay tried let within-class diversity collapse
@@ -122,7 +126,7 @@ OURS = ("digits", "pixel32", "pixel64")
 DEFAULTS = dict(data="digits", vae=None, eval_ref=None, inception=None, unconditional=False,
                 image_size=None, dis_model=None, grad_checkpoint=False, cls=None, cls_model="B/2",
                 cg_renoise=True, precision="fp32", compile=False, device="auto", workers=4, seed=0,
-                results_dir="results", resume=None, sample_solver="euler")
+                results_dir="results", resume=None)
 
 
 def recipe(name, steps=None):
@@ -130,9 +134,8 @@ def recipe(name, steps=None):
     values = dict(COMMON)
     values.update(zip(TRAINING_KEYS, TRAINING[name]))
     values.update(zip(METHOD_KEYS, METHOD[name]))
-    values.update(zip(SCHEDULE_KEYS, SCHEDULE[SCHEDULE_OF.get(name, "release")]))
+    values.update(zip(SCHEDULE_KEYS, SCHEDULE[name]))
     values["cg_range"] = list(CG_RANGE[values["cg_t"]])
-    values["sample_solver"] = SOLVER.get(name, "euler")
     values["recipe"] = name
     if name in OURS and steps not in (None, 1):
         values.update(MULTI_STEP)
@@ -189,6 +192,10 @@ def resolve(argv=None):
                 base["recipe"] = "classifier"
             else:
                 base["recipe"] = "unnamed"
+        # Settings added since the run was made take its recipe's values.
+        older = recipe(base["recipe"] if base["recipe"] in METHOD else "1nfe")
+        for k, v in older.items():
+            base.setdefault(k, v)
     else:
         name = given.get("recipe")
         if name is None and given.get("data", "digits") == "digits":
