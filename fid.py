@@ -620,7 +620,7 @@ def evaluate(features, ref, device=None, progress=False):
     return out
 
 
-def pixel_report(images, labels, real, real_labels, seed=0):
+def pixel_report(images, labels, real, real_labels, seed=0, max_real=10_000):
     """Quality of class-conditional samples of a small pixel dataset, without Inception (the
     built-in digits):
       agreement  the fraction of samples whose nearest real image (L2 in pixels) has the
@@ -632,22 +632,28 @@ def pixel_report(images, labels, real, real_labels, seed=0):
                  beside it pixel_fd_floor, the same between two random halves of the real images
                  (finite-sample noise).
     Images are any same-scale arrays (N, ...), labels ints; images (N, C, H, W) larger than 8x8
-    are averaged down to 8x8 for pixel_fd only: its covariance then has at most 192 dimensions,
-    well estimated from a thousand samples and a second to compute (at 32x32x3 the square root
-    alone takes minutes and the estimate is noise)."""
+    are averaged down to 8x8 for pixel_fd: its covariance then has at most 192 dimensions, well
+    estimated from a thousand samples and a second to compute (at 32x32x3 the square root alone
+    takes minutes and the estimate is noise). The cost of the nearest neighbours is bounded too:
+    agreement and diversity see images averaged down to at most 32x32, and at most `max_real`
+    real images (a fixed random subset; the digits' 1,797 are all used)."""
     x = torch.as_tensor(np.asarray(images), dtype=torch.float64)
     r = torch.as_tensor(np.asarray(real), dtype=torch.float64)
-
-    def flat(a):  # (N, D)
-        if a.dim() == 4 and a.shape[-1] > 8:
-            a = F.adaptive_avg_pool2d(a, 8)
-        return a.flatten(1)
-    x8 = flat(x)
-    r8 = flat(r)
-    x = x.flatten(1)
-    r = r.flatten(1)
     y = torch.as_tensor(np.asarray(labels))
     ry = torch.as_tensor(np.asarray(real_labels))
+
+    def flat(a, size):  # (N, D), averaged down to size x size when larger
+        if a.dim() == 4 and a.shape[-1] > size:
+            a = F.adaptive_avg_pool2d(a, size)
+        return a.flatten(1)
+    x8 = flat(x, 8)
+    r8 = flat(r, 8)
+    x = flat(x, 32)
+    r = flat(r, 32)
+    if len(r) > max_real:
+        pick = torch.randperm(len(r), generator=torch.Generator().manual_seed(seed + 1))
+        r = r[pick[:max_real]]
+        ry = ry[pick[:max_real]]
     agreement = (ry[torch.cdist(x, r).argmin(1)] == y).double().mean()
     ratios = []
     for c in y.unique().tolist():

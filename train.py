@@ -796,6 +796,19 @@ def out_of_memory(e):
     return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
 
 
+def grid_inputs(K, C, H, seed):
+    """Fixed noise and labels of the sample grids: a row of 10 per class (10 classes at most),
+    or 10 x 10 of an unconditional model."""
+    if K > 1:
+        per_class = 10 if K <= 10 else 1
+        y = torch.arange(min(K, 10)).repeat_interleave(per_class)
+    else:
+        y = torch.zeros(100).long()
+    noise = torch.Generator().manual_seed(seed)
+    z = torch.randn(len(y), C, H, H, generator=noise)  # (N, C, H, W)
+    return z, y
+
+
 # --------------------------------------------------------------------------------------
 # The training loop
 # --------------------------------------------------------------------------------------
@@ -845,14 +858,7 @@ def main(s, ckpt=None, ckpt_path=None):
     stream = IndexStream(len(data), rank, world, s.seed, position)
     data_iter = batches(data, stream, local_batch, s.workers)
 
-    # The grid: a row per class (10 at most), or 10 x 10 of an unconditional model; fixed noise.
-    K = data.num_classes
-    if K > 1:
-        grid_y = torch.arange(min(K, 10)).repeat_interleave(10 if K <= 10 else 1)
-    else:
-        grid_y = torch.zeros(100).long()
-    noise = torch.Generator().manual_seed(s.seed)
-    grid_z = torch.randn(len(grid_y), C, H, H, generator=noise)
+    grid_z, grid_y = grid_inputs(data.num_classes, C, H, s.seed)
     grid_vae = None  # decodes latent samples
     if data.space == "latent" or encode_batches:
         grid_vae = vae
