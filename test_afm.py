@@ -473,6 +473,7 @@ def test_bad_vae_files_are_one_line_errors(tmp_path):
             V.load_vae(str(tmp_path / name))
         msg = str(e.value)
         assert "\n" not in msg and name in msg and "cannot read" in msg
+        assert "weights_only" not in msg  # not torch's advice to unpickle foreign bytes
 
 
 def test_inception_resize_matches_fixture():

@@ -110,7 +110,7 @@ SCHEDULE = {
     "digits":     (20_000,    500, 2000, 4000,   1000,   1000,   None, "euler"),
     "pixel32":    (400_000,   100, 2000, 10_000, 10_000, 10_000, None, "euler"),
     "pixel64":    (400_000,   100, 2000, 10_000, 10_000, 10_000, None, "euler"),
-    "fm-digits":  (20_000,    500, 2000, 4000,   1000,   1000,   32,   "euler"),
+    "fm-digits":  (46_000,    500, 2000, 4000,   2000,   1000,   32,   "euler"),
 }
 
 # Why the digits and pixel recipes keep the transport weight constant, where the release decays it

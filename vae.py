@@ -19,6 +19,7 @@ ship in (see _RENAMES):
 import json
 import math
 import os
+import pickle
 import re
 import struct
 import sys
@@ -363,6 +364,8 @@ def load_vae(path, device="cpu", dtype=torch.float32, norm_num_groups=32):
         msg = ""
         if str(e).strip():
             msg = str(e).strip().splitlines()[0]
+        if isinstance(e, pickle.UnpicklingError):  # torch's advice to unpickle it anyway: no
+            msg = "not a torch checkpoint of plain tensors (random or foreign bytes?)"
         raise RuntimeError(f"load_vae: cannot read {path!r} as {expected}: "
                            f"{type(e).__name__}: {msg}") from None
     sd = convert_state_dict(sd)
