@@ -107,10 +107,10 @@ SCHEDULE = {
     "deep":       (5_000_000, 100, 1000, 20_000, 10_000, 10_000, None, "euler"),
     "classifier": (5_000_000, 100, 1000, 20_000, 10_000, 10_000, None, "euler"),
     "fm":         (1_000_000, 100, 1000, 25_000, 50_000, 10_000, 256,  "heun"),
-    "digits":     (20_000,    500, 2000, 4000,   1000,   1000,   None, "euler"),
+    "digits":     (16_000,    500, 2000, 4000,   1000,   1000,   None, "euler"),
     "pixel32":    (400_000,   100, 2000, 10_000, 10_000, 10_000, None, "euler"),
     "pixel64":    (400_000,   100, 2000, 10_000, 10_000, 10_000, None, "euler"),
-    "fm-digits":  (46_000,    500, 2000, 4000,   2000,   1000,   32,   "euler"),
+    "fm-digits":  (36_000,    500, 2000, 4000,   2000,   1000,   32,   "euler"),
 }
 
 # Why the digits and pixel recipes keep the transport weight constant, where the release decays it
