@@ -33,7 +33,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm import tqdm
 
-from plumbing import ArgumentParser, cleanup, positive, print0, save_atomic, save_json, setup
+from plumbing import (ArgumentParser, cleanup, head_tail_sha256, positive, print0, save_atomic,
+                      save_json, setup)
 from vae import SCALE, load_vae, posterior
 
 DIGITS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.npz")
@@ -425,15 +426,9 @@ def open_data(data, image_size=None, vae_path=None, device="cpu", unconditional=
 
 
 def vae_identity(path):
-    """Name, size, sha256 of the first and last 4 MiB: cheap, and it tells apart VAEs that differ
-    only in the decoder (stored last), as sd-vae-ft-ema and sd-vae-ft-mse do."""
-    size = os.path.getsize(path)
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        h.update(f.read(4 << 20))
-        f.seek(max(4 << 20, size - (4 << 20)))
-        h.update(f.read())
-    return {"file": os.path.basename(path), "size": size, "sha256_head_tail": h.hexdigest()}
+    """Name, size, sha256 of the first and last 4 MiB (plumbing.head_tail_sha256)."""
+    size, digest = head_tail_sha256(path)
+    return {"file": os.path.basename(path), "size": size, "sha256_head_tail": digest}
 
 
 def check_cache(cache_dir, vae_path=None, image_size=None):

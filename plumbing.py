@@ -6,6 +6,7 @@ knows about AFM; nanochat keeps the same things in its common.py.
 
 import argparse
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -109,6 +110,19 @@ def save_npz(path, **arrays):
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
     save_atomic(arrays, path, write)
+
+
+def head_tail_sha256(path):
+    """(size in bytes, sha256 of the first and last 4 MiB): cheap for a multi-GB file, and it
+    tells apart files that differ only at the end (VAEs that differ only in the decoder, stored
+    last, as sd-vae-ft-ema and sd-vae-ft-mse do) or that were replaced by another."""
+    size = os.path.getsize(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(4 << 20))
+        f.seek(max(4 << 20, size - (4 << 20)))
+        h.update(f.read())
+    return size, h.hexdigest()
 
 
 def read_checkpoint(path, flag):

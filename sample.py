@@ -27,7 +27,6 @@ and Inception weights are loaded before the first sample is drawn.
 import argparse
 import contextlib
 import glob
-import hashlib
 import json
 import math
 import os
@@ -42,8 +41,8 @@ from tqdm import tqdm
 
 from afm import generate
 from model import Generator, models
-from plumbing import (ArgumentParser, any_rank, cleanup, load_checkpoint, positive, print0,
-                      save_atomic, save_json, save_npz, setup)
+from plumbing import (ArgumentParser, any_rank, cleanup, head_tail_sha256, load_checkpoint,
+                      positive, print0, save_atomic, save_json, save_npz, setup)
 from vae import decode, load_vae
 
 # DiT's sample.py grid: dog, otter, panda, ...
@@ -241,15 +240,9 @@ def load_generator(path, model=None, weights="ema", steps=None, pred=None, repea
 
 
 def file_identity(path):
-    """Size and sha256 of the first and last 4 MiB, as dataset.py's vae_identity: cheap for a
-    multi-GB checkpoint, and it changes when a file is replaced by another."""
-    size = os.path.getsize(path)
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        h.update(f.read(4 << 20))
-        f.seek(max(4 << 20, size - (4 << 20)))
-        h.update(f.read())
-    return f"{size} bytes, sha256 {h.hexdigest()[:16]}"
+    """Size and sha256 of the first and last 4 MiB (plumbing.head_tail_sha256)."""
+    size, digest = head_tail_sha256(path)
+    return f"{size} bytes, sha256 {digest[:16]}"
 
 
 def settings(args, info, vae_path):

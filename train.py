@@ -397,58 +397,55 @@ class AFMPair(Objective):
         return loss, logs
 
 
-class GuidanceClassifier(Objective):
+class OneNetwork(Objective):
+    """An objective that trains one network by a plain loss, with AdamW and an EMA: the guidance
+    classifier and flow matching. Subclasses set `net`, `ema`, `opt` and `loss` (a function
+    (net, x0, y) -> (loss, logs) of afm.py)."""
+
+    def state(self):
+        return {"model": self.net, "ema": self.ema, "opt": self.opt}
+
+    def step(self, x0, y, step):
+        with self.amp:
+            loss, logs = self.loss(self.ddp["model"], x0, y)
+        loss.backward()
+        logs["grad_norm"] = step_optimizer(self.net, self.opt, self.s.clip)
+        ema_update(self.ema, self.net, self.s.ema)
+        return loss, logs
+
+
+class GuidanceClassifier(OneNetwork):
     """The noisy-image classifier that guides the -cg recipes (the release's
     train_classifier.py): AdamW betas (0.9, 0.95), weight decay 0.01, and an EMA."""
 
     def __init__(self, s, C, H, num_classes, device):
         self.s = s
-        self.C = Classifier(**models[s.model], input_size=H, in_channels=C,
-                            num_classes=num_classes).to(device)
-        self.ema = copy.deepcopy(self.C).requires_grad_(False).eval()
-        self.opt = adamw(self.C, s.lr, (0.9, 0.95), 0.01, device)
-        self.nets = {"model": self.C}
+        self.net = Classifier(**models[s.model], input_size=H, in_channels=C,
+                              num_classes=num_classes).to(device)
+        self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
+        self.opt = adamw(self.net, s.lr, (0.9, 0.95), 0.01, device)
+        self.loss = classifier_loss
+        self.nets = {"model": self.net}
         self.amp = torch.autocast(device.type, torch.bfloat16, enabled=s.precision == "bf16")
 
-    def state(self):
-        return {"model": self.C, "ema": self.ema, "opt": self.opt}
 
-    def step(self, x0, y, step):
-        with self.amp:
-            loss, logs = classifier_loss(self.ddp["model"], x0, y)
-        loss.backward()
-        logs["grad_norm"] = step_optimizer(self.C, self.opt, self.s.clip)
-        ema_update(self.ema, self.C, self.s.ema)
-        return loss, logs
-
-
-class FlowMatching(Objective):
+class FlowMatching(OneNetwork):
     """Flow matching, the baseline (the release's train_flow_matching_imagenet.py): one velocity
     network v(x_t, y, t) (a Generator with t_src conditioning), AdamW betas (0.9, 0.999) and no
     weight decay, an EMA, no gradient clipping."""
 
     def __init__(self, s, C, H, num_classes, device):
         self.s = s
-        self.v = Generator(**models[s.model], input_size=H, in_channels=C,
-                           num_classes=num_classes, use_t_src=True)
-        self.v.grad_checkpointing = s.grad_checkpoint
-        self.v.to(device)
-        self.ema = copy.deepcopy(self.v).requires_grad_(False).eval()
-        self.opt = adamw(self.v, s.lr, (0.9, 0.999), 0.0, device)
-        self.nets = {"model": self.v}
+        self.net = Generator(**models[s.model], input_size=H, in_channels=C,
+                             num_classes=num_classes, use_t_src=True)
+        self.net.grad_checkpointing = s.grad_checkpoint
+        self.net.to(device)
+        self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
+        self.opt = adamw(self.net, s.lr, (0.9, 0.999), 0.0, device)
+        self.loss = flow_matching_loss
+        self.nets = {"model": self.net}
         self.pred = "v"
         self.amp = torch.autocast(device.type, torch.bfloat16, enabled=s.precision == "bf16")
-
-    def state(self):
-        return {"model": self.v, "ema": self.ema, "opt": self.opt}
-
-    def step(self, x0, y, step):
-        with self.amp:
-            loss, logs = flow_matching_loss(self.ddp["model"], x0, y)
-        loss.backward()
-        logs["grad_norm"] = step_optimizer(self.v, self.opt, self.s.clip)
-        ema_update(self.ema, self.v, self.s.ema)
-        return loss, logs
 
 
 OBJECTIVES = {"afm": AFMPair, "classifier": GuidanceClassifier, "flow": FlowMatching}
