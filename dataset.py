@@ -80,7 +80,7 @@ def batches(dataset, stream, batch_size, workers):
     indexed directly; the others go through a DataLoader fed by the stream (per-item randomness,
     e.g. flips, then comes from the worker seeds, so only the index order is exactly
     resumable)."""
-    if hasattr(dataset, "tensors"):
+    if dataset.in_memory:
         xs, ys = dataset.tensors
         it = iter(stream)
         while True:
@@ -96,8 +96,8 @@ def batches(dataset, stream, batch_size, workers):
 
 # --------------------------------------------------------------------------------------
 # Datasets: the digits, an image folder (ADM's preprocessing), an npz of images, a latent cache.
-# Each has num_classes, shape (C, H, W) of x, space ("pixel" | "latent"), class_names and
-# skipped (unreadable files).
+# Each has num_classes, shape (C, H, W) of x, space ("pixel" | "latent"), class_names,
+# skipped (unreadable files) and in_memory (held as `tensors`, indexed a batch at a time).
 # --------------------------------------------------------------------------------------
 
 
@@ -105,6 +105,7 @@ class Digits(TensorDataset):  # `tensors`: batches() indexes whole batches at on
     """1797 8x8 digits, ink 0..16 -> [-1, 1]. No flip: mirrored handwriting is another glyph."""
 
     space, num_classes, shape, skipped, flip = "pixel", 10, (1, 8, 8), 0, False
+    in_memory = True
     class_names = [str(d) for d in range(10)]
 
     def __init__(self):
@@ -189,6 +190,7 @@ def list_images(root, unconditional=False):
 
 class ImageFolder(Dataset):
     space = "pixel"
+    in_memory = False
 
     def __init__(self, root, image_size=FOLDER_SIZE, flip=True, unconditional=False):
         self.root = root
@@ -298,11 +300,11 @@ class ArrayImages(Dataset):
 
     space, skipped = "pixel", 0
 
-    def __init__(self, path, image_size=None, flip=True, unconditional=False, in_memory=2 << 30):
+    def __init__(self, path, image_size=None, flip=True, unconditional=False, max_memory=2 << 30):
         try:
             with np.load(path, allow_pickle=False) as f:
                 keys = f.files
-            x = npz_array(path, "arr_0", in_memory // 4)
+            x = npz_array(path, "arr_0", max_memory // 4)
             y = None
             if "arr_1" in keys and not unconditional:
                 y = npz_array(path, "arr_1", 1 << 40)
@@ -336,7 +338,8 @@ class ArrayImages(Dataset):
         if image_size is None:
             self.image_size = x.shape[1]
         self.shape = (x.shape[3], x.shape[1], x.shape[1])
-        if not isinstance(x, np.memmap):
+        self.in_memory = not isinstance(x, np.memmap)
+        if self.in_memory:
             # (N, C, H, W) in [-1, 1]
             images = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1
             self.tensors = (images, torch.from_numpy(self.y))
@@ -471,6 +474,7 @@ def open_shard(root, k):
 
 class LatentCache(Dataset):
     space = "latent"
+    in_memory = False
 
     def __init__(self, root, vae_path=None, image_size=None, unconditional=False):
         # the VAE and size, if given, are checked too; image_size None: the cache's own
@@ -605,7 +609,7 @@ def build_cache(data, vae_path, out, image_size=None, batch_size=64, shard_size=
     device = torch.device(device)
     if is_npz(data):
         folder = ArrayImages(data, image_size, flip=False, unconditional=unconditional,
-                             in_memory=0)
+                             max_memory=0)
     else:
         if image_size is None:
             image_size = FOLDER_SIZE

@@ -751,7 +751,7 @@ def _pixel_command(args):
         data = build_dataset(args.pixel_ref)
     except (ValueError, FileNotFoundError) as e:
         raise ValueError(f"--pixel-ref {args.pixel_ref}: {e}") from None
-    if not hasattr(data, "tensors"):
+    if not data.in_memory:
         raise ValueError(f"--pixel-ref {args.pixel_ref}: expected \"digits\" or an npz "
                          f"held in memory")
     real = data.tensors[0]  # (M, C, H, W)

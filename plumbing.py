@@ -71,6 +71,11 @@ def mean_over_ranks(values, device):
     return {k: v / world for k, v in total.items()}
 
 
+def sum_over_ranks(values, device):
+    """A dict of scalars -> the same dict summed over ranks (one all-reduce)."""
+    return _reduce(values, device, dist.ReduceOp.SUM)
+
+
 def any_rank(flag, device):
     """True on every rank if `flag` is true on any rank (a collective: every rank must call it)."""
     return _reduce({"flag": bool(flag)}, device, dist.ReduceOp.MAX)["flag"] > 0
@@ -101,6 +106,11 @@ def save_atomic(obj, path, save=torch.save):
 def save_json(obj, path):
     with open(path, "w") as f:
         json.dump(obj, f, indent=1)
+
+
+def save_text(text, path):
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def save_npz(path, **arrays):
@@ -171,8 +181,26 @@ def load_checkpoint(path, flag="--ckpt"):
 
 
 # --------------------------------------------------------------------------------------
-# Command lines
+# Command lines: one-line errors
 # --------------------------------------------------------------------------------------
+
+
+def first_line(e, limit=200):
+    """The first informative line of an exception's message, at most `limit` characters.
+    load_state_dict's header ("Error(s) in loading state_dict for X:") is skipped for the line
+    that names the mismatch; an empty message gives the exception's type."""
+    lines = []
+    for line in str(e).splitlines():
+        if line.strip():
+            lines.append(line.strip())
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        lines = lines[1:]
+    if not lines:
+        return type(e).__name__
+    text = lines[0]
+    if len(text) > limit:
+        text = text[:limit - 3] + "..."
+    return text
 
 
 class ArgumentParser(argparse.ArgumentParser):

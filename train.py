@@ -635,7 +635,7 @@ def open_evaluation(s, data, vae, makes_samples, device):
     """(Inception, reference statistics) for in-loop FID, or (None, None). Everything evaluation
     needs is checked here, before the run folder is made and the first step is taken, not after
     hours of training."""
-    in_memory = hasattr(data, "tensors")
+    in_memory = data.in_memory
     if not (makes_samples and s.eval_every and (s.eval_ref or in_memory)):
         return None, None
     if s.eval_samples % data.num_classes:
@@ -706,7 +706,7 @@ def evaluate(s, G, sampler, data, vae, shape, inception, ref, rank, world, devic
         feats = fid.compute_features(inception, images, device=device, progress=False)
         part["pool3"] = feats["pool3"]
         part["logits"] = feats["logits"]
-    if hasattr(data, "tensors"):  # small data held in memory: the images, for the pixel report
+    if data.in_memory:  # small data held in memory: the images, for the pixel report
         part["images"] = images
     parts = [part]
     if dist.is_initialized():
@@ -726,7 +726,7 @@ def evaluate(s, G, sampler, data, vae, shape, inception, ref, rank, world, devic
         # IS in sample.py's (the release's) shuffled file order
         order = np.random.RandomState(42).permutation(N)
         out["inception_score"] = fid.inception_score(logits[order])
-    if hasattr(data, "tensors"):
+    if data.in_memory:
         out.update(fid.pixel_report_of(cat["images"], labels[cat["idx"]], data))
     return out
 
@@ -747,7 +747,7 @@ def check_data(s, data, H):
         raise SystemExit(f"train.py: error: --global-batch-size {s.global_batch_size} is larger "
                          f"than the {len(data)} examples of --data {s.data}")
     K = data.num_classes
-    if hasattr(data, "tensors") and s.eval_every and s.eval_samples > len(data):
+    if data.in_memory and s.eval_every and s.eval_samples > len(data):
         capped = max(len(data) // K, 1) * K
         print0(f"--eval-samples {s.eval_samples} is more than the {len(data)} examples of --data: "
                f"evaluating {capped}")
@@ -864,7 +864,7 @@ def main(s, ckpt=None, ckpt_path=None):
         print0("no --vae: the latent samples cannot be decoded, so no sample grids are drawn")
         draws_grids = False
     sampler = Sampler(s, trainee.pred)
-    can_score = inception is not None or hasattr(data, "tensors")
+    can_score = inception is not None or data.in_memory
     evaluating = makes_samples and s.eval_every > 0 and can_score
 
     # Signals: the loop stops at the next step all ranks agree on, after a checkpoint.
