@@ -26,6 +26,7 @@ import fid
 import train
 from dataset import ImageFolder, LatentCache, build_cache
 from model import Generator, models
+from plumbing import save_atomic, save_text
 from sample import sample_images, sample_indices, to_uint8
 from vae import AutoencoderKL, encode, load_vae
 
@@ -39,8 +40,9 @@ def where(device, args=None):
         name = f"cpu ({torch.get_num_threads()} threads)"
     if args is None:
         return name
-    compiled = " compile" if args.compile else ""
-    return f"{args.precision}{compiled} on {name}"
+    if args.compile:
+        return f"{args.precision} compile on {name}"
+    return f"{args.precision} on {name}"
 
 
 def sync(device):
@@ -89,8 +91,11 @@ def bench_train(args, device):
     B = args.batch_size
     x0 = torch.randn(B, C, H, H, device=device)
     y = torch.randint(0, K, (B,), device=device)
-    loop_steps = 2 if isinstance(trainee, train.AFMPair) else 1  # D + G, or one step
-    what = "D+G step" if loop_steps == 2 else "step"
+    loop_steps = 1
+    what = "step"
+    if isinstance(trainee, train.AFMPair):  # D's step, then G's
+        loop_steps = 2
+        what = "D+G step"
 
     def one():
         for step in range(loop_steps):  # the AFM pair alternates: step 0 is D's, step 1 is G's
@@ -122,8 +127,7 @@ def bench_train(args, device):
         os.makedirs(args.profile, exist_ok=True)
         prof.export_chrome_trace(os.path.join(args.profile, "train_step.json"))
         table = prof.key_averages().table(sort_by=f"{device.type}_time_total", row_limit=25)
-        with open(os.path.join(args.profile, "train_step.txt"), "w") as f:
-            f.write(table)
+        save_atomic(table, os.path.join(args.profile, "train_step.txt"), save_text)
         print(table, flush=True)
         print(f"wrote {args.profile}/train_step.json (trace) and train_step.txt", flush=True)
 
@@ -132,7 +136,9 @@ def bench_sample(args, device):
     """Images/s of sampling --model (+ SD-VAE decoding with --vae), as sample.py does it."""
     B = args.batch_size
     steps = int(args.steps or 1)
-    pred = "x" if steps == 1 else "v"
+    pred = "v"  # the release's: x for 1 NFE, v for more
+    if steps == 1:
+        pred = "x"
     C, H, K = latent_shape(args)
     G = Generator(**models[args.model], input_size=H, in_channels=C, num_classes=K,
                   use_t_src=steps > 1, repeat=args.repeat)
@@ -204,11 +210,15 @@ def bench_fid(args, device):
     images = []
     for i in range(0, N, B):
         idx = list(range(i, min(i + B, N)))
-        x = sample_indices(G, idx, labels[i:i + B].tolist(), (C, H, H), 1, "x", 0, B, vae, amp)
+        y = labels[i:i + B].tolist()
+        x = sample_indices(G, idx, y, (C, H, H), steps=1, pred="x", seed=0, batch_size=B,
+                           vae=vae, amp=amp)
         images.append(to_uint8(x))
     images = np.concatenate(images)
     sync(device)
-    stage = "sampling + VAE decode" if vae is not None else "sampling"
+    stage = "sampling"
+    if vae is not None:
+        stage = "sampling + VAE decode"
     times[stage] = time.time() - t0
 
     t0 = time.time()

@@ -33,8 +33,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm import tqdm
 
-from plumbing import (ArgumentParser, cleanup, head_tail_sha256, positive, print0, save_atomic,
-                      save_json, setup)
+from plumbing import (ArgumentParser, cleanup, file_identity, first_line, positive, print0,
+                      save_atomic, save_json, setup)
 from vae import SCALE, load_vae, posterior
 
 DIGITS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.npz")
@@ -104,7 +104,11 @@ def batches(dataset, stream, batch_size, workers):
 class Digits(TensorDataset):  # `tensors`: batches() indexes whole batches at once
     """1797 8x8 digits, ink 0..16 -> [-1, 1]. No flip: mirrored handwriting is another glyph."""
 
-    space, num_classes, shape, skipped, flip = "pixel", 10, (1, 8, 8), 0, False
+    space = "pixel"
+    num_classes = 10
+    shape = (1, 8, 8)
+    skipped = 0
+    flip = False
     in_memory = True
     class_names = [str(d) for d in range(10)]
 
@@ -216,7 +220,7 @@ class ImageFolder(Dataset):
             except UNREADABLE as e:
                 self.bad[i] = 1
                 if first is None:
-                    first = (self.names[i], str(e).strip().split("\n")[0])
+                    first = (self.names[i], first_line(e))
         else:
             raise ValueError(f"none of the {len(self.files)} image files in {self.root} is "
                              f"readable (first: {first[0]}: {first[1]})")
@@ -285,9 +289,7 @@ def npz_array(path, key, max_bytes):
         else:
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
         offset = f.tell()
-    order = "C"
-    if fortran:
-        order = "F"
+    order = {False: "C", True: "F"}[fortran]
     return np.memmap(path, dtype, "r", offset=offset, shape=shape, order=order)
 
 
@@ -298,7 +300,8 @@ class ArrayImages(Dataset):
     (`tensors`), larger files are memory-mapped. Training reads the images as they are;
     image_size is that of load()'s crops, for the cache writer."""
 
-    space, skipped = "pixel", 0
+    space = "pixel"
+    skipped = 0
 
     def __init__(self, path, image_size=None, flip=True, unconditional=False, max_memory=2 << 30):
         try:
@@ -309,12 +312,12 @@ class ArrayImages(Dataset):
             if "arr_1" in keys and not unconditional:
                 y = npz_array(path, "arr_1", 1 << 40)
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-            if "allow_pickle" in str(e):
+            if "Object arrays" in str(e):  # numpy on an object array (a junk file: "pickled")
                 why = "arr_0 is an object array (images of different sizes?)"
             elif isinstance(e, KeyError):
                 why = "no arr_0 (uint8 images N, H, W, C)"
             else:
-                why = f"not a readable .npz ({e})"
+                why = f"not a readable .npz ({first_line(e)})"
             raise ValueError(f"{path}: {why}") from None
         square = x.ndim == 4 and x.shape[1] == x.shape[2] and x.shape[3] in (1, 3)
         if x.dtype != np.uint8 or not square or not len(x):
@@ -428,12 +431,6 @@ def open_data(data, image_size=None, vae_path=None, device="cpu", unconditional=
 # --------------------------------------------------------------------------------------
 
 
-def vae_identity(path):
-    """Name, size, sha256 of the first and last 4 MiB (plumbing.head_tail_sha256)."""
-    size, digest = head_tail_sha256(path)
-    return {"file": os.path.basename(path), "size": size, "sha256_head_tail": digest}
-
-
 def check_cache(cache_dir, vae_path=None, image_size=None):
     """The cache's meta.json; a one-line error if it was made with another VAE or resolution.
     The VAE is compared by content (size and hash), so a renamed copy is accepted."""
@@ -444,7 +441,7 @@ def check_cache(cache_dir, vae_path=None, image_size=None):
         meta = json.load(f)
     old = meta["vae"]
     if vae_path is not None:
-        new = vae_identity(vae_path)
+        new = file_identity(vae_path)
         if (old["size"], old["sha256_head_tail"]) != (new["size"], new["sha256_head_tail"]):
             raise ValueError(f"latent cache {cache_dir} was made with VAE {old['file']} "
                              f"({old['size']} bytes), not {vae_path}: rebuild it, or pass the "
@@ -466,10 +463,9 @@ def open_shard(root, k):
     try:
         return torch.load(path, mmap=True, weights_only=True)
     except Exception as e:  # torch reports a truncated zip as a RuntimeError, garbage otherwise
-        why = str(e).strip().split("\n")[0][:120]
-        raise ValueError(f"latent cache {root}: {name} is unreadable ({why}): rerun the "
-                         f"`dataset.py cache` command that made the cache (it rewrites "
-                         f"unreadable shards)") from None
+        raise ValueError(f"latent cache {root}: {name} is unreadable ({first_line(e, 120)}): "
+                         f"rerun the `dataset.py cache` command that made the cache (it "
+                         f"rewrites unreadable shards)") from None
 
 
 class LatentCache(Dataset):
@@ -622,7 +618,7 @@ def build_cache(data, vae_path, out, image_size=None, batch_size=64, shard_size=
     labels = ",".join(str(y) for y in folder.labels[:n])
     vae = load_vae(vae_path, device=device)
     probe = torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8, device=device)
-    meta = dict(vae=vae_identity(vae_path), image_size=image_size, num_files=n,
+    meta = dict(vae=file_identity(vae_path), image_size=image_size, num_files=n,
                 latent_shape=list(encode_moments(vae, probe)[0].shape[2:]),  # [C, h, w]
                 num_classes=folder.num_classes, class_names=folder.class_names,
                 files_sha256=hashlib.sha256("\n".join(names).encode()).hexdigest(),

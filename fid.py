@@ -38,8 +38,7 @@ from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
 
-from dataset import build_dataset
-from plumbing import ArgumentParser, positive, read_checkpoint, save_npz
+from plumbing import ArgumentParser, first_line, positive, read_checkpoint, save_npz
 
 URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
        "weights-inception-2015-12-05-6726825d.pth")
@@ -47,6 +46,9 @@ WEIGHT_NAMES = ("weights-inception-2015-12-05-6726825d.pth",
                 "pt_inception-2015-12-05-6726825d.pth")
 # Feature sizes of FID and sFID (ADM's pool_3 and mixed_6/conv[..., :7])
 POOL3, SPATIAL = 2048, 17 * 17 * 7
+# --pixel-ref: the built-in digits (8x8, ink 0..16), and the largest npz it reads
+DIGITS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.npz")
+MAX_PIXEL_REF = 512 << 20
 
 # --------------------------------------------------------------------------------------
 # The 2015-12-05 Inception graph (block layout of torchvision, patched like pytorch-fid to
@@ -252,6 +254,15 @@ class InceptionV3(Convs):
         return self.body((x - 128) / 128)
 
 
+def default_device(device=None):
+    """`device` when given, else cuda when available, else cpu."""
+    if device:
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
 def load_inception(path=None, device="cpu"):
     """The pretrained Inception in eval mode, fp32, no grad. Looks in $AFM_CACHE (~/.cache/afm)
     when no path."""
@@ -291,18 +302,19 @@ def load_inception(path=None, device="cpu"):
         found.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
     if found:
         raise ValueError(f"{not_fid}: " + ", ".join(found))
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}  # fp16 files
+    for k, v in sd.items():  # fp16 files load as fp32
+        if v.is_floating_point():
+            sd[k] = v.float()
     try:
         model.load_state_dict(sd, assign=True)
     except RuntimeError as e:  # the right names with the wrong shapes
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        raise ValueError(f"{not_fid}: {lines[-1]}") from None
+        raise ValueError(f"{not_fid}: {first_line(e)}") from None
     return model.to(device).eval().requires_grad_(False)
 
 
 @contextlib.contextmanager
 def exact_fp32():
-    """TF32 off while measuring: training scripts turn it on, and on an H200 it moved Inception
+    """TF32 off while measuring: training scripts turn it on, and on a GPU it moved Inception
     features by 3-13% of their largest value (fp32: 1e-4, as on the CPU)."""
     flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -372,9 +384,7 @@ def _decode_files(paths):
             with Image.open(p) as im:
                 image = np.asarray(im.convert("RGB"))
         except Exception as e:  # PIL raises OSError, SyntaxError or ValueError, by format
-            lines = str(e).strip().splitlines()
-            why = lines[0][:150] if lines else ""
-            raise ValueError(f"{p}: not a readable image ({type(e).__name__}: {why}); "
+            raise ValueError(f"{p}: not a readable image ({first_line(e, 150)}); "
                              f"replace or remove it") from None
         if images and image.shape != images[0].shape:
             raise ValueError(f"{p}: size {image.shape[:2]} differs from {paths[0]}'s "
@@ -480,10 +490,7 @@ def reference_stats(path, model=None, batch_size=250, device=None, pool3=True):
     ref["pool3"] = None
     if "arr_0" in data and (pool3 or "mu" not in ref):
         if model is None:
-            where = device
-            if where is None:
-                where = "cuda" if torch.cuda.is_available() else "cpu"
-            model = load_inception(device=where)
+            model = load_inception(device=default_device(device))
         feats = compute_features(model, data["arr_0"], batch_size, device)
         ref["pool3"] = feats["pool3"]
         if "mu" not in ref:
@@ -565,8 +572,7 @@ def precision_recall(ref_pool3, sample_pool3, k=3, batch_size=10000, device=None
     """Improved precision/recall (Kynkaanniemi et al. 2019) as ADM's ManifoldEstimator: a point is
     covered when it lies within the k-th nearest-neighbour radius of some point of the other set.
     No percentile clamping."""
-    if not device:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device(device)
     ref = torch.as_tensor(np.asarray(ref_pool3, np.float32), device=device)
     sam = torch.as_tensor(np.asarray(sample_pool3, np.float32), device=device)
     if min(len(ref), len(sam)) <= k:
@@ -671,15 +677,14 @@ def pixel_report(images, labels, real, real_labels, seed=0, max_real=10_000):
                 pixel_fd_floor=fd(r8[first], r8[second]))
 
 
-def pixel_report_of(images, labels, data):
-    """pixel_report of uint8 samples (N, H, W, 3), as sample.py writes them, against an in-memory
-    dataset of dataset.py (the digits, a small npz: `.tensors` = images (M, C, H, W) in [-1, 1],
-    labels): the samples are taken back to [-1, 1] and to the data's channels (the sampler writes
-    grey as three equal channels)."""
-    real, real_y = data.tensors
+def pixel_report_of(images, labels, real, real_labels):
+    """pixel_report of uint8 samples (N, H, W, 3), as sample.py writes them, against real images
+    (M, C, H, W) in [-1, 1] (numpy or torch; an in-memory dataset's `tensors`) and their int
+    labels: the samples are taken back to [-1, 1] and to the real images' channels (the sampler
+    writes grey as three equal channels)."""
     x = images.astype(np.float64)[..., : real.shape[1]]  # (N, H, W, C)
     x = x.transpose(0, 3, 1, 2) / 127.5 - 1  # (N, C, H, W)
-    return pixel_report(x, labels, real.numpy(), real_y.numpy())
+    return pixel_report(x, labels, real, real_labels)
 
 
 # --------------------------------------------------------------------------------------
@@ -733,6 +738,42 @@ def _refuse_out(path):
     return None
 
 
+def _pixel_reference(name):
+    """--pixel-ref's real images -> (images (M, C, H, W) float32 in [-1, 1], labels (M,) int64),
+    mapped as dataset.py maps them: "digits" (digits.npz beside this file, ink 0..16), or an npz
+    of uint8 images arr_0 (N, H, W, C), C 1 or 3, with int labels arr_1 (without: one class)."""
+    if name == "digits":
+        with np.load(DIGITS) as d:
+            images = torch.from_numpy(d["images"]).float()[:, None] / 8 - 1  # (M, 1, 8, 8)
+            return images, torch.from_numpy(d["labels"]).long()
+    flag = f"--pixel-ref {name}"
+    if not name.endswith(".npz") or not os.path.isfile(name):
+        raise ValueError(f'{flag}: neither "digits" nor an .npz file of images (arr_0 uint8 '
+                         f'N, H, W, C; arr_1 labels)')
+    size = os.path.getsize(name)
+    if size > MAX_PIXEL_REF:  # pixel_report holds the images as float64
+        raise ValueError(f"{flag}: {size >> 20} MiB; the pixel report reads at most "
+                         f"{MAX_PIXEL_REF >> 20} MiB (small pixel data: the digits, CIFAR-10)")
+    try:
+        with np.load(name, allow_pickle=False) as f:
+            x = f["arr_0"]
+            y = np.zeros(len(x), np.int64)  # no arr_1: one class
+            if "arr_1" in f.files:
+                y = f["arr_1"]
+    except KeyError:
+        raise ValueError(f"{flag}: no arr_0 (uint8 images N, H, W, C)") from None
+    except Exception as e:  # not an npz, or arr_0 of objects (pickles are refused)
+        raise ValueError(f"{flag}: not a readable .npz ({first_line(e)})") from None
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] not in (1, 3) or not len(x):
+        raise ValueError(f"{flag}: arr_0 should be uint8 images (N, H, W, C) with C 1 or 3, "
+                         f"got {x.dtype} {x.shape}")
+    if y.dtype.kind not in "iu" or y.shape != (len(x),) or y.min() < 0:
+        raise ValueError(f"{flag}: arr_1 should be {len(x)} integer labels >= 0, got "
+                         f"{y.dtype} {y.shape}")
+    images = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1  # (M, C, H, W)
+    return images, torch.from_numpy(y.astype(np.int64))
+
+
 def _pixel_command(args):
     """fid.py SAMPLES.npz --pixel-ref DATA: the nearest-real-image report of small pixel data,
     no Inception."""
@@ -747,19 +788,12 @@ def _pixel_command(args):
     if labels.shape != (len(images),):
         raise ValueError(f"{args.samples}: arr_1 should hold {len(images)} labels, "
                          f"got {labels.dtype} {labels.shape}")
-    try:
-        data = build_dataset(args.pixel_ref)
-    except (ValueError, FileNotFoundError) as e:
-        raise ValueError(f"--pixel-ref {args.pixel_ref}: {e}") from None
-    if not data.in_memory:
-        raise ValueError(f"--pixel-ref {args.pixel_ref}: expected \"digits\" or an npz "
-                         f"held in memory")
-    real = data.tensors[0]  # (M, C, H, W)
+    real, real_labels = _pixel_reference(args.pixel_ref)  # (M, C, H, W) in [-1, 1], (M,)
     if tuple(real.shape[2:]) != images.shape[1:3]:
         raise ValueError(f"--pixel-ref {args.pixel_ref}: its images are "
                          f"{tuple(real.shape[2:])}, the samples' in {args.samples} "
                          f"{images.shape[1:3]}; both must have one size")
-    for k, v in pixel_report_of(images, labels, data).items():
+    for k, v in pixel_report_of(images, labels, real, real_labels).items():
         print(f"{k}: {v:.4f}")
 
 
@@ -797,10 +831,7 @@ def _score_command(args, device):
 
 
 def main(args):
-    device = args.device
-    if not device:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = torch.device(default_device(args.device))
     try:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: no CUDA device here")

@@ -67,8 +67,9 @@ def _reduce(values, device, op):
 def mean_over_ranks(values, device):
     """A dict of scalars -> the same dict averaged over ranks (one all-reduce)."""
     total = _reduce(values, device, dist.ReduceOp.SUM)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    return {k: v / world for k, v in total.items()}
+    if not dist.is_initialized():
+        return total
+    return {k: v / dist.get_world_size() for k, v in total.items()}
 
 
 def sum_over_ranks(values, device):
@@ -99,8 +100,8 @@ def save_atomic(obj, path, save=torch.save):
             os.remove(tmp)
         folder = os.path.dirname(os.path.abspath(path))
         free = shutil.disk_usage(folder).free / 2**30
-        why = str(e).strip().splitlines()[0]
-        raise SystemExit(f"error: cannot write {path} ({free:.2f} GiB free there): {why}")
+        raise SystemExit(f"error: cannot write {path} ({free:.2f} GiB free there): "
+                         f"{first_line(e)}")
 
 
 def save_json(obj, path):
@@ -122,17 +123,18 @@ def save_npz(path, **arrays):
     save_atomic(arrays, path, write)
 
 
-def head_tail_sha256(path):
-    """(size in bytes, sha256 of the first and last 4 MiB): cheap for a multi-GB file, and it
-    tells apart files that differ only at the end (VAEs that differ only in the decoder, stored
-    last, as sd-vae-ft-ema and sd-vae-ft-mse do) or that were replaced by another."""
+def file_identity(path):
+    """{"file": its name, "size": bytes, "sha256_head_tail": sha256 of the first and last 4 MiB}:
+    cheap for a multi-GB file, and it tells apart files that differ only at the end (VAEs that
+    differ only in the decoder, stored last, as sd-vae-ft-ema and sd-vae-ft-mse do) or that were
+    replaced by another. A renamed copy has the same size and hash."""
     size = os.path.getsize(path)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         h.update(f.read(4 << 20))
         f.seek(max(4 << 20, size - (4 << 20)))
         h.update(f.read())
-    return size, h.hexdigest()
+    return {"file": os.path.basename(path), "size": size, "sha256_head_tail": h.hexdigest()}
 
 
 def read_checkpoint(path, flag):
@@ -148,10 +150,8 @@ def read_checkpoint(path, flag):
             mmap = zipfile.is_zipfile(path)
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
-        lines = str(e).strip().splitlines()
-        why = lines[0][:150] if lines else ""
-        what = f"{type(e).__name__}: {why}"
-        raise ValueError(f"{flag} {path}: not a readable checkpoint ({what})") from None
+        why = first_line(e, 150)
+        raise ValueError(f"{flag} {path}: not a readable checkpoint ({why})") from None
     if not isinstance(obj, dict):
         kind = type(obj).__name__
         raise ValueError(f"{flag} {path}: holds a {kind}, not a checkpoint or state dict")
@@ -171,9 +171,10 @@ def load_checkpoint(path, flag="--ckpt"):
             found.append((ckpt.get("step", -1), f, ckpt))
         except ValueError as e:
             bad.append(str(e))
+    if not found and bad:
+        raise ValueError(f"{flag} {path}: no readable checkpoint in {path}/checkpoints ({bad[0]})")
     if not found:
-        why = f" ({bad[0]})" if bad else ""
-        raise ValueError(f"{flag} {path}: no readable checkpoint in {path}/checkpoints{why}")
+        raise ValueError(f"{flag} {path}: no readable checkpoint in {path}/checkpoints")
     step, f, ckpt = max(found, key=lambda c: (c[0], c[1]))
     for msg in bad:
         print0(f"warning: {msg}; using {f} (step {step}), the newest readable one")

@@ -1,7 +1,7 @@
 r"""
 Sampling from Adversarial Flow Models (arXiv 2511.22475, Sec. 3.4): noise -> a PNG grid, or the
 ADM-format npz that the paper's FID-50K is computed from, from our checkpoints or the release's
-bare state dicts (ByteDance-Seed/Adversarial-Flow-Models, `generate.py` and
+bare state dicts (ByteDance-Seed/Adversarial-Flow-Models, `generate.py` and, at commit dc11741,
 `configs/generate/*.yaml`).
 
     python sample.py --ckpt results/000-T-2                         # grid.png: digits, EMA weights
@@ -41,8 +41,8 @@ from tqdm import tqdm
 
 from afm import generate
 from model import Generator, models
-from plumbing import (ArgumentParser, any_rank, cleanup, head_tail_sha256, load_checkpoint,
-                      positive, print0, save_atomic, save_json, save_npz, setup)
+from plumbing import (ArgumentParser, any_rank, cleanup, file_identity, first_line,
+                      load_checkpoint, positive, print0, save_atomic, save_json, save_npz, setup)
 from vae import decode, load_vae
 
 # DiT's sample.py grid: dog, otter, panda, ...
@@ -239,25 +239,23 @@ def load_generator(path, model=None, weights="ema", steps=None, pred=None, repea
 # --------------------------------------------------------------------------------------
 
 
-def file_identity(path):
-    """Size and sha256 of the first and last 4 MiB (plumbing.head_tail_sha256)."""
-    size, digest = head_tail_sha256(path)
-    return f"{size} bytes, sha256 {digest[:16]}"
-
-
 def settings(args, info, vae_path):
     """Everything that changes the samples of an npz, for OUT.parts/meta.json and the npz's `meta`:
     the checkpoint file actually used (for a run folder: its newest when sampling began), its step
     and content, the sampler, the seed, the VAE's content and the precision."""
+    def content(path):  # plumbing.file_identity as "<size> bytes, sha256 <16 hex digits>"
+        i = file_identity(path)
+        return f"{i['size']} bytes, sha256 {i['sha256_head_tail'][:16]}"
+
     meta = {"ckpt": os.path.abspath(info["file"]), "ckpt_step": info["step"],
-            "ckpt_content": file_identity(info["file"]), "weights": args.weights}
+            "ckpt_content": content(info["file"]), "weights": args.weights}
     for k in ("model", "steps", "pred", "solver", "repeat", "num_classes"):
         meta[k] = info[k]
     meta["seed"] = args.seed
     meta["num_samples"] = args.num_samples
     meta["vae"] = None
     if info["channels"] == 4:
-        meta["vae"] = file_identity(vae_path)
+        meta["vae"] = content(vae_path)
     meta["precision"] = args.precision
     return meta
 
@@ -329,7 +327,8 @@ def sample_npz(args, images, labels, meta, rank, world, device):
     for b, idx in enumerate(tqdm(batches, desc="sampling", unit="batch", disable=rank != 0)):
         x = to_uint8(images(idx, labels[idx].tolist()))  # (n, H, W, 3)
         buf.append((np.array(idx, np.int64), x))
-        last = len(stop) > 0 or b + 1 in (len(batches), args.max_batches)
+        finished = b + 1 == len(batches)
+        last = finished or b + 1 == args.max_batches or len(stop) > 0
         # a shard named by its first index: finished ones are never redone
         if len(buf) >= args.save_every or last:
             i = np.concatenate([j for j, _ in buf])
@@ -337,7 +336,7 @@ def sample_npz(args, images, labels, meta, rank, world, device):
             save_npz(shard, idx=i, images=np.concatenate([x for _, x in buf]))
             buf.clear()
         if last:
-            interrupted = b + 1 < len(batches)
+            interrupted = not finished
             break
     for s, h in handlers.items():
         signal.signal(s, h)
@@ -388,16 +387,6 @@ def assemble(parts, out, labels, meta):
 # --------------------------------------------------------------------------------------
 
 
-def one_line(e, limit=300):
-    """An exception as one short line: whitespace and newlines collapsed, at most `limit` chars."""
-    text = " ".join(str(e).split())
-    if not text:
-        text = type(e).__name__
-    if len(text) > limit:
-        text = text[:limit - 3] + "..."
-    return text
-
-
 def load_fid(args, rank, world, device):
     """--fid's Inception and reference statistics, on rank 0 (None elsewhere), loaded before any
     sample is drawn: a corrupt reference, NaN statistics, a wrong --inception file or missing
@@ -411,7 +400,7 @@ def load_fid(args, rank, world, device):
             net = fid.load_inception(args.inception, device)
             ref = fid.reference_stats(args.fid, net, device=device)
         except Exception as e:  # fid.py's errors name the file; no traceback
-            error[0] = one_line(e)
+            error[0] = first_line(e, 300)
     if world > 1:
         dist.broadcast_object_list(error)
     if error[0]:
@@ -456,7 +445,7 @@ def main(args):
         if C == 4:
             vae = load_vae(vae_path, device)
     except (ValueError, RuntimeError, OSError) as e:  # one line, no traceback
-        raise SystemExit(f"sample.py: error: {one_line(e)}")
+        raise SystemExit(f"sample.py: error: {first_line(e, 300)}")
     G.to(device)
     if args.compile:
         G.compile_blocks()
@@ -464,8 +453,9 @@ def main(args):
            f"pred {info['pred']}, {info['solver']}; {world} process(es) on {device}")
 
     def images(idx, y):  # sample indices and their labels -> (n, 3, H, W) in [-1, 1]
-        return sample_indices(G, idx, y, (C, H, H), info["steps"], info["pred"], args.seed,
-                              args.batch_size, vae, amp, info["solver"])
+        return sample_indices(G, idx, y, (C, H, H), steps=info["steps"], pred=info["pred"],
+                              seed=args.seed, batch_size=args.batch_size, vae=vae, amp=amp,
+                              solver=info["solver"])
 
     if not args.num_samples:
         # the grid: a row per class, --per-class columns (unconditional: --per-class rows)

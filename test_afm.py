@@ -1553,7 +1553,7 @@ def test_vae_identity_sees_head_and_tail(tmp_path):
     for name, data in [("a", big), ("b", big[:-1] + b"\1"), ("c", b"\1" + big[1:])]:
         (tmp_path / name).mkdir()
         (tmp_path / name / "vae.pt").write_bytes(data)
-    ids = [DS.vae_identity(str(tmp_path / name / "vae.pt")) for name in "abc"]
+    ids = [P.file_identity(str(tmp_path / name / "vae.pt")) for name in "abc"]
     assert len({i["sha256_head_tail"] for i in ids}) == 3 and {i["size"] for i in ids} == {9 << 20}
 
 

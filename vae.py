@@ -2,8 +2,8 @@
 PyTorch.
 
 AFM trains on SD-VAE latents x 0.18215 (paper section 4.1; the release's
-configs/train/train_1nfe.yaml, `vae: scaling_factor`): 256x256x3 images in [-1, 1] become
-32x32x4 latents. The modules take and give unscaled latents; `encode(vae, x)` and
+configs/train/train_1nfe.yaml at commit dc11741, `vae: scaling_factor`): 256x256x3 images in
+[-1, 1] become 32x32x4 latents. The modules take and give unscaled latents; `encode(vae, x)` and
 `decode(vae, z)` apply the scaling (z = latent * SCALE) and are what the other scripts call.
 Parameter names are diffusers' current ones, and `load_vae` reads .safetensors (parsed here, no
 safetensors package), .bin, .pt, .pth and .ckpt files in the three layouts the published VAEs
@@ -109,16 +109,16 @@ class Stage(nn.Module):
     """A resolution level: n resnets, then an optional 2x resampler (DownEncoderBlock2D /
     UpDecoderBlock2D)."""
 
-    def __init__(self, cin, cout, n, groups, resample=None):
+    def __init__(self, cin, cout, n, groups, down=False, up=False):
         super().__init__()
-        resnets = []
-        for i in range(n):  # only the first changes the width
-            resnets.append(ResnetBlock(cout if i else cin, cout, groups))
+        resnets = [ResnetBlock(cin, cout, groups)]  # only the first changes the width
+        for _ in range(n - 1):
+            resnets.append(ResnetBlock(cout, cout, groups))
         self.resnets = nn.ModuleList(resnets)
         # A list of one, as in diffusers: the `.0.` in `downsamplers.0.conv`, `upsamplers.0.conv`
-        if resample == "down":
+        if down:
             self.downsamplers = nn.ModuleList([Resample(cout, down=True)])
-        if resample == "up":
+        if up:
             self.upsamplers = nn.ModuleList([Resample(cout, down=False)])
 
     def forward(self, x):
@@ -148,10 +148,8 @@ class Encoder(nn.Module):
         blocks = []
         for i, c in enumerate(chans):
             # no downsample after the last level: factor 2^(levels-1)
-            resample = "down"
-            if i == len(chans) - 1:
-                resample = None
-            blocks.append(Stage(chans[max(i - 1, 0)], c, layers, groups, resample))
+            down = i < len(chans) - 1
+            blocks.append(Stage(chans[max(i - 1, 0)], c, layers, groups, down=down))
         self.down_blocks = nn.ModuleList(blocks)
         self.mid_block = MidBlock(chans[-1], groups)
         self.conv_norm_out = _norm(chans[-1], groups)
@@ -173,11 +171,9 @@ class Decoder(nn.Module):
         self.mid_block = MidBlock(rev[0], groups)
         blocks = []
         for i, c in enumerate(rev):
-            resample = "up"
-            if i == len(rev) - 1:
-                resample = None
+            up = i < len(rev) - 1  # no upsample after the last level
             # one resnet more per level than the encoder has
-            blocks.append(Stage(rev[max(i - 1, 0)], c, layers + 1, groups, resample))
+            blocks.append(Stage(rev[max(i - 1, 0)], c, layers + 1, groups, up=up))
         self.up_blocks = nn.ModuleList(blocks)
         self.conv_norm_out = _norm(rev[-1], groups)
         self.conv_out = nn.Conv2d(rev[-1], cout, 3, padding=1)
@@ -361,9 +357,7 @@ def load_vae(path, device="cpu", dtype=torch.float32, norm_num_groups=32):
         if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
             raise ValueError("not a dict of tensors")
     except Exception as e:
-        msg = ""
-        if str(e).strip():
-            msg = str(e).strip().splitlines()[0]
+        msg = str(e).strip().split("\n")[0]  # the first line (vae.py imports only torch)
         if isinstance(e, pickle.UnpicklingError):  # torch's advice to unpickle it anyway: no
             msg = "not a torch checkpoint of plain tensors (random or foreign bytes?)"
         raise RuntimeError(f"load_vae: cannot read {path!r} as {expected}: "
