@@ -671,15 +671,15 @@ def pixel_report(images, labels, real, real_labels, seed=0, max_real=10_000):
                 pixel_fd_floor=fd(r8[first], r8[second]))
 
 
-def pixel_report_of(images, labels, data):
-    """pixel_report of uint8 samples (N, H, W, 3), as sample.py writes them, against an in-memory
-    dataset of dataset.py (the digits, a small npz: `.tensors` = images (M, C, H, W) in [-1, 1],
-    labels): the samples are taken back to [-1, 1] and to the data's channels (the sampler writes
-    grey as three equal channels)."""
-    real, real_y = data.tensors
+def pixel_report_of(images, labels, real, real_labels):
+    """pixel_report of uint8 samples (N, H, W, 3), as sample.py writes them, against real images
+    (M, C, H, W) in [-1, 1] and their labels (an in-memory dataset's `.tensors`): the samples are
+    taken back to [-1, 1] and to the data's channels (the sampler writes grey as three equal
+    channels)."""
+    real = np.asarray(real)
     x = images.astype(np.float64)[..., : real.shape[1]]  # (N, H, W, C)
     x = x.transpose(0, 3, 1, 2) / 127.5 - 1  # (N, C, H, W)
-    return pixel_report(x, labels, real.numpy(), real_y.numpy())
+    return pixel_report(x, labels, real, np.asarray(real_labels))
 
 
 # --------------------------------------------------------------------------------------
@@ -759,7 +759,7 @@ def _pixel_command(args):
         raise ValueError(f"--pixel-ref {args.pixel_ref}: its images are "
                          f"{tuple(real.shape[2:])}, the samples' in {args.samples} "
                          f"{images.shape[1:3]}; both must have one size")
-    for k, v in pixel_report_of(images, labels, data).items():
+    for k, v in pixel_report_of(images, labels, real, data.tensors[1]).items():
         print(f"{k}: {v:.4f}")
 
 
