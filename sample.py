@@ -410,11 +410,11 @@ class Sampler:
 
 
 class Evaluation:
-    """The evaluation while training: `num_samples` class-balanced samples of a network, split
-    over the ranks as an npz of this file is (sample i has class i // (N / K) and noise seeded by
-    (seed, i), so every evaluation sees the same noise), as uint8 images -> FID and Inception
-    Score against the reference batch `ref` (fid.py; with its Inception weights `inception`), and
-    for data held in memory fid.pixel_report against it.
+    """The evaluation while training: `num_samples` class-balanced samples of a network, made as
+    for an npz (sample i has class i // (N / K) and noise seeded by (seed, i), so every evaluation
+    sees the same noise) and split over the ranks, as uint8 images -> FID and Inception Score
+    against the reference batch `ref` (with the Inception weights `inception`; fid.py), and, for
+    data held in memory, fid.pixel_report against that data.
 
     Everything is checked and loaded here, before the training run makes its folder and takes its
     first step, not after hours of training: a ValueError names train.py's flag. Every rank builds

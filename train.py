@@ -46,8 +46,9 @@ from vae import encode
 # transport weight over 1M loop steps.
 COMMON = dict(gp=0.25, gp_ratio=0.25, gp_eps=0.01, cp=0.01, ttur=1, decay_steps=1_000_000)
 
-# Networks and optimizers. lr_d None: as lr. clip None: no clipping (clip 50 "effectively
-# disables [clipping], but kept for logging", says train_1nfe.yaml).
+# Networks and optimizers, each row from the release's configs/train/ file named (at dc11741).
+# lr_d None: as lr. clip None: no clipping (clip 50 "effectively disables [clipping], but kept
+# for logging", says train_1nfe.yaml).
 TRAINING_KEYS = ("model", "global_batch_size", "lr", "lr_d", "clip", "ema")
 TRAINING = {
     #              model   batch lr    lr_d  clip  ema
@@ -305,7 +306,7 @@ class OneNetwork(Objective):
 
 class GuidanceClassifier(OneNetwork):
     """The noisy-image classifier that guides the -cg recipes (the release's
-    train_classifier.py): AdamW betas (0.9, 0.95), weight decay 0.01, and an EMA."""
+    train_classifier.py at dc11741): AdamW betas (0.9, 0.95), weight decay 0.01, and an EMA."""
 
     def __init__(self, s, C, H, num_classes, device):
         self.s = s
@@ -319,9 +320,9 @@ class GuidanceClassifier(OneNetwork):
 
 
 class FlowMatching(OneNetwork):
-    """Flow matching, the baseline (the release's train_flow_matching_imagenet.py): one velocity
-    network v(x_t, y, t) (a Generator with t_src conditioning), AdamW betas (0.9, 0.999) and no
-    weight decay, an EMA, no gradient clipping."""
+    """Flow matching, the baseline (the release's train_flow_matching_imagenet.py at 519601d):
+    one velocity network v(x_t, y, t) (a Generator with t_src conditioning), AdamW betas
+    (0.9, 0.999) and no weight decay, an EMA, no gradient clipping."""
 
     def __init__(self, s, C, H, num_classes, device):
         self.s = s
@@ -798,7 +799,8 @@ def parser():
       help="seeds the weights, the data order and the noise of grids and evaluations (0)")
     a("--results-dir", help="where run folders are made (results)")
     a("--resume", help="a run folder or a checkpoint file to continue from")
-    a("--log-every", type=int, help="print and log.jsonl the training terms every N steps")
+    a("--log-every", type=int,
+      help="print the training terms, and add them to log.jsonl, every N steps")
     a("--sample-every", type=int, help="sample grid from fixed noise (0: never)")
     a("--sample-steps", type=int,
       help="NFE of the grids and evaluations (AFM default: --steps, any-step 1; flow matching: "
