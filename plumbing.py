@@ -1,14 +1,17 @@
 """
 Process and file plumbing shared by the scripts: torchrun set-up, rank-0 printing, reductions across
-ranks, atomic saves, guarded checkpoint loading and an argparse with one-line errors. Nothing here
-knows about AFM; nanochat keeps the same things in its common.py.
+ranks, atomic saves, guarded checkpoint loading, run folders, log.jsonl and its curves, and an
+argparse with one-line errors. Nothing here knows about AFM; nanochat keeps the same things in its
+common.py.
 """
 
 import argparse
 import glob
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import warnings
 import zipfile
@@ -179,6 +182,168 @@ def load_checkpoint(path, flag="--ckpt"):
     for msg in bad:
         print0(f"warning: {msg}; using {f} (step {step}), the newest readable one")
     return f, ckpt
+
+
+# --------------------------------------------------------------------------------------
+# Run folders: results/NNN-TAG, made exclusively; a resumed run keeps its own
+# --------------------------------------------------------------------------------------
+
+
+def next_run_dir(results_dir, tag):
+    """Create results_dir/NNN-TAG exclusively, NNN one past the largest index in use; another
+    launch that takes the same index first makes this one look again."""
+    while True:
+        used = [-1]
+        for name in os.listdir(results_dir):
+            m = re.match(r"(\d+)-", name)
+            if m:
+                used.append(int(m[1]))
+        path = os.path.join(results_dir, f"{max(used) + 1:03d}-{tag}")
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+
+
+def make_run_dir(results_dir, tag, args, rank):
+    """A new run folder results_dir/NNN-TAG with checkpoints/ and args.json (the dict `args`),
+    made by rank 0 and told to the others (a collective): a new run never writes into another's
+    folder. OSError if results_dir cannot be made or written."""
+    run_dir = None
+    if rank == 0:
+        os.makedirs(results_dir, exist_ok=True)
+        run_dir = next_run_dir(results_dir, tag)
+        os.mkdir(os.path.join(run_dir, "checkpoints"))
+        save_atomic(args, os.path.join(run_dir, "args.json"), save_json)
+    box = [run_dir]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box)
+    return box[0]
+
+
+def resumed_run_dir(resume, path):
+    """The run folder a run resumed with `resume` (a run folder, or a checkpoint file) from the
+    checkpoint file `path` keeps writing to, or None for a new one. A run folder, or its newest
+    checkpoint file, continues in place; a checkpoint file from elsewhere, or an older checkpoint
+    of a run (whose later checkpoints must not be overwritten by another history), starts a new
+    run folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(folder) != "checkpoints":
+        return None
+    if os.path.isdir(resume):
+        return os.path.dirname(folder)
+    newest = max(f for f in os.listdir(folder) if f.endswith(".pt"))
+    if os.path.basename(path) == newest:
+        return os.path.dirname(folder)
+    return None
+
+
+def why_unwritable(folder, device):
+    """Why rank 0 cannot write a file in `folder` (the OS's reason), or "" if it can, on every
+    rank (a collective): a caller can fail now, all ranks together, rather than at its first
+    save (e.g. a run resumed on a read-only copy)."""
+    why = [""]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        probe = os.path.join(folder, ".write-test")
+        try:
+            with open(probe, "w"):
+                pass
+            os.remove(probe)
+        except OSError as e:
+            why[0] = e.strerror
+    if dist.is_initialized():
+        dist.broadcast_object_list(why)
+    return why[0]
+
+
+# --------------------------------------------------------------------------------------
+# Logs and curves: RUN/log.jsonl, one JSON record a line, drawn as RUN/curves.png
+# --------------------------------------------------------------------------------------
+
+
+def write_log(run_dir, record):
+    """Append `record` (a dict of numbers with a "step") to run_dir/log.jsonl."""
+    with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def trim_log(run_dir, step):
+    """Keep the records of run_dir/log.jsonl up to `step`: a run resumed in place from step N
+    logs again the steps an interrupted run logged past its last checkpoint, and each step must
+    stay once."""
+    path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(kept) < len(lines):
+        save_atomic("".join(kept), path, save_text)
+
+
+def plot_curves(run_dir, first=(), skip=(), cols=4, w=320, h=170):
+    """run_dir/log.jsonl -> run_dir/curves.png: one panel per logged number against the step (PIL
+    only). Panels: the keys of `first` in that order, then the others by name, less those in
+    `skip`. A key K_floor is no panel: it is K's value on real data, shown in K's title."""
+    from PIL import Image, ImageDraw
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    keys = set()
+    for r in rows:
+        for k in r:
+            if not k.endswith("_floor"):
+                keys.add(k)
+    first = list(first)
+
+    def order(key):
+        if key in first:
+            return (0, first.index(key), key)
+        return (1, 0, key)
+
+    keys = sorted(keys - {"step"} - set(skip), key=order)
+    img = Image.new("RGB", (cols * w, math.ceil(len(keys) / cols) * h), "white")
+    draw = ImageDraw.Draw(img)
+    grey = (90, 90, 90)
+    for i, k in enumerate(keys):
+        pts = []
+        for r in rows:
+            v = r.get(k)
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                pts.append((r["step"], v))
+        if not pts:
+            continue
+        # The plot area: (x0, y0) to (x0 + pw, y0 + ph).
+        x0 = (i % cols) * w + 45
+        y0 = (i // cols) * h + 22
+        pw = w - 60
+        ph = h - 45
+        s0 = pts[0][0]
+        s1 = pts[-1][0]
+        ys = [p[1] for p in pts]
+        lo = min(ys)
+        hi = max(ys)
+        xy = []
+        for step, v in pts:
+            px = x0 + (step - s0) / max(s1 - s0, 1) * pw
+            py = y0 + ph * (1 - (v - lo) / ((hi - lo) or 1))
+            xy.append((px, py))
+        draw.rectangle([x0, y0, x0 + pw, y0 + ph], outline=(200, 200, 200))
+        if len(xy) > 1:
+            draw.line(xy, fill=(31, 119, 180), width=2)
+        else:
+            draw.ellipse([*xy[0], *xy[0]], outline=0)
+        title = f"{k}: {ys[-1]:.4g}"
+        for r in rows:
+            if k + "_floor" in r:
+                title += f" (real data {r[k + '_floor']:.3g})"
+                break
+        draw.text((x0, y0 - 16), title, fill=0)
+        draw.text((x0 - 42, y0 - 4), f"{hi:.3g}", fill=grey)
+        draw.text((x0 - 42, y0 + ph - 10), f"{lo:.3g}", fill=grey)
+        draw.text((x0, y0 + ph + 3), f"step {s0}", fill=grey)
+        draw.text((x0 + pw - 60, y0 + ph + 3), f"{s1}", fill=grey)
+    save_atomic(img, os.path.join(run_dir, "curves.png"), lambda im, p: im.save(p, format="PNG"))
 
 
 # --------------------------------------------------------------------------------------

@@ -383,6 +383,143 @@ def assemble(parts, out, labels, meta):
 
 
 # --------------------------------------------------------------------------------------
+# Evaluation while training (train.py --eval-every): class-balanced samples, scored
+# --------------------------------------------------------------------------------------
+
+
+class Sampler:
+    """How a network is sampled: its prediction ("x" or "v"), NFE and solver, the VAE that decodes
+    latent samples (None: pixels), and the autocast it runs under."""
+
+    def __init__(self, pred, steps, solver="euler", vae=None, amp=contextlib.nullcontext()):
+        self.pred = pred
+        self.steps = steps
+        self.solver = solver
+        self.vae = vae
+        self.amp = amp
+
+    def __call__(self, G, z, y):
+        """Noise and labels -> (N, 3, H, W) images in [-1, 1]."""
+        return sample_images(G, z, y, self.steps, self.pred, self.vae, self.amp, self.solver)
+
+    def indices(self, G, idx, y, shape, seed, batch_size):
+        """Samples `idx` with labels `y` (lists), each with its own noise (sample_indices)."""
+        return sample_indices(G, idx, y, shape, self.steps, self.pred, seed, batch_size,
+                              self.vae, self.amp, self.solver)
+
+
+class Evaluation:
+    """The evaluation while training: `num_samples` class-balanced samples of a network, made as
+    for an npz (sample i has class i // (N / K) and noise seeded by (seed, i), so every evaluation
+    sees the same noise) and split over the ranks, as uint8 images -> FID and Inception Score
+    against the reference batch `ref` (with the Inception weights `inception`; fid.py), and, for
+    data held in memory, fid.pixel_report against that data.
+
+    Everything is checked and loaded here, before the training run makes its folder and takes its
+    first step, not after hours of training: a ValueError names train.py's flag. Every rank builds
+    one and calls it (collectives)."""
+
+    def __init__(self, sampler, data, shape, num_samples, batch_size, seed, ref=None,
+                 inception=None, rank=0, world=1, device="cpu"):
+        import fid  # scipy and the Inception: only when evaluating
+        K = data.num_classes
+        if num_samples % K:
+            raise ValueError(f"--eval-samples {num_samples} is not divisible by the {K} classes")
+        if data.space == "latent" and sampler.vae is None:
+            raise ValueError("evaluating a latent model needs --vae to decode its samples")
+        self.inception = None
+        self.ref = None
+        if ref:
+            try:
+                self.inception = fid.load_inception(inception, device)
+                self.ref = fid.reference_stats(ref, self.inception, device=device, pool3=False)
+            except (ValueError, FileNotFoundError) as e:
+                raise ValueError(f"--eval-ref {ref}: {e}") from None
+        self.real = None  # the data's images and labels, for the pixel report
+        if data.in_memory:
+            self.real = data.tensors
+        self.sampler = sampler
+        self.shape = shape
+        self.labels = np.arange(num_samples) // (num_samples // K)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world = world
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, G, received=()):
+        """The numbers of network G: {name: value} on rank 0, {} on the other ranks; None if a
+        signal arrived (a list `received` not empty on any rank, checked between batches):
+        Ctrl-C stops an evaluation too."""
+        part = self.my_share(G, received)
+        if part is None:
+            return None
+        parts = [part]
+        if dist.is_initialized():
+            parts = None  # rank 0 receives every rank's share
+            if self.rank == 0:
+                parts = [None] * self.world
+            dist.gather_object(part, parts, dst=0)
+        if self.rank != 0:
+            return {}
+        return self.score(parts)
+
+    def my_share(self, G, received):
+        """This rank's samples (every world-th) -> {"idx", and its "pool3" and "logits" features
+        for FID and IS, its uint8 "images" for the pixel report}; None if a signal arrived."""
+        import fid
+        N = len(self.labels)
+        B = self.batch_size
+        mine = list(range(self.rank, N, self.world))
+        n_batches = math.ceil(len(range(0, N, self.world)) / B)  # rank 0's: every rank runs as many
+        images = []
+        # progress only for an evaluation that lasts (delay: shown after 3 s)
+        for b in tqdm(range(n_batches), desc="evaluating", unit="batch", leave=False, delay=3,
+                      disable=self.rank != 0):
+            if any_rank(len(received) > 0, self.device):  # a collective: as many on every rank
+                return None
+            idx = mine[b * B:(b + 1) * B]
+            if not idx:
+                continue
+            x = self.sampler.indices(G, idx, self.labels[idx].tolist(), self.shape, self.seed, B)
+            images.append(to_uint8(x))
+        images = np.concatenate(images)
+        part = {"idx": mine}
+        if self.inception is not None:
+            feats = fid.compute_features(self.inception, images, device=self.device,
+                                         progress=False)
+            part["pool3"] = feats["pool3"]
+            part["logits"] = feats["logits"]
+        if self.real is not None:
+            part["images"] = images
+        return part
+
+    def score(self, parts):
+        """Every rank's share (rank 0) -> the numbers. sFID and precision/recall: fid.py on an npz
+        of this file."""
+        import fid
+        cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        out = {"eval_samples": len(cat["idx"])}
+        if self.inception is not None:
+            pool3 = np.empty_like(cat["pool3"], np.float64)  # in sample order
+            logits = np.empty_like(cat["logits"])
+            pool3[cat["idx"]] = cat["pool3"]
+            logits[cat["idx"]] = cat["logits"]
+            sigma = np.cov(pool3, rowvar=False)
+            out["fid"] = fid.frechet_distance(pool3.mean(0), sigma, self.ref["mu"],
+                                              self.ref["sigma"])
+            # IS in the order of an npz of this file (the release's shuffled order)
+            order = np.random.RandomState(42).permutation(len(self.labels))
+            out["inception_score"] = fid.inception_score(logits[order])
+        if self.real is not None:
+            real, real_labels = self.real
+            labels = self.labels[cat["idx"]]
+            out.update(fid.pixel_report_of(cat["images"], labels, real, real_labels))
+        return out
+
+
+# --------------------------------------------------------------------------------------
 # Main: grid, or npz (+ FID)
 # --------------------------------------------------------------------------------------
 

@@ -2979,10 +2979,10 @@ def test_evaluation_stops_on_a_signal():
     numbers (the loop then saves and stops)."""
     s = T.resolve(["--eval-samples", "20"])[0]
     trainee = T.AFMPair(s, 1, 8, 10, torch.device("cpu"))
-    data = type("Data", (), {"num_classes": 10, "tensors": None})()
-    out = T.evaluate(s, trainee.ema, T.Sampler(s, "x"), data, None, (1, 8, 8), None, None, 0, 1,
-                     torch.device("cpu"), torch.autocast("cpu", enabled=False), received=[2])
-    assert out is None
+    data = type("Data", (), {"num_classes": 10, "space": "pixel", "in_memory": False})()
+    evaluation = S.Evaluation(S.Sampler("x", 1), data, (1, 8, 8), num_samples=20, batch_size=32,
+                              seed=0)
+    assert evaluation(trainee.ema, received=[2]) is None
 
 
 # --------------------------------------------------------------------------------------

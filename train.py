@@ -17,27 +17,24 @@ train_flow_matching_imagenet.py and configs/train/fm/*.yaml at commit 519601d.
 """
 
 import argparse
+import contextlib
 import copy
-import json
 import math
 import os
-import re
 import signal
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from tqdm import tqdm
 
-import fid
 from afm import AdversarialFlowLoss, classifier_loss, ema_update, flow_matching_loss, frozen
-from dataset import IndexStream, batches, open_data
+from dataset import ImageFolder, IndexStream, batches, open_data
 from model import Classifier, Discriminator, Generator, models
-from plumbing import (ArgumentParser, any_rank, cleanup, load_checkpoint, mean_over_ranks, print0,
-                      save_atomic, save_json, setup)
-from sample import sample_images, sample_indices, save_grid, to_uint8
+from plumbing import (ArgumentParser, any_rank, cleanup, first_line, load_checkpoint,
+                      make_run_dir, mean_over_ranks, plot_curves, print0, resumed_run_dir,
+                      save_atomic, setup, sum_over_ranks, trim_log, why_unwritable, write_log)
+from sample import Evaluation, Sampler, save_grid
 from vae import encode
 
 # --------------------------------------------------------------------------------------
@@ -49,8 +46,9 @@ from vae import encode
 # transport weight over 1M loop steps.
 COMMON = dict(gp=0.25, gp_ratio=0.25, gp_eps=0.01, cp=0.01, ttur=1, decay_steps=1_000_000)
 
-# Networks and optimizers. lr_d None: as lr. clip None: no clipping (clip 50 "effectively
-# disables [clipping], but kept for logging", says train_1nfe.yaml).
+# Networks and optimizers, each row from the release's configs/train/ file named (at dc11741).
+# lr_d None: as lr. clip None: no clipping (clip 50 "effectively disables [clipping], but kept
+# for logging", says train_1nfe.yaml).
 TRAINING_KEYS = ("model", "global_batch_size", "lr", "lr_d", "clip", "ema")
 TRAINING = {
     #              model   batch lr    lr_d  clip  ema
@@ -153,125 +151,6 @@ def objective_of(s):
 
 
 # --------------------------------------------------------------------------------------
-# Settings: recipe, then the resumed run's own values, then the flags given
-# --------------------------------------------------------------------------------------
-
-
-def is_image_folder(data):
-    return os.path.isdir(data) and not os.path.isfile(os.path.join(data, "meta.json"))
-
-
-def resolve(argv=None):
-    """-> (settings, checkpoint or None, its path). Settings: the recipe's values, then (with
-    --resume) the run's own, then every flag given explicitly now. Flag combinations the release
-    never uses are errors."""
-    p = parser()
-    given = {}
-    for k, v in vars(p.parse_args(argv)).items():
-        if v is not None:
-            given[k] = v
-    ckpt = None
-    path = None
-    if "resume" in given:
-        try:
-            path, ckpt = load_checkpoint(given["resume"], "--resume")
-        except ValueError as e:
-            raise SystemExit(f"train.py: error: {e}")
-        if {"args", "step", "model", "ema", "rng", "data_position"} - set(ckpt):
-            raise SystemExit(f"train.py: error: --resume {path}: not a checkpoint of train.py "
-                             f"(a bare state dict has no optimizer, step or data position to "
-                             f"resume; sample from it with sample.py)")
-        known = set(DEFAULTS) | set(recipe("1nfe")) | {"recipe"}
-        base = {k: v for k, v in ckpt["args"].items() if k in known}
-        if not is_image_folder(base.get("data", "digits")):
-            # Only an image folder is cropped to --image-size; the other kinds have their own
-            # size (runs before this rule saved the default 256 for every kind).
-            base["image_size"] = None
-        if "recipe" not in base:  # runs older than named recipes
-            if ckpt["args"].get("train_classifier"):
-                base["recipe"] = "classifier"
-            else:
-                base["recipe"] = "unnamed"
-        # Settings added since the run was made take its recipe's values.
-        older = recipe(base["recipe"] if base["recipe"] in METHOD else "1nfe")
-        for k, v in older.items():
-            base.setdefault(k, v)
-    else:
-        name = given.get("recipe")
-        if name is None and given.get("data", "digits") == "digits":
-            name = "digits"
-        if name is None:
-            name = "1nfe"
-        base = recipe(name, given.get("steps"))
-        if name == "deep" and "lr" not in given:
-            base["lr"] = 1e-4 / given.get("repeat", 2)  # "lr / depth"
-    s = argparse.Namespace(**{**DEFAULTS, **base, **given})
-    if s.dis_model is None:
-        s.dis_model = s.model  # the discriminator defaults to the generator's size
-    if s.lr_d is None:
-        s.lr_d = s.lr  # the release: dis_lr = gen_lr, except in the deep recipe
-    error = check(s, ckpt is not None)
-    if error:
-        p.error(error)
-    return s, ckpt, path
-
-
-# Flags that must be positive, >= 0, or within a range: (names, test, what is expected).
-RANGES = [
-    ("global_batch_size max_steps log_every ckpt_every decay_steps repeat ttur lr lr_d clip gp_eps "
-     "sample_steps", lambda v: v > 0, "positive"),
-    ("ot ot_end gp cp cg sample_every workers eval_every", lambda v: v >= 0, ">= 0"),
-    ("eval_samples", lambda v: v > 0, "positive (turn evaluation off with --eval-every 0)"),
-    ("gp_ratio augment_p", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("ema", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("cg_range", lambda v: 0 <= v[0] <= v[1] <= 1, "LO HI with 0 <= LO <= HI <= 1"),
-]
-
-
-def check(s, resumed):
-    """The first problem with these settings (a one-line message), or None."""
-    for names, ok, want in RANGES:
-        for key in names.split():
-            value = getattr(s, key)
-            if value is not None and not ok(value):
-                return f"--{key.replace('_', '-')} must be {want}, got {value}"
-    if s.steps is not None and s.steps != "any" and s.steps < 1:
-        return f"--steps must be 1, 2, ... or any, got {s.steps}"
-    files = [("--vae", s.vae), ("--cls", s.cls), ("--eval-ref", s.eval_ref),
-             ("--inception", s.inception)]
-    if s.data != "digits":
-        files.append(("--data", s.data))
-    for flag, path in files:
-        if path and not os.path.exists(path):
-            return f"{flag} {path}: no such file or folder"
-    if os.path.exists(s.results_dir) and not os.path.isdir(s.results_dir):
-        return f"--results-dir {s.results_dir} is a file, not a folder"
-    objective = objective_of(s)
-    if objective == "flow" and s.sample_solver == "heun" and s.sample_steps % 2:
-        return f"--sample-solver heun takes an even --sample-steps (its NFE), got {s.sample_steps}"
-    if objective == "afm" and s.sample_steps is not None and s.steps == 1 and s.sample_steps != 1:
-        return (f"--sample-steps {s.sample_steps}: a 1-NFE generator (--steps 1) samples in one "
-                f"step only")
-    if objective != "afm" or resumed:
-        return None
-    kind = {1: "1nfe", "any": "any"}
-    if s.recipe not in OURS:
-        wanted = kind.get(s.steps, "knfe")
-        if wanted != kind.get(METHOD[s.recipe][0], "knfe"):
-            return f"--steps {s.steps} does not fit --recipe {s.recipe}: use --recipe {wanted}"
-    if (s.repeat > 1) != (s.recipe == "deep"):
-        return ("--recipe deep is the deep generator, with --repeat 2 or 4; other recipes have "
-                "--repeat 1")
-    if s.cls and s.cg <= 0:
-        return (f"--cls without a guidance weight (--recipe {s.recipe} has cg 0): use --recipe "
-                f"1nfe-cg or knfe-cg")
-    if s.cg > 0 and not s.cls:
-        return (f"--recipe {s.recipe} has guidance weight {s.cg}: it needs --cls (train one with "
-                f"--recipe classifier)")
-    return None
-
-
-# --------------------------------------------------------------------------------------
 # The objectives: what each trains, what its checkpoint holds, and its training step
 # --------------------------------------------------------------------------------------
 
@@ -283,7 +162,9 @@ def adamw(net, lr, betas, weight_decay, device):
 
 def step_optimizer(net, opt, clip):
     """Clip (None: only measure) the gradient norm, take the step, clear the gradients."""
-    max_norm = math.inf if clip is None else clip
+    max_norm = clip
+    if clip is None:
+        max_norm = math.inf
     norm = nn.utils.clip_grad_norm_(net.parameters(), max_norm)
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -302,9 +183,9 @@ def load_classifier(s, C, H, num_classes, device):
     try:
         cls.load_state_dict(sd.get("ema", sd), strict=True)
     except RuntimeError as e:
-        first = str(e).splitlines()[1].strip()[:200]
         raise SystemExit(f"train.py: error: --cls {s.cls}: does not fit a {name} classifier on "
-                         f"{C}x{H}x{H} with {num_classes} classes (--cls-model?): {first}")
+                         f"{C}x{H}x{H} with {num_classes} classes (--cls-model?): "
+                         f"{first_line(e)}")
     return cls.to(device).eval().requires_grad_(False)
 
 
@@ -324,8 +205,17 @@ class Objective:
                 net.compile_blocks()
             self.ddp[key] = net
             if dist.is_initialized():
-                ids = [device.index] if device.type == "cuda" else None
+                ids = None  # gloo on the CPU
+                if device.type == "cuda":
+                    ids = [device.index]
                 self.ddp[key] = nn.parallel.DistributedDataParallel(net, device_ids=ids)
+
+    def sizes(self):
+        """'model 1,234 parameters, dis 5,678 parameters'."""
+        sizes = []
+        for key, net in self.nets.items():
+            sizes.append(f"{key} {sum(p.numel() for p in net.parameters()):,} parameters")
+        return ", ".join(sizes)
 
 
 class AFMPair(Objective):
@@ -416,7 +306,7 @@ class OneNetwork(Objective):
 
 class GuidanceClassifier(OneNetwork):
     """The noisy-image classifier that guides the -cg recipes (the release's
-    train_classifier.py): AdamW betas (0.9, 0.95), weight decay 0.01, and an EMA."""
+    train_classifier.py at dc11741): AdamW betas (0.9, 0.95), weight decay 0.01, and an EMA."""
 
     def __init__(self, s, C, H, num_classes, device):
         self.s = s
@@ -430,9 +320,9 @@ class GuidanceClassifier(OneNetwork):
 
 
 class FlowMatching(OneNetwork):
-    """Flow matching, the baseline (the release's train_flow_matching_imagenet.py): one velocity
-    network v(x_t, y, t) (a Generator with t_src conditioning), AdamW betas (0.9, 0.999) and no
-    weight decay, an EMA, no gradient clipping."""
+    """Flow matching, the baseline (the release's train_flow_matching_imagenet.py at 519601d):
+    one velocity network v(x_t, y, t) (a Generator with t_src conditioning), AdamW betas
+    (0.9, 0.999) and no weight decay, an EMA, no gradient clipping."""
 
     def __init__(self, s, C, H, num_classes, device):
         self.s = s
@@ -452,287 +342,102 @@ OBJECTIVES = {"afm": AFMPair, "classifier": GuidanceClassifier, "flow": FlowMatc
 
 
 # --------------------------------------------------------------------------------------
-# Checkpoints and run folders
+# The training loop
 # --------------------------------------------------------------------------------------
 
 
-def restore(ckpt, path, trainee, s, rank, world, device):
-    """Load every part of the objective and this rank's RNG from a checkpoint
-    -> (step, data position)."""
-    try:
-        for key, part in trainee.state().items():
-            part.load_state_dict(ckpt[key])
-    except (RuntimeError, ValueError, KeyError) as e:  # e.g. another --model or --data
-        lines = str(e).splitlines() + [""]
-        why = (lines[1].strip() or lines[0])[:120]
-        old = ckpt["args"]
-        raise SystemExit(f"train.py: error: --resume {path}: the run's networks (--model "
-                         f"{old.get('model')}, --data {old.get('data')}) do not fit --model "
-                         f"{s.model} on --data {s.data}: {why}")
-    if len(ckpt["rng"]) == world:
-        torch.set_rng_state(ckpt["rng"][rank]["cpu"])
-        if device.type == "cuda" and "cuda" in ckpt["rng"][rank]:
-            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
-    else:  # another number of processes: the data order is kept, the noise is new
-        print0(f"resume: {len(ckpt['rng'])} RNG states for {world} processes; reseeding")
-        torch.manual_seed((s.seed + ckpt["step"]) * world + rank)
-    print0(f"resumed from {path} at step {ckpt['step']}")
-    return ckpt["step"], ckpt["data_position"]
+def main(s, ckpt=None, ckpt_path=None):
+    """Train with the settings `s` (see resolve); with a checkpoint `ckpt` (read from
+    ckpt_path), continue its run exactly."""
+    rank, world, device = setup(s.device)
+    if s.global_batch_size % world:
+        raise SystemExit(f"train.py: error: --global-batch-size {s.global_batch_size} is not "
+                         f"divisible by {world} processes")
+    settings = [f"{k}={v}" for k, v in sorted(vars(s).items()) if v is not None]
+    print0("settings: " + " ".join(settings))
+    torch.manual_seed(s.seed * world + rank)  # per-rank seeds
+    local_batch = s.global_batch_size // world
 
-
-def save_checkpoint(run_dir, trainee, s, step, position, rank, device):
-    """Plain tensors and plain Python (torch.load(weights_only=True) reads it), written
-    atomically; with every rank's RNG state, gathered to rank 0 (a collective: every rank calls
-    this), for an exact resume."""
-    mine = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        mine["cuda"] = torch.cuda.get_rng_state(device)
-    rng = [mine]
-    if dist.is_initialized():
-        rng = [None] * dist.get_world_size()
-        dist.all_gather_object(rng, mine)
-    if rank == 0:
-        ckpt = {key: part.state_dict() for key, part in trainee.state().items()}
-        ckpt.update(args=vars(s), step=step, data_position=position, rng=rng)
-        path = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
-        save_atomic(ckpt, path)
-        print0(f"saved checkpoint {path}")
-
-
-def resumed_run_dir(s, path):
-    """The run folder a resumed run keeps writing to, or None for a new one. A run folder
-    (--resume RUN) or its newest checkpoint file continues in place; a checkpoint file from
-    elsewhere, or an older checkpoint of a run (whose later checkpoints must not be overwritten
-    by another history), starts a new run folder."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.basename(folder) != "checkpoints":
-        return None
-    if os.path.isdir(s.resume):
-        return os.path.dirname(folder)
-    newest = max(f for f in os.listdir(folder) if f.endswith(".pt"))
-    if os.path.basename(path) == newest:
-        return os.path.dirname(folder)
-    return None
-
-
-def next_run_dir(results_dir, tag):
-    """Create results_dir/NNN-TAG exclusively, NNN one past the largest index in use; another
-    launch that takes the same index first makes this one look again."""
-    while True:
-        used = [-1]
-        for name in os.listdir(results_dir):
-            m = re.match(r"(\d+)-", name)
-            if m:
-                used.append(int(m[1]))
-        path = os.path.join(results_dir, f"{max(used) + 1:03d}-{tag}")
-        try:
-            os.mkdir(path)
-            return path
-        except FileExistsError:
-            continue
-
-
-def make_run_dir(s, rank):
-    """results/NNN-MODEL with checkpoints/ and args.json (rank 0 makes it): a new run never
-    writes into another's folder."""
-    run_dir = None
-    if rank == 0:
-        prefix = {"classifier": "cls-", "flow": "fm-", "afm": ""}[objective_of(s)]
-        tag = prefix + s.model.replace("/", "-")
-        try:
-            os.makedirs(s.results_dir, exist_ok=True)
-            run_dir = next_run_dir(s.results_dir, tag)
-            os.mkdir(os.path.join(run_dir, "checkpoints"))
-        except OSError as e:
-            raise SystemExit(f"train.py: error: --results-dir {s.results_dir}: {e.strerror}")
-        save_atomic(vars(s), os.path.join(run_dir, "args.json"), save_json)
-    box = [run_dir]
-    if dist.is_initialized():
-        dist.broadcast_object_list(box)
-    return box[0]
-
-
-# --------------------------------------------------------------------------------------
-# Logs, curves, evaluation
-# --------------------------------------------------------------------------------------
-
-
-def write_log(run_dir, record, rank, plot=False):
-    """One line of log.jsonl (rank 0); with plot, curves.png redrawn from the whole log (at
-    evaluations and checkpoints: a long run's log is long)."""
-    if rank != 0:
+    # Pixels, or SD-VAE latents: cached, or encoded from each batch of images. A VAE is loaded
+    # only for latents, and it also decodes the samples of the grids and evaluations.
+    data, vae, encode_batches, C, H = open_data(s.data, image_size=s.image_size, vae_path=s.vae,
+                                                device=device, unconditional=s.unconditional)
+    check_data(s, data, H)
+    trainee = OBJECTIVES[objective_of(s)](s, C, H, data.num_classes, device)
+    step = 0
+    position = 0  # examples this rank has read from its stream
+    if ckpt is not None:
+        step, position = restore(trainee, ckpt, ckpt_path, s, rank=rank, world=world,
+                                 device=device)
+    sampler = sampler_of(s, trainee.pred, vae, device)
+    evaluation = open_evaluation(s, data, sampler, (C, H, H), rank=rank, world=world,
+                                 device=device)
+    run_dir = open_run_dir(s, ckpt_path, step, rank, device)
+    if step >= s.max_steps:
+        print0(f"{run_dir} is finished: step {step} of --max-steps {s.max_steps}. To train it "
+               f"further: --resume {run_dir} --max-steps N (and --decay-steps N to stretch the "
+               f"transport schedule)")
+        cleanup()
         return
-    with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
-    if plot:
-        plot_curves(run_dir)
+    print0(f"{s.recipe}: {trainee.sizes()}; input {C}x{H}x{H}; {world} process(es) on {device}; "
+           f"run folder {run_dir}")
+    trainee.wrap(device, s.compile)
+    stream = IndexStream(len(data), rank, world, s.seed, position)
+    data_iter = batches(data, stream, local_batch, s.workers)
+    grid = open_grid(s, sampler, data.num_classes, (C, H, H), device)  # None: no sample grids
 
+    log = Log(run_dir, s.max_steps, rank, device)
+    non_finite = NonFinite(device)
+    start_step = step
+    stop = False
+    with signals_caught() as received:
+        while step < s.max_steps:
+            x0, y = next(data_iter)
+            x0 = x0.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True).long()
+            if encode_batches:
+                x0 = encode(vae, x0)  # SD-VAE latents x 0.18215, a fresh posterior sample
+            loss, terms = train_step(trainee, x0, y, step)
+            non_finite.note(loss, step)
+            log.add(terms)
+            step += 1
+            position += local_batch
+            last = step == s.max_steps
 
-def curve_order(key):
-    """Panels: the evaluations first, in this order, then the training terms by name."""
-    first = ["agreement", "diversity", "pixel_fd", "fid", "inception_score"]
-    if key in first:
-        return (0, first.index(key), key)
-    return (1, 0, key)
-
-
-def plot_curves(run_dir, cols=4, w=320, h=170):
-    """log.jsonl -> curves.png: one panel per logged quantity against the step (PIL only)."""
-    from PIL import Image, ImageDraw
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    keys = set()
-    for r in rows:
-        for k in r:
-            if not k.endswith("_floor"):
-                keys.add(k)
-    keys = sorted(keys - {"step", "eval_samples", "eval_seconds"}, key=curve_order)
-    img = Image.new("RGB", (cols * w, math.ceil(len(keys) / cols) * h), "white")
-    draw = ImageDraw.Draw(img)
-    grey = (90, 90, 90)
-    for i, k in enumerate(keys):
-        pts = []
-        for r in rows:
-            v = r.get(k)
-            if isinstance(v, (int, float)) and math.isfinite(v):
-                pts.append((r["step"], v))
-        if not pts:
-            continue
-        # The plot area: (x0, y0) to (x0 + pw, y0 + ph).
-        x0 = (i % cols) * w + 45
-        y0 = (i // cols) * h + 22
-        pw = w - 60
-        ph = h - 45
-        s0 = pts[0][0]
-        s1 = pts[-1][0]
-        ys = [p[1] for p in pts]
-        lo = min(ys)
-        hi = max(ys)
-        xy = []
-        for step, v in pts:
-            px = x0 + (step - s0) / max(s1 - s0, 1) * pw
-            py = y0 + ph * (1 - (v - lo) / ((hi - lo) or 1))
-            xy.append((px, py))
-        draw.rectangle([x0, y0, x0 + pw, y0 + ph], outline=(200, 200, 200))
-        if len(xy) > 1:
-            draw.line(xy, fill=(31, 119, 180), width=2)
-        else:
-            draw.ellipse([*xy[0], *xy[0]], outline=0)
-        title = f"{k}: {ys[-1]:.4g}"
-        for r in rows:  # e.g. pixel_fd of real against real
-            if k + "_floor" in r:
-                title += f" (real data {r[k + '_floor']:.3g})"
+            # A checkpoint needs every rank: a signal stops the loop at a step all ranks agree on
+            # (checked every 10 steps and at log/checkpoint steps), and a non-finite loss stops it
+            # before anything is saved.
+            boundary = step % s.log_every == 0 or step % s.ckpt_every == 0 or last
+            if world == 1 or step % 10 == 0 or boundary:
+                stop = any_rank(len(received) > 0, device)
+            if boundary or stop:
+                non_finite.exit_if_any(run_dir, rank, device)
+            if step % s.log_every == 0:
+                log.training(step, data, plot=step % s.ckpt_every == 0 or last)
+            if grid is not None and rank == 0 and (step % s.sample_every == 0 or last):
+                grid.draw(trainee.ema, os.path.join(run_dir, f"samples_{step:07d}.png"))
+            # Evaluate every eval_every steps, and at the end of a run that trained at least that
+            # long: a short (smoke) run does not spend longer evaluating than it trained.
+            final_eval = last and step - start_step >= s.eval_every
+            if evaluation is not None and not stop and (step % s.eval_every == 0 or final_eval):
+                stop = evaluate(evaluation, trainee.ema, step, log, received)
+            if step % s.ckpt_every == 0 or last or stop:
+                save_checkpoint(trainee, s, run_dir, step=step, position=position, rank=rank,
+                                device=device)
+            if stop:
                 break
-        draw.text((x0, y0 - 16), title, fill=0)
-        draw.text((x0 - 42, y0 - 4), f"{hi:.3g}", fill=grey)
-        draw.text((x0 - 42, y0 + ph - 10), f"{lo:.3g}", fill=grey)
-        draw.text((x0, y0 + ph + 3), f"step {s0}", fill=grey)
-        draw.text((x0 + pw - 60, y0 + ph + 3), f"{s1}", fill=grey)
-    save_atomic(img, os.path.join(run_dir, "curves.png"), lambda im, p: im.save(p, format="PNG"))
-
-
-def open_evaluation(s, data, vae, makes_samples, device):
-    """(Inception, reference statistics) for in-loop FID, or (None, None). Everything evaluation
-    needs is checked here, before the run folder is made and the first step is taken, not after
-    hours of training."""
-    in_memory = data.in_memory
-    if not (makes_samples and s.eval_every and (s.eval_ref or in_memory)):
-        return None, None
-    if s.eval_samples % data.num_classes:
-        raise SystemExit(f"train.py: error: --eval-samples {s.eval_samples} is not divisible by "
-                         f"the {data.num_classes} classes")
-    if data.space == "latent" and vae is None:
-        raise SystemExit("train.py: error: evaluating a latent model needs --vae to decode its "
-                         "samples")
-    if not s.eval_ref:
-        return None, None  # data held in memory: the pixel report only
-    try:
-        inception = fid.load_inception(s.inception, device)
-        ref = fid.reference_stats(s.eval_ref, inception, device=device, pool3=False)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"train.py: error: --eval-ref {s.eval_ref}: {e}")
-    return inception, ref
-
-
-class Sampler:
-    """How the loop's grids and evaluations sample a network: its NFE and solver."""
-
-    def __init__(self, s, pred):
-        self.pred = pred
-        self.solver = "euler"
-        if pred is not None and objective_of(s) == "flow":
-            self.steps = s.sample_steps
-            self.solver = s.sample_solver
-        elif s.sample_steps:
-            self.steps = s.sample_steps
-        elif s.steps == "any":
-            self.steps = 1
-        else:
-            self.steps = s.steps
-
-    def __call__(self, G, z, y, vae, amp):
-        return sample_images(G, z, y, self.steps, self.pred, vae, amp, self.solver)
-
-
-@torch.no_grad()
-def evaluate(s, G, sampler, data, vae, shape, inception, ref, rank, world, device, amp,
-             received=()):
-    """Class-balanced samples of the EMA generator, split over the ranks with sample.py's scheme
-    (sample i has class i // (N / K) and noise seeded by (seed, i), so every evaluation sees the
-    same noise), decoded to uint8 images -> FID and Inception Score against --eval-ref; for data
-    held in memory also fid.pixel_report. None if a signal arrived (checked between batches, on
-    all ranks together): Ctrl-C stops an evaluation too."""
-    N = s.eval_samples
-    K = data.num_classes
-    labels = np.arange(N) // (N // K)
-    mine = list(range(rank, N, world))
-    B = s.global_batch_size // world
-    images = []
-    n_batches = math.ceil(len(range(0, N, world)) / B)  # rank 0's count: every rank runs as many
-    # progress only for an evaluation that lasts (delay: shown after 3 s)
-    for b in tqdm(range(n_batches), desc="evaluating", unit="batch", leave=False, delay=3,
-                  disable=rank != 0):
-        if any_rank(len(received) > 0, device):  # a collective: the same count on every rank
-            return None
-        idx = mine[b * B:(b + 1) * B]
-        if not idx:
-            continue
-        x = sample_indices(G, idx, labels[idx].tolist(), shape, sampler.steps, sampler.pred,
-                           s.seed, B, vae, amp, sampler.solver)
-        images.append(to_uint8(x))
-    images = np.concatenate(images)
-    part = {"idx": mine}
-    if inception is not None:  # pool3 and logits of this rank's share: FID and IS
-        feats = fid.compute_features(inception, images, device=device, progress=False)
-        part["pool3"] = feats["pool3"]
-        part["logits"] = feats["logits"]
-    if data.in_memory:  # small data held in memory: the images, for the pixel report
-        part["images"] = images
-    parts = [part]
-    if dist.is_initialized():
-        parts = [None] * world
-        dist.gather_object(part, parts if rank == 0 else None, dst=0)
-    if rank != 0:
-        return {}
-    cat = {k: np.concatenate([p[k] for p in parts]) for k in part}
-    out = {"eval_samples": len(cat["idx"])}
-    if inception is not None:  # (sFID and precision/recall: fid.py on a sample.py file)
-        pool3 = np.empty_like(cat["pool3"], np.float64)  # in sample order
-        logits = np.empty_like(cat["logits"])
-        pool3[cat["idx"]] = cat["pool3"]
-        logits[cat["idx"]] = cat["logits"]
-        sigma = np.cov(pool3, rowvar=False)
-        out["fid"] = fid.frechet_distance(pool3.mean(0), sigma, ref["mu"], ref["sigma"])
-        # IS in sample.py's (the release's) shuffled file order
-        order = np.random.RandomState(42).permutation(N)
-        out["inception_score"] = fid.inception_score(logits[order])
-    if data.in_memory:
-        out.update(fid.pixel_report_of(cat["images"], labels[cat["idx"]], data))
-    return out
+    cleanup()
+    if stop:
+        exit_on_signal(received, step, run_dir)
+    outputs = f"checkpoints in {run_dir}/checkpoints, log.jsonl and curves.png"
+    if grid is not None:
+        outputs += ", sample grids"
+    print0(f"done at step {step}: {outputs} in {run_dir}")
 
 
 # --------------------------------------------------------------------------------------
-# Checks before the first step
+# The loop's parts: checks before the first step, the run folder, checkpoints, logging,
+# sampling and evaluation, signals
 # --------------------------------------------------------------------------------------
 
 
@@ -754,224 +459,274 @@ def check_data(s, data, H):
         s.eval_samples = capped
 
 
-def check_writable(run_dir, device):
-    """Fail now, not at the first checkpoint, if the run folder cannot be written (a resumed run
-    on a read-only copy). Every rank learns the answer, so all exit together."""
-    why = ""
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        probe = os.path.join(run_dir, "checkpoints", ".write-test")
+def restore(trainee, ckpt, path, s, rank, world, device):
+    """Load every part of the objective and this rank's RNG from a checkpoint
+    -> (step, this rank's data position)."""
+    try:
+        for key, part in trainee.state().items():
+            part.load_state_dict(ckpt[key])
+    except (RuntimeError, ValueError, KeyError) as e:  # e.g. another --model or --data
+        old = ckpt["args"]
+        raise SystemExit(f"train.py: error: --resume {path}: the run's networks (--model "
+                         f"{old.get('model')}, --data {old.get('data')}) do not fit --model "
+                         f"{s.model} on --data {s.data}: {first_line(e, 120)}")
+    if len(ckpt["rng"]) == world:
+        torch.set_rng_state(ckpt["rng"][rank]["cpu"])
+        if device.type == "cuda" and "cuda" in ckpt["rng"][rank]:
+            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
+    else:  # another number of processes: the data order is kept, the noise is new
+        print0(f"resume: {len(ckpt['rng'])} RNG states for {world} processes; reseeding")
+        torch.manual_seed((s.seed + ckpt["step"]) * world + rank)
+    print0(f"resumed from {path} at step {ckpt['step']}")
+    return ckpt["step"], ckpt["data_position"]
+
+
+def open_run_dir(s, ckpt_path, step, rank, device):
+    """The run folder: a resumed run's own where it continues in place (its log.jsonl cut back to
+    `step`), else a new results/NNN-TAG. Checked writable now, not at the first checkpoint."""
+    run_dir = None
+    if ckpt_path is not None:
+        run_dir = resumed_run_dir(s.resume, ckpt_path)
+    if run_dir is None:
+        prefix = {"classifier": "cls-", "flow": "fm-", "afm": ""}[objective_of(s)]
+        tag = prefix + s.model.replace("/", "-")
         try:
-            with open(probe, "w"):
-                pass
-            os.remove(probe)
+            run_dir = make_run_dir(s.results_dir, tag, vars(s), rank)
         except OSError as e:
-            why = e.strerror
-    if any_rank(why, device):
+            raise SystemExit(f"train.py: error: --results-dir {s.results_dir}: {e.strerror}")
+    elif rank == 0:
+        trim_log(run_dir, step)
+    why = why_unwritable(os.path.join(run_dir, "checkpoints"), device)
+    if why:
         raise SystemExit(f"train.py: error: {run_dir}/checkpoints cannot be written ({why}): no "
                          f"checkpoint could be saved")
+    return run_dir
 
 
-def trim_log(run_dir, step, rank):
-    """A run resumed in place from step N rewrites log.jsonl up to N: an interrupted run logged
-    steps past its last checkpoint, which the resumed run logs again, so each step stays once."""
-    path = os.path.join(run_dir, "log.jsonl")
-    if rank != 0 or not os.path.isfile(path):
-        return
-    with open(path) as f:
-        lines = f.readlines()
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
-    if len(kept) < len(lines):
-        save_atomic("".join(kept), path, write_text)
+def save_checkpoint(trainee, s, run_dir, step, position, rank, device):
+    """Plain tensors and plain Python (torch.load(weights_only=True) reads it), written
+    atomically; with every rank's RNG state, gathered to rank 0 (a collective: every rank calls
+    this), for an exact resume."""
+    mine = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(device)
+    rng = [mine]
+    if dist.is_initialized():
+        rng = [None] * dist.get_world_size()
+        dist.all_gather_object(rng, mine)
+    if rank == 0:
+        ckpt = {key: part.state_dict() for key, part in trainee.state().items()}
+        ckpt.update(args=vars(s), step=step, data_position=position, rng=rng)
+        path = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
+        save_atomic(ckpt, path)
+        print0(f"saved checkpoint {path}")
 
 
-def write_text(text, path):
-    with open(path, "w") as f:
-        f.write(text)
+def train_step(trainee, x0, y, step):
+    """The objective's step -> (loss, logged terms). Out of memory: one line saying what to
+    lower."""
+    try:
+        return trainee.step(x0, y, step)
+    except RuntimeError as e:
+        # CUDA's OutOfMemoryError, or the CPU allocator's "can't allocate memory"
+        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+            raise
+        raise SystemExit(f"train.py: error: out of memory at step {step} with {len(x0)} "
+                         f"examples per process: lower --global-batch-size (or try "
+                         f"--grad-checkpoint, --precision bf16)")
 
 
-def out_of_memory(e):
-    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
+class NonFinite:
+    """The first step whose loss was not finite, noted on the device: reading the loss on the
+    host every step would make each step wait for the accelerator. The loop looks at it where the
+    ranks meet anyway."""
+
+    def __init__(self, device):
+        self.seen = torch.zeros((), dtype=torch.bool, device=device)
+        self.first_step = torch.zeros((), dtype=torch.long, device=device)
+
+    def note(self, loss, step):
+        new = ~self.seen & ~torch.isfinite(loss.detach())
+        self.first_step = torch.where(new, step, self.first_step)
+        self.seen = self.seen | new
+
+    def exit_if_any(self, run_dir, rank, device):
+        """Exit (status 1) on every rank if any rank has seen one (a collective)."""
+        if not any_rank(self.seen, device):
+            return
+        where = "on another rank"
+        if self.seen:
+            where = f"at step {int(self.first_step)}"
+        print(f"[rank {rank}] non-finite loss {where}; stopping. The last good checkpoint in "
+              f"{run_dir}/checkpoints is unaffected.", flush=True)
+        raise SystemExit(1)
 
 
-def grid_inputs(K, C, H, seed):
-    """Fixed noise and labels of the sample grids: a row of 10 per class (10 classes at most),
-    or 10 x 10 of an unconditional model."""
-    if K > 1:
-        per_class = 10 if K <= 10 else 1
-        y = torch.arange(min(K, 10)).repeat_interleave(per_class)
-    else:
-        y = torch.zeros(100).long()
-    noise = torch.Generator().manual_seed(seed)
-    z = torch.randn(len(y), C, H, H, generator=noise)  # (N, C, H, W)
-    return z, y
+# curves.png: the evaluations' panels first, in this order, then the training terms by name
+EVAL_PANELS = ("agreement", "diversity", "pixel_fd", "fid", "inception_score")
 
 
-# --------------------------------------------------------------------------------------
-# The training loop
-# --------------------------------------------------------------------------------------
+class Log:
+    """The printed lines and log.jsonl (rank 0 writes): the training terms averaged over the
+    steps since the last line (D-step and G-step terms each over its own steps) and over the
+    ranks, the speed of training (evaluations excluded) and the time left; and the evaluations.
+    curves.png is redrawn at checkpoints and evaluations: a long run's log is long."""
+
+    def __init__(self, run_dir, max_steps, rank, device):
+        self.run_dir = run_dir
+        self.max_steps = max_steps
+        self.rank = rank
+        self.device = device
+        self.restart()
+
+    def restart(self):
+        self.sums = {}  # name -> (sum, count)
+        self.steps = 0
+        self.start = time.time()
+
+    def add(self, terms):
+        for k, v in terms.items():
+            total, count = self.sums.get(k, (0.0, 0))
+            self.sums[k] = (total + v.detach().float(), count + 1)
+        self.steps += 1
+
+    def training(self, step, data, plot):
+        """The line of `step` (a collective: the means are all-reduced), then a new window."""
+        means = {k: total / count for k, (total, count) in self.sums.items()}
+        means = mean_over_ranks(means, self.device)
+        if isinstance(data, ImageFolder):  # unreadable images met so far, all ranks together
+            means["skipped_images"] = sum_over_ranks({"n": data.skipped}, self.device)["n"]
+        means["it_per_s"] = self.steps / (time.time() - self.start)
+        eta = (self.max_steps - step) / means["it_per_s"]
+        terms = " ".join(f"{k} {v:.4g}" for k, v in means.items())
+        print0(f"step {step:07d} | {terms} | eta {hms(eta)}")
+        self.write({"step": step, **means}, plot)
+        self.restart()
+
+    def pause(self, seconds):
+        """Take `seconds` out of the training time of this window (an evaluation's)."""
+        self.start += seconds
+
+    def evaluation(self, step, metrics, seconds):
+        terms = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        print0(f"eval {step:07d} | {terms} | {seconds:.1f} s")
+        self.write({"step": step, **metrics, "eval_seconds": seconds}, plot=True)
+
+    def write(self, record, plot):
+        if self.rank != 0:
+            return
+        write_log(self.run_dir, record)
+        if plot:
+            plot_curves(self.run_dir, first=EVAL_PANELS, skip=("eval_samples", "eval_seconds"))
 
 
-def main(s, ckpt=None, ckpt_path=None):
-    rank, world, device = setup(s.device)
-    if s.global_batch_size % world:
-        raise SystemExit(f"train.py: error: --global-batch-size {s.global_batch_size} is not "
-                         f"divisible by {world} processes")
-    settings = [f"{k}={v}" for k, v in sorted(vars(s).items()) if v is not None]
-    print0("settings: " + " ".join(settings))
-    torch.manual_seed(s.seed * world + rank)  # per-rank seeds
-    data, vae, encode_batches, C, H = open_data(s.data, s.image_size, s.vae, device,
-                                                s.unconditional)
-    check_data(s, data, H)
-    trainee = OBJECTIVES[objective_of(s)](s, C, H, data.num_classes, device)
-    step = 0
-    position = 0
-    if ckpt:
-        step, position = restore(ckpt, ckpt_path, trainee, s, rank, world, device)
-    makes_samples = trainee.pred is not None
-    inception, ref = open_evaluation(s, data, vae, makes_samples, device)
-    run_dir = None
-    if ckpt:
-        run_dir = resumed_run_dir(s, ckpt_path)
-    if run_dir is None:
-        run_dir = make_run_dir(s, rank)
-    else:
-        trim_log(run_dir, step, rank)
-    check_writable(run_dir, device)
-    if step >= s.max_steps:
-        print0(f"{run_dir} is finished: step {step} of --max-steps {s.max_steps}. To train it "
-               f"further: --resume {run_dir} --max-steps N (and --decay-steps N to stretch the "
-               f"transport schedule)")
-        return cleanup()
-    sizes = []
-    for key, net in trainee.nets.items():
-        sizes.append(f"{key} {sum(p.numel() for p in net.parameters()):,} parameters")
-    print0(f"{s.recipe}: {', '.join(sizes)}; input {C}x{H}x{H}; {world} process(es) on {device}; "
-           f"run folder {run_dir}")
-    trainee.wrap(device, s.compile)
+def hms(seconds):
+    """1h02m03s."""
+    return f"{seconds // 3600:.0f}h{seconds % 3600 // 60:02.0f}m{seconds % 60:02.0f}s"
+
+
+def sampler_of(s, pred, vae, device):
+    """How the grids and evaluations sample: flow matching with its recipe's NFE and solver; AFM
+    with --sample-steps if given, else its own --steps (an any-step generator: 1)."""
     amp = torch.autocast(device.type, torch.bfloat16, enabled=s.precision == "bf16")
-    local_batch = s.global_batch_size // world
-    start_step = step
-    start_position = position
-    stream = IndexStream(len(data), rank, world, s.seed, position)
-    data_iter = batches(data, stream, local_batch, s.workers)
+    if objective_of(s) == "flow":
+        return Sampler(pred, s.sample_steps, solver=s.sample_solver, vae=vae, amp=amp)
+    steps = s.steps
+    if s.sample_steps:
+        steps = s.sample_steps
+    elif s.steps == "any":
+        steps = 1
+    return Sampler(pred, steps, vae=vae, amp=amp)
 
-    grid_z, grid_y = grid_inputs(data.num_classes, C, H, s.seed)
-    grid_vae = None  # decodes latent samples
-    if data.space == "latent" or encode_batches:
-        grid_vae = vae
-    draws_grids = makes_samples and s.sample_every > 0
-    if draws_grids and C == 4 and grid_vae is None:
+
+def open_grid(s, sampler, K, shape, device):
+    """The sample grids (a Grid), or None: the objective makes no samples, --sample-every 0, or
+    latents without a VAE to decode them (said so)."""
+    if sampler.pred is None or s.sample_every == 0:
+        return None
+    if shape[0] == 4 and sampler.vae is None:
         print0("no --vae: the latent samples cannot be decoded, so no sample grids are drawn")
-        draws_grids = False
-    sampler = Sampler(s, trainee.pred)
-    can_score = inception is not None or data.in_memory
-    evaluating = makes_samples and s.eval_every > 0 and can_score
+        return None
+    return Grid(sampler, K, shape, s.seed, device)
 
-    # Signals: the loop stops at the next step all ranks agree on, after a checkpoint.
+
+class Grid:
+    """Fixed noise and labels, sampled into one PNG: a row of 10 per class (10 classes at most),
+    or 10 x 10 of an unconditional model."""
+
+    def __init__(self, sampler, K, shape, seed, device):
+        if K > 1:
+            per_class = 10
+            if K > 10:
+                per_class = 1
+            y = torch.arange(min(K, 10)).repeat_interleave(per_class)
+        else:
+            y = torch.zeros(100).long()
+        noise = torch.Generator().manual_seed(seed)
+        z = torch.randn(len(y), *shape, generator=noise)  # (N, C, H, W)
+        self.sampler = sampler
+        self.z = z.to(device)
+        self.y = y.to(device)
+
+    def draw(self, G, path):
+        save_grid(self.sampler(G, self.z, self.y), path, nrow=10)
+
+
+def open_evaluation(s, data, sampler, shape, rank, world, device):
+    """sample.py's Evaluation, or None: with --eval-every, an objective that makes samples, and
+    something to score them against (--eval-ref, or data held in memory)."""
+    if sampler.pred is None or s.eval_every == 0:
+        return None
+    if not s.eval_ref and not data.in_memory:
+        return None
+    try:
+        return Evaluation(sampler, data, shape, num_samples=s.eval_samples,
+                          batch_size=s.global_batch_size // world, seed=s.seed, ref=s.eval_ref,
+                          inception=s.inception, rank=rank, world=world, device=device)
+    except ValueError as e:
+        raise SystemExit(f"train.py: error: {e}")
+
+
+def evaluate(evaluation, G, step, log, received):
+    """One evaluation, printed and logged; True if a signal stopped it."""
+    start = time.time()
+    metrics = evaluation(G, received)
+    seconds = time.time() - start
+    log.pause(seconds)  # evaluation time is not training time: excluded from it/s
+    if metrics is None:
+        print0(f"eval {step:07d} | interrupted by a signal")
+        return True
+    log.evaluation(step, metrics, seconds)
+    return False
+
+
+@contextlib.contextmanager
+def signals_caught():
+    """Inside the `with`, SIGINT and SIGTERM only append their number to the list it gives: the
+    loop stops at the next step all ranks agree on, after a checkpoint."""
     received = []
     handlers = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         handlers[sig] = signal.signal(sig, lambda signum, frame: received.append(signum))
+    try:
+        yield received
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
-    logs = {}
-    t0 = time.time()
-    window = 0
-    # 1 + the first step with a non-finite loss (0: none yet); a tensor, so no host sync per step
-    non_finite = torch.zeros((), device=device)
-    while step < s.max_steps:
-        x0, y = next(data_iter)
-        x0 = x0.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True).long()
-        if encode_batches:
-            x0 = encode(vae, x0)  # SD-VAE latents x 0.18215, a fresh posterior sample
-        try:
-            loss, out = trainee.step(x0, y, step)
-        except RuntimeError as e:
-            if not out_of_memory(e):
-                raise
-            raise SystemExit(f"train.py: error: out of memory at step {step} with {local_batch} "
-                             f"examples per process: lower --global-batch-size (or try "
-                             f"--grad-checkpoint, --precision bf16)")
-        bad = (non_finite == 0) & ~torch.isfinite(loss.detach())
-        non_finite = torch.where(bad, step + 1, non_finite)
-        for k, v in out.items():  # (sum, count): D-step and G-step terms averaged separately
-            total, count = logs.get(k, (0.0, 0))
-            logs[k] = (total + v.detach().float(), count + 1)
-        step += 1
-        window += 1
 
-        # A checkpoint needs every rank: a signal stops the loop at a step all ranks agree on
-        # (checked every 10 steps and at log/checkpoint steps), and a non-finite loss stops it
-        # before anything is saved.
-        boundary = step % s.log_every == 0 or step % s.ckpt_every == 0 or step == s.max_steps
-        stop = False
-        if world == 1 or step % 10 == 0 or boundary:
-            stop = any_rank(len(received) > 0, device)
-        if (boundary or stop) and any_rank(non_finite > 0, device):
-            where = "on another rank"
-            if non_finite > 0:
-                where = f"at step {int(non_finite) - 1}"
-            print(f"[rank {rank}] non-finite loss {where}; stopping. The last good checkpoint in "
-                  f"{run_dir}/checkpoints is unaffected.", flush=True)
-            raise SystemExit(1)
-        if step % s.log_every == 0:
-            means = {k: total / count for k, (total, count) in logs.items()}
-            means = mean_over_ranks(means, device)
-            if hasattr(data, "bad"):  # unreadable images met so far, all ranks together
-                means["skipped_images"] = mean_over_ranks({"s": data.skipped}, device)["s"] * world
-            means["it_per_s"] = window / (time.time() - t0)
-            eta = (s.max_steps - step) / means["it_per_s"]
-            terms = " ".join(f"{k} {v:.4g}" for k, v in means.items())
-            print0(f"step {step:07d} | {terms} | eta {eta // 3600:.0f}h{eta % 3600 // 60:02.0f}m"
-                   f"{eta % 60:02.0f}s")
-            plot = step % s.ckpt_every == 0 or step == s.max_steps
-            write_log(run_dir, {"step": step, **means}, rank, plot=plot)
-            logs = {}
-            t0 = time.time()
-            window = 0
-        last = step == s.max_steps
-        if draws_grids and rank == 0 and (step % s.sample_every == 0 or last):
-            x = sampler(trainee.ema, grid_z.to(device), grid_y.to(device), grid_vae, amp)
-            save_grid(x, os.path.join(run_dir, f"samples_{step:07d}.png"), nrow=10)
-        # Evaluate every eval_every steps, and at the end of a run that trained at least that
-        # long: a short (smoke) run does not spend longer evaluating than it trained.
-        final_eval = last and step - start_step >= s.eval_every
-        if evaluating and not stop and (step % s.eval_every == 0 or final_eval):
-            t_eval = time.time()
-            metrics = evaluate(s, trainee.ema, sampler, data, grid_vae, (C, H, H), inception, ref,
-                               rank, world, device, amp, received)
-            seconds = time.time() - t_eval
-            t0 += seconds  # evaluation time is not training time: excluded from it/s
-            if metrics is None:
-                print0(f"eval {step:07d} | interrupted by a signal")
-                stop = True
-            else:
-                terms = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-                print0(f"eval {step:07d} | {terms} | {seconds:.1f} s")
-                record = {"step": step, **metrics, "eval_seconds": seconds}
-                write_log(run_dir, record, rank, plot=True)
-        if step % s.ckpt_every == 0 or last or stop:
-            position = start_position + (step - start_step) * local_batch
-            save_checkpoint(run_dir, trainee, s, step, position, rank, device)
-        if stop:
-            break
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
-    cleanup()
-    if stop:
-        # Exit status 128 + the signal's number, as a shell reports a killed command: a script
-        # running `train.py && sample.py` does not go on as if training had finished.
-        signum = received[0] if received else signal.SIGINT
-        print0(f"stopped by a signal at step {step}; resume with --resume {run_dir}")
-        raise SystemExit(128 + signum)
-    outputs = f"checkpoints in {run_dir}/checkpoints, log.jsonl and curves.png"
-    if draws_grids:
-        outputs += ", sample grids"
-    print0(f"done at step {step}: {outputs} in {run_dir}")
+def exit_on_signal(received, step, run_dir):
+    """Exit with status 128 + the signal's number, as a shell reports a killed command: a script
+    running `train.py && sample.py` does not go on as if training had finished."""
+    signum = signal.SIGINT  # the signal reached another rank only
+    if received:
+        signum = received[0]
+    print0(f"stopped by a signal at step {step}; resume with --resume {run_dir}")
+    raise SystemExit(128 + signum)
 
 
 # --------------------------------------------------------------------------------------
-# Command line
+# Command line: the flags, then the settings (recipe, resumed run, flags given), checked
 # --------------------------------------------------------------------------------------
 
 
@@ -1038,19 +793,21 @@ def parser():
       help="bf16 autocast or fp32 (+TF32 on GPU; the default)")
     a("--compile", action="store_true", default=None,
       help="torch.compile the transformer blocks (regional)")
-    a("--device", choices=["auto", "cpu"])
+    a("--device", choices=["auto", "cpu"], help="auto: the GPU when there is one (the default)")
     a("--workers", type=int, help="DataLoader workers per process (image folders, caches; 4)")
-    a("--seed", type=int)
+    a("--seed", type=int,
+      help="seeds the weights, the data order and the noise of grids and evaluations (0)")
     a("--results-dir", help="where run folders are made (results)")
     a("--resume", help="a run folder or a checkpoint file to continue from")
-    a("--log-every", type=int)
+    a("--log-every", type=int,
+      help="print the training terms, and add them to log.jsonl, every N steps")
     a("--sample-every", type=int, help="sample grid from fixed noise (0: never)")
     a("--sample-steps", type=int,
       help="NFE of the grids and evaluations (AFM default: --steps, any-step 1; flow matching: "
            "its recipe's)")
     a("--sample-solver", choices=["euler", "heun"],
       help="flow matching's sampler for grids and evaluations (Heun: NFE = --sample-steps)")
-    a("--ckpt-every", type=int)
+    a("--ckpt-every", type=int, help="save a checkpoint every N steps (and at the end)")
     a("--eval-every", type=int,
       help="evaluate the EMA generator every N steps (0: never); digits: the pixel report")
     a("--eval-samples", type=int,
@@ -1059,6 +816,105 @@ def parser():
                          "fid.py --make-ref output")
     a("--inception", help="FID Inception weights (default: fid.py's cache, ~/.cache/afm)")
     return p
+
+
+def resolve(argv=None):
+    """-> (settings, checkpoint or None, its path). Settings: the recipe's values, then (with
+    --resume) the run's own, then every flag given explicitly now. Flag combinations the release
+    never uses are errors."""
+    p = parser()
+    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    ckpt = None
+    path = None
+    if "resume" in given:
+        try:
+            path, ckpt = load_checkpoint(given["resume"], "--resume")
+        except ValueError as e:
+            raise SystemExit(f"train.py: error: {e}")
+        if {"args", "step", "model", "ema", "rng", "data_position"} - set(ckpt):
+            raise SystemExit(f"train.py: error: --resume {path}: not a checkpoint of train.py "
+                             f"(a bare state dict has no optimizer, step or data position to "
+                             f"resume; sample from it with sample.py)")
+        name = ckpt["args"].get("recipe")
+        if name not in METHOD:
+            raise SystemExit(f"train.py: error: --resume {path}: made with --recipe {name}, "
+                             f"which is none of {', '.join(METHOD)}")
+        known = set(DEFAULTS) | set(recipe(name))  # a setting no longer used is dropped
+        base = {k: v for k, v in ckpt["args"].items() if k in known}
+        for k, v in recipe(name).items():  # settings added since the run take its recipe's
+            base.setdefault(k, v)
+    else:
+        default = "1nfe"  # the release's; for the built-in digits, ours
+        if given.get("data", "digits") == "digits":
+            default = "digits"
+        name = given.get("recipe", default)
+        base = recipe(name, given.get("steps"))
+        if name == "deep" and "lr" not in given:
+            base["lr"] = 1e-4 / given.get("repeat", 2)  # "lr / depth"
+    s = argparse.Namespace(**{**DEFAULTS, **base, **given})
+    if s.dis_model is None:
+        s.dis_model = s.model  # the discriminator defaults to the generator's size
+    if s.lr_d is None:
+        s.lr_d = s.lr  # the release: dis_lr = gen_lr, except in the deep recipe
+    error = check(s, ckpt is not None)
+    if error:
+        p.error(error)
+    return s, ckpt, path
+
+
+# Flags that must be positive, >= 0, or within a range: (names, test, what is expected).
+RANGES = [
+    ("global_batch_size max_steps log_every ckpt_every decay_steps repeat ttur lr lr_d clip gp_eps "
+     "sample_steps", lambda v: v > 0, "positive"),
+    ("ot ot_end gp cp cg sample_every workers eval_every", lambda v: v >= 0, ">= 0"),
+    ("eval_samples", lambda v: v > 0, "positive (turn evaluation off with --eval-every 0)"),
+    ("gp_ratio augment_p", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("ema", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("cg_range", lambda v: 0 <= v[0] <= v[1] <= 1, "LO HI with 0 <= LO <= HI <= 1"),
+]
+
+
+def check(s, resumed):
+    """The first problem with these settings (a one-line message), or None."""
+    for names, ok, want in RANGES:
+        for key in names.split():
+            value = getattr(s, key)
+            if value is not None and not ok(value):
+                return f"--{key.replace('_', '-')} must be {want}, got {value}"
+    if s.steps is not None and s.steps != "any" and s.steps < 1:
+        return f"--steps must be 1, 2, ... or any, got {s.steps}"
+    files = [("--vae", s.vae), ("--cls", s.cls), ("--eval-ref", s.eval_ref),
+             ("--inception", s.inception)]
+    if s.data != "digits":
+        files.append(("--data", s.data))
+    for flag, path in files:
+        if path and not os.path.exists(path):
+            return f"{flag} {path}: no such file or folder"
+    if os.path.exists(s.results_dir) and not os.path.isdir(s.results_dir):
+        return f"--results-dir {s.results_dir} is a file, not a folder"
+    objective = objective_of(s)
+    if objective == "flow" and s.sample_solver == "heun" and s.sample_steps % 2:
+        return f"--sample-solver heun takes an even --sample-steps (its NFE), got {s.sample_steps}"
+    if objective == "afm" and s.sample_steps is not None and s.steps == 1 and s.sample_steps != 1:
+        return (f"--sample-steps {s.sample_steps}: a 1-NFE generator (--steps 1) samples in one "
+                f"step only")
+    if objective != "afm" or resumed:
+        return None
+    kind = {1: "1nfe", "any": "any"}
+    if s.recipe not in OURS:
+        wanted = kind.get(s.steps, "knfe")
+        if wanted != kind.get(METHOD[s.recipe][0], "knfe"):
+            return f"--steps {s.steps} does not fit --recipe {s.recipe}: use --recipe {wanted}"
+    if (s.repeat > 1) != (s.recipe == "deep"):
+        return ("--recipe deep is the deep generator, with --repeat 2 or 4; other recipes have "
+                "--repeat 1")
+    if s.cls and s.cg <= 0:
+        return (f"--cls without a guidance weight (--recipe {s.recipe} has cg 0): use --recipe "
+                f"1nfe-cg or knfe-cg")
+    if s.cg > 0 and not s.cls:
+        return (f"--recipe {s.recipe} has guidance weight {s.cg}: it needs --cls (train one with "
+                f"--recipe classifier)")
+    return None
 
 
 if __name__ == "__main__":
