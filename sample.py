@@ -175,8 +175,8 @@ def load_generator(path, model=None, weights="ema", steps=None, pred=None, repea
                          f"patch {p}; pass --model")
     if num_classes is None:
         num_classes = rows
-        if rows == 1001:
-            num_classes = 1000
+        if rows == 1001 or a.get("class_dropout", 0) > 0:  # the last row: the null class
+            num_classes = rows - 1
     repeat = repeat or a.get("repeat", 1)
     t_src = repeat == 1 and any(k.startswith("t_embedder.") for k in sd)
     t_tgt = any(k.startswith("t_tgt_embedder.") for k in sd)

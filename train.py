@@ -48,27 +48,28 @@ COMMON = dict(gp=0.25, gp_ratio=0.25, gp_eps=0.01, cp=0.01, ttur=1, decay_steps=
 
 # Networks and optimizers, each row from the release's configs/train/ file named (at dc11741).
 # lr_d None: as lr. clip None: no clipping (clip 50 "effectively disables [clipping], but kept
-# for logging", says train_1nfe.yaml).
-TRAINING_KEYS = ("model", "global_batch_size", "lr", "lr_d", "clip", "ema")
+# for logging", says train_1nfe.yaml). drop: class dropout, the probability that a label is
+# replaced by the null class (index num_classes) so that classifier-free guidance exists; the
+# release's flow-matching and CAFM trainers drop 0.1 (gen.dropout), its AFM recipes none.
+TRAINING_KEYS = ("model", "global_batch_size", "lr", "lr_d", "clip", "ema", "class_dropout")
 TRAINING = {
-    #              model   batch lr    lr_d  clip  ema
-    "1nfe":       ("XL/2", 256,  1e-4, None, 50,   0.9999),  # train_1nfe.yaml
-    "1nfe-cg":    ("XL/2", 256,  1e-4, None, 50,   0.9999),  # train_1nfe_cg.yaml
-    "knfe":       ("XL/2", 256,  1e-4, None, 5,    0.9999),  # train_fix_nfe.yaml
-    "knfe-cg":    ("XL/2", 256,  1e-4, None, 5,    0.9999),  # train_fix_nfe_cg.yaml
-    "any":        ("B/2",  32,   1e-4, None, 5,    0.9999),  # train_any_nfe.yaml
-    "deep":       ("XL/2", 256,  5e-5, 1e-4, 5,    0.9999),  # train_1nfe_deep.yaml: lr / --repeat
-    "classifier": ("B/2",  256,  1e-4, None, 50,   0.9995),  # train_classifier.yaml
-    "fm":         ("XL/2", 256,  1e-4, None, None, 0.9999),  # configs/train/fm/*.yaml (519601d)
-    "digits":     ("T/2",  32,   5e-4, None, 50,   0.999),   # ours (README, "Tuning notes")
-    "pixel32":    ("B/2",  256,  1e-4, None, 50,   0.9999),  # ours: 256 tokens, B width
-    "pixel64":    ("B/4",  256,  1e-4, None, 50,   0.9999),  # ours: 256 tokens, B width
-    "fm-digits":  ("T/2",  32,   5e-4, None, None, 0.999),   # ours: as digits
+    #              model   batch lr    lr_d  clip  ema     drop
+    "1nfe":       ("XL/2", 256,  1e-4, None, 50,   0.9999, 0.0),  # train_1nfe.yaml
+    "1nfe-cg":    ("XL/2", 256,  1e-4, None, 50,   0.9999, 0.0),  # train_1nfe_cg.yaml
+    "knfe":       ("XL/2", 256,  1e-4, None, 5,    0.9999, 0.0),  # train_fix_nfe.yaml
+    "knfe-cg":    ("XL/2", 256,  1e-4, None, 5,    0.9999, 0.0),  # train_fix_nfe_cg.yaml
+    "any":        ("B/2",  32,   1e-4, None, 5,    0.9999, 0.0),  # train_any_nfe.yaml
+    "deep":       ("XL/2", 256,  5e-5, 1e-4, 5,    0.9999, 0.0),  # train_1nfe_deep.yaml: lr / --repeat
+    "classifier": ("B/2",  256,  1e-4, None, 50,   0.9995, 0.0),  # train_classifier.yaml
+    "fm":         ("XL/2", 256,  1e-4, None, None, 0.9999, 0.1),  # configs/train/fm/*.yaml (519601d)
+    "digits":     ("T/2",  32,   5e-4, None, 50,   0.999,  0.0), # ours (README, "Tuning notes")
+    "pixel32":    ("B/2",  256,  1e-4, None, 50,   0.9999, 0.0),  # ours: 256 tokens, B width
+    "pixel64":    ("B/4",  256,  1e-4, None, 50,   0.9999, 0.0),  # ours: 256 tokens, B width
+    "fm-digits":  ("T/2",  32,   5e-4, None, None, 0.999,  0.1), # ours: as digits
 }
 
 # The method. None: not used by that objective. cg_t, where the guidance reads the fake:
 # "uniform", re-noised to t_cg ~ U(0, 0.1) (1 NFE); "tgt", at t_tgt in [0, 0.49] (multi-step).
-# The flow-matching recipes are guidance-free: no class dropout, no classifier-free guidance.
 METHOD_KEYS = ("steps", "pred", "repeat", "ot", "ot_end", "augment_p", "cg", "cg_t")
 METHOD = {
     #              steps  pred  repeat ot    ot_end aug   cg     cg_t
@@ -287,15 +288,34 @@ class AFMPair(Objective):
         return loss, logs
 
 
+def label_rows(num_classes, class_dropout):
+    """Rows of a network's label table: one per class, and the null class (index num_classes)
+    when labels are dropped. The release builds its SiT networks so: num_classes 1001 with
+    class_dropout_prob 0, the dropout done by the trainer (drop_labels), since in CAFM the
+    generator and the discriminator must see the same dropped labels."""
+    if class_dropout > 0:
+        return num_classes + 1
+    return num_classes
+
+
+def drop_labels(y, p, null):
+    """Classifier-free guidance's training half: each label becomes the null class with
+    probability p (the release draws this mask in prepare_input, before the timesteps)."""
+    keep = torch.rand(len(y), device=y.device) >= p
+    return torch.where(keep, y, null)
+
+
 class OneNetwork(Objective):
     """An objective that trains one network by a plain loss, with AdamW and an EMA: the guidance
-    classifier and flow matching. Subclasses set `net`, `ema`, `opt` and `loss` (a function
-    (net, x0, y) -> (loss, logs) of afm.py)."""
+    classifier and flow matching. Subclasses set `net`, `ema`, `opt`, `loss` (a function
+    (net, x0, y) -> (loss, logs) of afm.py) and `null` (the null class, for class dropout)."""
 
     def state(self):
         return {"model": self.net, "ema": self.ema, "opt": self.opt}
 
     def step(self, x0, y, step):
+        if self.s.class_dropout > 0:
+            y = drop_labels(y, self.s.class_dropout, self.null)
         with self.amp:
             loss, logs = self.loss(self.ddp["model"], x0, y)
         loss.backward()
@@ -315,6 +335,7 @@ class GuidanceClassifier(OneNetwork):
         self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
         self.opt = adamw(self.net, s.lr, (0.9, 0.95), 0.01, device)
         self.loss = classifier_loss
+        self.null = None  # no class dropout
         self.nets = {"model": self.net}
         self.amp = torch.autocast(device.type, torch.bfloat16, enabled=s.precision == "bf16")
 
@@ -327,7 +348,9 @@ class FlowMatching(OneNetwork):
     def __init__(self, s, C, H, num_classes, device):
         self.s = s
         self.net = Generator(**models[s.model], input_size=H, in_channels=C,
-                             num_classes=num_classes, use_t_src=True)
+                             num_classes=label_rows(num_classes, s.class_dropout),
+                             use_t_src=True)
+        self.null = num_classes
         self.net.grad_checkpointing = s.grad_checkpoint
         self.net.to(device)
         self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
