@@ -3,19 +3,40 @@ Adversarial Flow Models (AFM; Lin, Yang, Lin, Chen, Fan, arXiv 2511.22475): the 
 
 This file imports torch and the standard library only. Copy it next to your own networks and
 trainer: `G(x_src, y, t_src, t_tgt)` and `D(x, y, t)` may be any callables (DiTs, small MLPs).
+A training step is either a discriminator step or a generator step:
 
     loss = AdversarialFlowLoss(steps=1, pred="x", ot=0.2, ot_end=0.005)
-    loss_d, logs = loss.d_loss(G, D, x0, y, step)     # a discriminator step
-    loss_g, logs = loss.g_loss(G, D, x0, y, step)     # a generator step
-    x = generate(G_ema, z, y, steps=1, pred="x")      # sampling: noise -> data
 
-Beside it, flow matching (the baseline the paper compares with), the guidance classifier's loss
-and the EMA update. Where the paper and the authors' release differ, the release's behaviour is
-followed, since its checkpoints were trained with it (ByteDance-Seed/Adversarial-Flow-Models,
-commit dc11741: `train_adversarial_flow.py`, `grad_norm.py`, `configs/train/*.yaml`).
+    # D step: G makes the fakes without gradient; only D learns
+    loss_d, logs = loss.d_loss(G, D, x0, y, step)
+    loss_d.backward()
+    opt_d.step()
+    opt_d.zero_grad()
 
-    python afm.py            # the release's 1-D toy: AFM and flow matching, under a minute on a CPU
-    python afm.py --ot 0     # the same without the transport cost
+    # G step: gradients flow through D into G; D's weights must get none. D stays frozen
+    # through backward too, so that a recomputation (gradient checkpointing) sees one graph.
+    with frozen(D):
+        loss_g, logs = loss.g_loss(G, D, x0, y, step)
+        loss_g.backward()
+    opt_g.step()
+    opt_g.zero_grad()
+    ema_update(G_ema, G, 0.9999)  # after each generator update
+
+    x = generate(G_ema, z, y, steps=1, pred="x")  # sampling: noise -> data
+
+The loss's state (its gradient normalization, `loss.state_dict()`) belongs in checkpoints; it
+follows the gradients onto their device by itself.
+
+Beside it, flow matching (the baseline the paper compares with), continuous AFM (CAFM, arXiv
+2604.11521: a flow model post-trained against a discriminator read through its derivative;
+`ContinuousAdversarialFlowLoss`, same two steps, `is_g_step` says which), the guidance
+classifier's loss and the EMA update. Where the paper and the authors' release differ, the
+release's behaviour is followed, since its checkpoints were trained with it
+(ByteDance-Seed/Adversarial-Flow-Models, commit dc11741: `train_adversarial_flow.py`,
+`grad_norm.py`, `configs/train/*.yaml`; commit 519601d for flow matching and CAFM).
+
+    python afm.py            # the release's 1-D toys: AFM, flow matching and CAFM, about a minute
+    python afm.py --ot 0     # the same without AFM's transport cost
 """
 
 import contextlib
@@ -25,6 +46,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # --------------------------------------------------------------------------------------
 # Paths and timesteps. Notation: x_t = (1 - t) x0 + t z, data x0 at t = 0, noise z at t = 1.
@@ -92,6 +114,8 @@ class GradientNormalization(nn.Module):
         return x
 
     def normalize(self, g):
+        if self.square_avg.device != g.device:  # the state follows the gradient (same dtype)
+            self.square_avg = self.square_avg.to(g.device)
         sq = g.float().square().sum() * g.numel()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(sq)  # SUM, then divide: gloo has no AVG
@@ -337,6 +361,149 @@ def flow_matching_loss(v, x0, y):
 
 
 # --------------------------------------------------------------------------------------
+# Continuous AFM (CAFM, arXiv 2604.11521): the release's models/cafm/jvp/discriminator.py and
+# train_continuous_adversarial_flow_imagenet.py (commit 519601d)
+# --------------------------------------------------------------------------------------
+
+
+def flow_derivative(D, x, y, t, u):
+    """D read along a flow: J(u) = d/ds D(x + s u, y, t + s) at s = 0, a forward-mode
+    derivative (a JVP with tangent (u, 1)). Returns (D(x, y, t), J(u)), (B,) each. With K
+    tangents u of shape (K, B, ...), all go through one vmap'd JVP (the release's D step pairs
+    the real and the generated velocity so) and both outputs are (K, B), D's value repeated.
+
+    What J measures: J(u) = <grad_x D(x, y, t), u> + dD/dt, the rate at which D's score changes
+    for a sample that moves with velocity u as time advances, i.e. D along the trajectory that
+    u draws through (x, t). It is linear in u: two velocities at the same (x, t) differ by
+    <grad_x D, u1 - u2>, so D's gradient in x is the direction in which it tells them apart.
+
+    Attention runs through PyTorch's math kernel here, on every device: forward-mode autodiff
+    needs a derivative rule for each operation, and the fused CPU attention kernel has none (the
+    release's CAFM trainer turns the fused CUDA kernels off as well)."""
+    def d_of(x, t):
+        return D(x, y, t)
+
+    def one(u, dt):
+        return torch.func.jvp(d_of, (x, t), (u, dt))
+
+    with sdpa_kernel(SDPBackend.MATH):
+        if u.dim() == x.dim():
+            return one(u, torch.ones_like(t))
+        dt = torch.ones(u.shape[0], *t.shape, dtype=t.dtype, device=t.device)  # (K, B)
+        return torch.func.vmap(one)(u, dt)
+
+
+class FlowDerivative(nn.Module):
+    """A discriminator with its flow derivative as one module: forward(x, y, t, u) returns
+    `flow_derivative(D, x, y, t, u)`. The CAFM losses take D in this form, so that DDP can wrap
+    the whole JVP, DDP(FlowDerivative(D)), as the release wraps its DiscriminatorJVP: DDP's
+    forward must be the outermost call, not one inside torch.func's transforms."""
+
+    def __init__(self, D):
+        super().__init__()
+        self.D = D
+
+    def forward(self, x, y, t, u):
+        return flow_derivative(self.D, x, y, t, u)
+
+
+def cafm_is_g_step(step, n_dis, warmup):
+    """The release's schedule (its is_dis_step): steps 0 to `warmup` (inclusive) train D alone;
+    after them, of every 1 + n_dis steps one trains G (step % (1 + n_dis) == n_dis), the others
+    D. The loop's step counts D and G steps alike."""
+    return step > warmup and step % (1 + n_dis) == n_dis
+
+
+class ContinuousAdversarialFlowLoss:
+    """The CAFM objective. `G(x_t, y, t, t)` is a velocity network, called as flow matching calls
+    it. The discriminator D(x, y, t) -> (B,) scores comes as `D_flow = FlowDerivative(D)` (under
+    DDP, `DDP(FlowDerivative(D))`). Same path as flow matching: x_t = (1 - t) x0 + t z,
+    t ~ U(0, 1), real velocity z - x0. CAFM keeps the flow (sampling integrates
+    dx/dt = G(x, y, t, t), `generate(..., pred="v")`) but replaces flow matching's MSE to the
+    real velocity by a learned critic of velocities: D, read through its derivative along the
+    flow (`flow_derivative`).
+
+    Each step is a D step (`d_loss`) or a G step (`g_loss`), as `is_g_step(step)` says; both
+    return (loss, logs) and are used as AdversarialFlowLoss's are (the file's docstring), with
+    D_flow in place of D. The EMA of G moves after G steps only.
+
+    Defaults are the release's post-training of SiT-XL/2 (configs/train/cafm/
+    train_cafm_sit.yaml): G and D both start from a flow-matching checkpoint. Labels become the
+    null label `null_class` with probability `class_dropout`, the same for G and D, so that the
+    model keeps its unconditional velocity for guidance; the networks need an embedding row for
+    it and no dropout of their own (the release builds them with 1001 classes and
+    class_dropout_prob 0)."""
+
+    def __init__(self, n_dis=16, warmup=10_000, cp=0.001, ot=0.0, class_dropout=0.1,
+                 null_class=1000):
+        self.n_dis = n_dis  # D steps per G step
+        self.warmup = warmup  # D steps before the first G step
+        self.cp = cp  # weight of D's centering
+        self.ot = ot  # weight of G's kinetic energy mean(v^2) (0 for SiT)
+        self.class_dropout = class_dropout
+        self.null_class = null_class
+
+    def is_g_step(self, step):
+        # Why D takes many steps per G step: G only learns through J, D's derivative along G's
+        # own velocities, and J means something only where D has learned to tell G's current
+        # velocities from the real ones. G starts as a trained flow model, nearly right: D first
+        # needs `warmup` steps of its own to find where G is still wrong (its head is new), then
+        # n_dis steps per G step to follow each small change of G.
+        return cafm_is_g_step(step, self.n_dis, self.warmup)
+
+    def sample(self, x0, y):
+        """(labels, t, z) of one batch, drawn in the order of the release's prepare_input."""
+        keep = torch.rand(y.shape[0], device=y.device) >= self.class_dropout
+        y = torch.where(keep, y, self.null_class)
+        t = torch.rand(x0.shape[0], device=x0.device)
+        z = torch.randn_like(x0)
+        return y, t, z
+
+    def d_loss(self, G, D_flow, x0, y, step):
+        """The discriminator's loss. G runs without gradient; one vmap'd JVP reads D along the
+        real velocity and along G's, at the same (x_t, t)."""
+        y, t, z = self.sample(x0, y)
+        x_t = interp(x0, z, t)
+        v_real = z - x0  # the velocity of this example's straight path
+        with torch.no_grad():
+            v_fake = G(x_t, y, t, t).to(x_t.dtype)
+        d, j = D_flow(x_t, y, t, torch.stack([v_real, v_fake]))  # (2, B) each
+        d = d.float()
+        j_real, j_fake = j.float().unbind(0)
+        # Least-squares targets (LSGAN's): D's derivative along real trajectories is regressed
+        # to +1, along the generator's to -1. Real and fake share x_t, t and so dD/dt: only
+        # <grad_x D, v_real - v_fake> can separate them, so D's x-gradient is pushed to point
+        # from G's velocity towards the real one. Squares, not a sigmoid's log-loss: the pull
+        # grows with the error and never saturates.
+        adv = (j_real - 1).square().mean() + (j_fake + 1).square().mean()
+        # Centering: both targets constrain D's derivative only, never its value, which may
+        # drift by any constant. A small penalty on D(x_t)^2 keeps the value near 0.
+        cp = d.square().mean() * self.cp
+        loss = adv + cp
+        logs = {"d_adv": adv, "cp": cp, "logit_real": j_real.detach().mean(),
+                "logit_fake": j_fake.detach().mean(), "logit_out": d.detach().mean()}
+        return loss, logs
+
+    def g_loss(self, G, D_flow, x0, y, step):
+        """The generator's loss: its velocity should read +1 along D, the value real velocities
+        are trained to, plus `ot` times its kinetic energy. D is frozen: the gradient flows
+        through D's JVP (which is linear in G's velocity) into G; D's weights get none."""
+        y, t, z = self.sample(x0, y)
+        x_t = interp(x0, z, t)
+        v_fake = G(x_t, y, t, t)
+        with frozen(D_flow):
+            _, j_fake = D_flow(x_t, y, t, v_fake.to(x_t.dtype))
+        j_fake = j_fake.float()
+        # J is linear in v_fake: G's gradient is 2 (J - 1) grad_x D, a step along the direction
+        # D found to separate real from generated velocities at this (x_t, t).
+        adv = (j_fake - 1).square().mean()
+        ot = v_fake.float().square().mean() * self.ot
+        loss = adv + ot
+        logs = {"g_adv": adv, "ot": ot, "logit_fake": j_fake.detach().mean()}
+        return loss, logs
+
+
+# --------------------------------------------------------------------------------------
 # Sampling (paper Sec. 3.4) and the EMA
 # --------------------------------------------------------------------------------------
 
@@ -377,9 +544,11 @@ def ema_update(ema, model, decay):
 
 
 # --------------------------------------------------------------------------------------
-# The 1-D toy of the release's notebooks/adversarial_flow_models.ipynb: N(0, 1) noise to a
-# mixture of four narrow modes, 1 NFE, small MLPs. In 1-D the W2-optimal map is the monotone
-# quantile map F^-1(Phi(z)), so how far a learned map is from it can be measured exactly.
+# The 1-D toy of the release's notebooks/adversarial_flow_models.ipynb (and, at 519601d,
+# continuous_adversarial_flow_models.ipynb): N(0, 1) noise to a mixture of four narrow modes,
+# small MLPs. In 1-D the W2-optimal map is the monotone quantile map F^-1(Phi(z)), and so is
+# every flow's ODE map (1-D trajectories cannot cross), so how far a learned map is from it
+# can be measured exactly.
 # --------------------------------------------------------------------------------------
 
 MODES = torch.tensor([-1.5, -0.5, 0.5, 1.5])
@@ -471,6 +640,38 @@ def train_toy_flow(steps=3000, batch=256, lr=1e-3, seed=0):
     return v
 
 
+def train_toy_cafm(steps=2000, n_dis=8, batch=256, lr=1e-4, ema=0.9, seed=0):
+    """CAFM on the toy, from scratch, as the release's continuous_adversarial_flow_models.ipynb
+    trains it: N 8 D steps per G step from the first step, Adam (betas (0, 0.9), lr 1e-4),
+    cp 0.001, ot 0, an EMA of 0.9 after each G step, 2,000 steps in all. A quarter of its batch
+    (1024) and the small MLPs above, so that it runs in seconds on a CPU. -> the EMA velocity
+    network."""
+    torch.manual_seed(seed)
+    G = ToyNet(use_t=True)
+    D = FlowDerivative(ToyNet(use_t=True, logit=True))
+    G_ema = ToyNet(use_t=True)
+    G_ema.load_state_dict(G.state_dict())
+    loss_fn = ContinuousAdversarialFlowLoss(n_dis=n_dis, warmup=0, cp=0.001, ot=0.0,
+                                            class_dropout=0.0)
+    opt_g = torch.optim.Adam(G.parameters(), lr=lr, betas=(0.0, 0.9))
+    opt_d = torch.optim.Adam(D.parameters(), lr=lr, betas=(0.0, 0.9))
+    y = torch.zeros(batch, dtype=torch.long)
+    for step in range(steps):
+        if loss_fn.is_g_step(step):
+            with frozen(D):
+                loss, _ = loss_fn.g_loss(G, D, toy_data(batch), y, step)
+                loss.backward()
+            opt_g.step()
+            ema_update(G_ema, G, ema)
+        else:
+            loss, _ = loss_fn.d_loss(G, D, toy_data(batch), y, step)
+            loss.backward()
+            opt_d.step()
+        opt_d.zero_grad()
+        opt_g.zero_grad()
+    return G_ema
+
+
 def map_error(G, steps=1, pred="x", n=20000, seed=1):
     """How far G's map is from the exact one: (RMS of G(z) - T(z), fraction of noise sent to
     another mode than the monotone map sends it to), over z ~ N(0, 1)."""
@@ -528,15 +729,26 @@ def main(args):
         print(f"flow matching, {n:2d} Euler step(s): RMS {rms:.4f}, wrong mode {wrong:.1%}")
         xs = generate(v, z, y, n, "v").squeeze(1).tolist()
         curves.append((f"flow, {n} Euler step(s)", colors[n], xs))
+
+    v = train_toy_cafm(steps=args.cafm_steps)
+    rms, wrong = map_error(v, 64, "v")
+    print(f"CAFM, 64 Euler steps:      RMS {rms:.4f}, wrong mode {wrong:.1%}")
+    xs = generate(v, z, y, 64, "v").squeeze(1).tolist()
+    curves.append(("CAFM, 64 Euler steps", (44, 160, 44), xs))
     draw_maps(curves, args.out)
     print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
     import argparse
-    p = argparse.ArgumentParser(description="The 1-D toy: AFM and flow matching, and the exact map")
+    import warnings
+    # torch's forward-mode autodiff loads decompositions through torch.jit.script, which warns
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated")
+    p = argparse.ArgumentParser(description="The 1-D toy: AFM, flow matching, CAFM, the exact map")
     p.add_argument("--ot", type=float, default=0.2, help="AFM transport weight (0: a plain GAN)")
     p.add_argument("--g-steps", type=int, default=2500, help="AFM generator steps")
     p.add_argument("--fm-steps", type=int, default=3000, help="flow-matching steps")
+    p.add_argument("--cafm-steps", type=int, default=2000,
+                   help="CAFM steps, D and G steps together (8 D steps per G step)")
     p.add_argument("--out", default="afm_toy.png", help="the picture of the maps")
     main(p.parse_args())

@@ -1,6 +1,8 @@
 """
 The networks of Adversarial Flow Models (AFM, arXiv 2511.22475): a DiT generator, a DiT
-discriminator, the deep (weight-repeated) generator and the DiT classifier used for guidance.
+discriminator, the deep (weight-repeated) generator and the DiT classifier used for guidance;
+with SiT's conventions, the generator and discriminator of continuous AFM (CAFM, arXiv
+2604.11521).
 
 All four are plain DiTs (Peebles & Xie 2023, "Scalable Diffusion Models with Transformers"):
 patch embedding + fixed 2-D sin-cos positions, a stack of adaLN-Zero transformer blocks
@@ -16,6 +18,16 @@ change what goes into `c` and what the head reads:
 Parameter names and shapes are the release's (which are DiT's), so the authors' checkpoints
 (`xl2_1nfe_guided_FID2.38.pth`, `xl2_56layer_1nfe_guided_FID2.08.pth`, `classifier.pth`, ...)
 load with `load_state_dict(sd, strict=True)`.
+
+SiT (Ma et al. 2024, willisma/SiT) has DiT's layout and keys with `learn_sigma=True`; it differs
+in its timestep convention (`sit_time=True`, below). CAFM post-trains it against a discriminator
+of SiT's blocks with RMSNorm (`norm="rms"`), as the release does (ByteDance-Seed/
+Adversarial-Flow-Models, commit 519601d: models/cafm/sit/{generator,discriminator}.py):
+
+    SiT-XL-2-256.pt   Generator(**models["XL/2"], use_t_src=True, learn_sigma=True,
+                                sit_time=True, num_classes=1001)
+    CAFM's D          Discriminator(**models["XL/2"], use_t=True, sit_time=True, norm="rms",
+                                    num_classes=1001), started by discriminator_from_flow
 
     python model.py          # parameter counts and forward GFLOPs of every registry entry
 """
@@ -65,7 +77,7 @@ models = _registry()
 
 def timestep_embedding(t, dim, max_period=10000):
     """DiT's sinusoidal timestep features: [cos(t f_i), sin(t f_i)], f_i = max_period^(-i/half).
-    `t` is what the embedder receives, i.e. already multiplied by 1000 (DiT's scale)."""
+    `t` is what the embedder receives: t x 1000 (DiT's scale) or 1 - t (SiT's; `embed_time`)."""
     half = dim // 2
     i = torch.arange(half, dtype=torch.float32, device=t.device)
     freqs = torch.exp(-math.log(max_period) * i / half)  # (half,)
@@ -92,6 +104,14 @@ def pos_embed_sincos(dim, grid_size):
 # --------------------------------------------------------------------------------------
 # Building blocks (names follow DiT / timm so that state dicts match)
 # --------------------------------------------------------------------------------------
+
+
+def norm_layer(kind, dim):
+    """The weightless normalization of every block and head: DiT's LayerNorm, or (kind "rms")
+    the RMSNorm of the release's CAFM discriminator. eps 1e-6 in both."""
+    if kind == "rms":
+        return nn.RMSNorm(dim, eps=1e-6, elementwise_affine=False)
+    return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
 
 class PatchEmbed(nn.Module):
@@ -168,11 +188,11 @@ class DiTBlock(nn.Module):
     """adaLN-Zero block: the condition c regresses shift/scale/gate for both sub-layers; gates
     start at zero (see `init_weights`), so every block starts as the identity."""
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, norm="layer"):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm1 = norm_layer(norm, hidden_size)
         self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm2 = norm_layer(norm, hidden_size)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
@@ -187,9 +207,9 @@ class DiTBlock(nn.Module):
 class FinalLayer(nn.Module):
     """Generator head: adaLN-modulated LayerNorm, then a linear map of each token to a patch."""
 
-    def __init__(self, hidden_size, patch_size, out_channels):
+    def __init__(self, hidden_size, patch_size, out_channels, norm="layer"):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm_final = norm_layer(norm, hidden_size)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
@@ -198,10 +218,10 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, T, p*p*C)
 
 
-def token_head(hidden_size, out_features, bias):
-    """Discriminator / classifier head on the learned token: LayerNorm (no affine) -> Linear.
+def token_head(hidden_size, out_features, bias, norm="layer"):
+    """Discriminator / classifier head on the learned token: a norm (no affine) -> Linear.
     As an nn.Sequential so the keys are the release's `final_layer.1.weight` (and `.bias`)."""
-    return nn.Sequential(nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6),
+    return nn.Sequential(norm_layer(norm, hidden_size),
                          nn.Linear(hidden_size, out_features, bias=bias))
 
 
@@ -214,16 +234,24 @@ class DiT(nn.Module):
     """Patch embedding + positions + adaLN-Zero blocks, with the embedders each variant needs.
     Subclasses take these arguments (`*args, **kw`) plus their own keywords, add a head and
     define forward. `grad_checkpointing = True` recomputes each block's activations in the
-    backward pass (the 112-layer generator needs it on one GPU)."""
+    backward pass (the 112-layer generator needs it on one GPU).
+
+    Timesteps are always in [0, 1], data at t = 0 and noise at t = 1 (afm.py's path). What the
+    timestep embedders receive (`embed_time`): DiT's scale, t x 1000; or with `sit_time` SiT's
+    convention, 1 - t unscaled, since SiT was trained with noise at 0 and data at 1 and embeds
+    its time in [0, 1]. `norm="rms"` puts non-affine RMSNorm in every block."""
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
                  num_heads=16, mlp_ratio=4.0, class_dropout_prob=0.0, num_classes=1000,
-                 learn_sigma=False, *, t_embedder=True, y_embedder=True):
+                 learn_sigma=False, *, sit_time=False, norm="layer", t_embedder=True,
+                 y_embedder=True):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        if norm not in ("layer", "rms"):
+            raise ValueError(f"norm {norm!r}: expected 'layer' or 'rms'")
         self.in_channels = in_channels
         self.patch_size = patch_size
         self.hidden_size = hidden_size
@@ -231,6 +259,8 @@ class DiT(nn.Module):
         self.out_channels = in_channels
         if learn_sigma:  # DiT's learned variance doubles the output channels
             self.out_channels = in_channels * 2
+        self.sit_time = sit_time
+        self.norm = norm
         self.grad_checkpointing = False
         # The modules are created in this order (x, t, y, blocks) so that random init draws as DiT
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
@@ -244,7 +274,7 @@ class DiT(nn.Module):
         # A parameter, not a buffer, because DiT saves it in its state dict; it is never trained.
         pos = pos_embed_sincos(hidden_size, grid).float()[None]  # (1, T, D)
         self.pos_embed = nn.Parameter(pos, requires_grad=False)
-        blocks = [DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)]
+        blocks = [DiTBlock(hidden_size, num_heads, mlp_ratio, norm) for _ in range(depth)]
         self.blocks = nn.ModuleList(blocks)
         self.init_weights()
 
@@ -267,6 +297,12 @@ class DiT(nn.Module):
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
+
+    def embed_time(self, t):
+        """What a timestep embedder receives for t in [0, 1] (see the class docstring)."""
+        if self.sit_time:
+            return 1 - t
+        return t * 1000
 
     def run_blocks(self, x, c):
         for block in self.blocks:
@@ -302,7 +338,8 @@ class Generator(DiT):
     """G(x_src, y, t_src, t_tgt) -> output shaped like x (x-prediction or velocity, per recipe).
 
     Timesteps are in [0, 1] and enter DiT's embedder multiplied by 1000 (the release's
-    models/generator.py: "multiply 1000 to align scaling with original DiTs").
+    models/generator.py: "multiply 1000 to align scaling with original DiTs"), or as SiT's
+    1 - t with `sit_time`.
     `use_t_src` keeps DiT's `t_embedder` for t_src (needed for multi-step), `use_t_tgt` adds a
     second embedder `t_tgt_embedder` (any-step). A 1-NFE generator has neither: c = label only.
 
@@ -310,6 +347,12 @@ class Generator(DiT):
     same weights (XL/2 x2 = 56 layers, x4 = 112); repetition r is conditioned on
     y + t_embedder(1000 * (1 - r / repeat)), and the final layer on y alone. It keeps
     `t_embedder` for that schedule and ignores t_src / t_tgt.
+
+    With `learn_sigma` (DiT's and SiT's layout) the head has 2C channels; the first C are the
+    output, as SiT's forward returns them (the variance half is unused). With `sit_time` (a SiT
+    velocity network, e.g. SiT-XL-2-256.pt) the output is negated: SiT's velocity is dx/ds with
+    s = 1 - t, and dx/dt = -dx/ds. So v(x, y, t) = -SiT(x, 1 - t, y)[:, :C], as the release's
+    models/cafm/sit/generator.py computes it.
     """
 
     def __init__(self, *args, use_t_src=False, use_t_tgt=False, repeat=1, **kw):
@@ -318,7 +361,8 @@ class Generator(DiT):
                              "use_t_src/use_t_tgt must be False")
         super().__init__(*args, **kw, t_embedder=use_t_src or repeat > 1)
         self.repeat = repeat
-        self.final_layer = FinalLayer(self.hidden_size, self.patch_size, self.out_channels)
+        self.final_layer = FinalLayer(self.hidden_size, self.patch_size, self.out_channels,
+                                      self.norm)
         # zero output at init
         for lin in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(lin.weight)
@@ -336,31 +380,39 @@ class Generator(DiT):
         if self.repeat > 1:
             for r in range(self.repeat):
                 t = torch.full((x.shape[0],), 1 - r / self.repeat, device=x.device, dtype=c.dtype)
-                h = self.run_blocks(h, c + self.t_embedder(t * 1000))
+                h = self.run_blocks(h, c + self.t_embedder(self.embed_time(t)))
         else:
             if self.t_embedder is not None:
-                c = c + self.t_embedder(t_src * 1000)
+                c = c + self.t_embedder(self.embed_time(t_src))
             if self.t_tgt_embedder is not None:
-                c = c + self.t_tgt_embedder(t_tgt * 1000)
+                c = c + self.t_tgt_embedder(self.embed_time(t_tgt))
             h = self.run_blocks(h, c)
-        return self.unpatchify(self.final_layer(h, c))  # (N, C, H, W)
+        out = self.unpatchify(self.final_layer(h, c))  # (N, out_channels, H, W)
+        out = out[:, :self.in_channels]  # (N, C, H, W): without learn_sigma's variance half
+        if self.sit_time:
+            return -out
+        return out
 
 
 class Discriminator(DiT):
     """D(x, y, t) -> (N,) logits. A learned token `dis_embed` is prepended to the patch tokens
-    (without a position); its final state, through LayerNorm and a bias-free Linear, is the
-    logit. `use_t` conditions on the timestep of x (multi-step recipes)."""
+    (without a position); its final state, through a norm and a bias-free Linear, is the
+    logit. `use_t` conditions on the timestep of x (multi-step recipes, and CAFM).
+
+    CAFM's discriminator (the release's models/cafm/sit/discriminator.py) is this one with
+    `use_t=True, sit_time=True, norm="rms"`: SiT's blocks and embedders, so that it can start
+    from the same flow checkpoint as the generator (`discriminator_from_flow`)."""
 
     def __init__(self, *args, use_t=False, **kw):
         super().__init__(*args, **kw, t_embedder=use_t)
         self.dis_embed = nn.Parameter(torch.randn(self.hidden_size) * 0.02)
-        self.final_layer = token_head(self.hidden_size, 1, bias=False)
+        self.final_layer = token_head(self.hidden_size, 1, bias=False, norm=self.norm)
 
     def forward(self, x, y, t=None):
         h = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         c = self.y_embedder(y)  # (N, D)
         if self.t_embedder is not None:
-            c = c + self.t_embedder(t * 1000)
+            c = c + self.t_embedder(self.embed_time(t))
         h = self.run_blocks(self.prepend_token(self.dis_embed, h), c)  # (N, T+1, D)
         return self.final_layer(h[:, 0]).view(-1)  # (N,)
 
@@ -373,13 +425,29 @@ class Classifier(DiT):
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw, y_embedder=False)
         self.cls_embed = nn.Parameter(torch.randn(self.hidden_size) * 0.02)
-        self.final_layer = token_head(self.hidden_size, self.num_classes, bias=True)
+        self.final_layer = token_head(self.hidden_size, self.num_classes, bias=True,
+                                      norm=self.norm)
 
     def forward(self, x, t):
         h = self.x_embedder(x) + self.pos_embed  # (N, T, D)
-        c = self.t_embedder(t * 1000)  # (N, D)
+        c = self.t_embedder(self.embed_time(t))  # (N, D)
         h = self.run_blocks(self.prepend_token(self.cls_embed, h), c)  # (N, T+1, D)
         return self.final_layer(h[:, 0])  # (N, num_classes)
+
+
+def discriminator_from_flow(D, state_dict):
+    """Start a discriminator from a flow model's weights (its SiT or DiT state dict), as the
+    release starts CAFM's from SiT-XL-2-256.pt with strict=False: the trunk (embedders and
+    blocks) is the flow model's; the token `dis_embed` and the head's `final_layer.1.weight`
+    keep their fresh init; the flow model's own head (`final_layer.linear`,
+    `final_layer.adaLN_modulation`) is left out. Anything else that does not fit is an error."""
+    missing, unexpected = D.load_state_dict(state_dict, strict=False)
+    new = {"dis_embed", "final_layer.1.weight"}
+    unknown = [k for k in unexpected if not k.startswith("final_layer.")]
+    if set(missing) != new or unknown:
+        raise ValueError(f"not a flow model's state dict for this discriminator: missing "
+                         f"{sorted(set(missing) - new)}, unexpected {sorted(unknown)}")
+    return D
 
 
 # --------------------------------------------------------------------------------------
