@@ -1168,6 +1168,18 @@ def test_flow_recipe_values():
     digits = T.resolve([])[0]
     assert (d.model, d.global_batch_size, d.lr, d.ema) == (
         digits.model, digits.global_batch_size, digits.lr, digits.ema)
+    assert s.class_dropout == d.class_dropout == 0.1 and digits.class_dropout == 0.0
+
+
+def test_cafm_recipe_values():
+    """The release's CAFM post-training of SiT-XL/2 (configs/train/cafm/train_cafm_sit.yaml at
+    519601d): batch 256, lr 1e-5 for both networks, clip 1e4, EMA 0.99, class dropout 0.1,
+    16 D steps per G step after 10,000 D-only steps, centering 0.001, no transport term."""
+    s = T.resolve(["--recipe", "cafm", "--data", HERE, "--init", HERE])[0]
+    assert (s.model, s.dis_model, s.global_batch_size, s.lr, s.lr_d, s.clip, s.ema) == (
+        "XL/2", "XL/2", 256, 1e-5, 1e-5, 1e4, 0.99)
+    assert (s.class_dropout, s.n_dis, s.warmup, s.cp, s.ot) == (0.1, 16, 10_000, 0.001, 0.0)
+    assert (s.sample_solver, T.objective_of(s)) == ("heun", "cafm")
 
 
 # --------------------------------------------------------------------------------------
@@ -1877,6 +1889,47 @@ def test_flow_matching_run_resumes_bitwise(tmp_path):
             assert torch.equal(v, b["opt"]["state"][i][k]), (i, k)
     assert a["opt"]["param_groups"][0]["betas"] == (0.9, 0.999)
     assert a["opt"]["param_groups"][0]["weight_decay"] == 0.0
+
+
+def test_cafm_run_from_a_flow_run_resumes_bitwise(tmp_path):
+    """--recipe cafm-digits --init FLOW_RUN: G and its EMA start as the flow run's EMA weights (the
+    warm-up's D steps leave them as they are), and a run interrupted at step 4 and resumed ends as
+    the uninterrupted one: G, EMA, D and both optimizers. sample.py samples it as a flow model."""
+    train(tmp_path / "fm", "--recipe", "fm-digits", "--max-steps", "4")
+    flow = load(tmp_path / "fm" / "000-fm-T-2" / "checkpoints" / "0000004.pt")
+    flags = ["--recipe", "cafm-digits", "--init", tmp_path / "fm" / "000-fm-T-2", "--warmup",
+             "3", "--n-dis", "2"]
+    train(tmp_path / "a", *flags, "--max-steps", "8")
+    train(tmp_path / "b", *flags, "--max-steps", "4")
+    run_b = tmp_path / "b" / "000-cafm-T-2"
+    after_warmup = load(run_b / "checkpoints" / "0000004.pt")  # steps 0-3: D steps only
+    for key in ("model", "ema"):
+        for k, v in flow["ema"].items():
+            assert torch.equal(after_warmup[key][k], v), (key, k)
+    assert after_warmup["dis"]["dis_embed"].shape == (M.models["T/2"]["hidden_size"],)
+    train(tmp_path / "b", "--resume", run_b, "--max-steps", "8")
+    a = load(tmp_path / "a" / "000-cafm-T-2" / "checkpoints" / "0000008.pt")
+    b = load(run_b / "checkpoints" / "0000008.pt")
+    for key in ("model", "ema", "dis"):
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+    for key in ("opt_g", "opt_d"):
+        for i, st in a[key]["state"].items():
+            for k, v in st.items():
+                assert torch.equal(v, b[key]["state"][i][k]), (key, i, k)
+        assert a[key]["param_groups"][0]["betas"] == (0.0, 0.95)
+    assert not torch.equal(a["model"]["final_layer.linear.weight"],
+                           flow["ema"]["final_layer.linear.weight"])  # a G step was taken
+    logged = set()
+    for r in read_log(run_b):
+        logged |= set(r)
+    assert {"d_adv", "g_adv", "logit_real", "logit_fake"} <= logged
+    out = run("sample.py", "--ckpt", run_b, "--steps", "4", "--out", tmp_path / "g.png").stdout
+    assert "4 step(s), pred v, euler" in out, out
+    # --init of another model size is refused before a run folder is made
+    r = train(tmp_path / "c", *flags, "--model", "S/2", "--max-steps", "2", check=False)
+    assert r.returncode == 1 and "does not fit --model S/2" in r.stderr + r.stdout
+    assert not (tmp_path / "c").exists() or not list((tmp_path / "c").iterdir())
 
 
 def test_resume_from_an_older_checkpoint_keeps_the_later_ones(tmp_path):
@@ -2875,6 +2928,12 @@ TRAIN_REFUSALS = [
     ("sample-steps-of-1-nfe", ["--sample-steps", "3"], 2, ["1-NFE generator"]),
     ("odd-heun-steps",
      ["--recipe", "fm-digits", "--sample-solver", "heun", "--sample-steps", "3"], 2, ["even"]),
+    ("cafm-without-init", ["--recipe", "cafm-digits"], 2, ["--init"]),
+    ("init-of-an-afm-recipe", ["--init", "{t}/bare.pth"], 2, ["--init starts a CAFM run"]),
+    ("init-missing", ["--recipe", "cafm-digits", "--init", "{t}/nothing.pt"], 2, ["--init"]),
+    ("init-an-afm-generator", ["--recipe", "cafm-digits", "--init", "{t}/runs/000-T-2", *R2], 1,
+     ["--init", "not a flow model"]),
+    ("n-dis-0", ["--recipe", "cafm-digits", "--n-dis", "0"], 2, ["--n-dis"]),
     # out-of-range settings
     ("steps-abc", ["--steps", "abc"], 2, ["--steps"]),
     ("steps-0", ["--steps", "0"], 2, ["--steps"]),

@@ -1,7 +1,8 @@
 """
 Training of Adversarial Flow Models (AFM, arXiv 2511.22475): the release's recipes, and one
-torchrun/DDP loop for the three objectives: the AFM pair (generator and discriminator), the
-guidance classifier, and flow matching, the baseline. The method itself is in afm.py.
+torchrun/DDP loop for four objectives: the AFM pair (generator and discriminator), the guidance
+classifier, flow matching (the baseline), and continuous AFM (CAFM, arXiv 2604.11521), which
+post-trains a flow model against a discriminator read along the flow. The method is in afm.py.
 
     python train.py                                   # built-in 8x8 digits, tiny model, CPU ok
     python train.py --recipe fm-digits                # flow matching on the same digits
@@ -9,11 +10,14 @@ guidance classifier, and flow matching, the baseline. The method itself is in af
     torchrun --nproc_per_node=8 train.py --recipe knfe --steps 2 --data CACHE_DIR --vae ...
     torchrun --nproc_per_node=8 train.py --recipe classifier --data CACHE_DIR --vae ...
     torchrun --nproc_per_node=8 train.py --recipe 1nfe-cg --cls CLS_RUN --data CACHE_DIR --vae ...
+    python train.py --recipe cafm-digits --init results/001-fm-T-2   # CAFM from that flow model
+    torchrun --nproc_per_node=8 train.py --recipe cafm --init SiT-XL-2-256.pt --data CACHE_DIR
     python train.py --resume results/000-T-2          # continue a run exactly
 
 "The release" below is ByteDance-Seed/Adversarial-Flow-Models at commit dc11741 (its trainer
 train_adversarial_flow.py and configs/train/*.yaml); its flow-matching trainer came later, in
-train_flow_matching_imagenet.py and configs/train/fm/*.yaml at commit 519601d.
+train_flow_matching_imagenet.py and configs/train/fm/*.yaml at commit 519601d, as did CAFM's,
+train_continuous_adversarial_flow_imagenet.py and configs/train/cafm/train_cafm_sit.yaml.
 """
 
 import argparse
@@ -23,19 +27,25 @@ import math
 import os
 import signal
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from afm import AdversarialFlowLoss, classifier_loss, ema_update, flow_matching_loss, frozen
+from afm import (AdversarialFlowLoss, ContinuousAdversarialFlowLoss, FlowDerivative,
+                 classifier_loss, ema_update, flow_matching_loss, frozen)
 from dataset import ImageFolder, IndexStream, batches, open_data
-from model import Classifier, Discriminator, Generator, models
+from model import Classifier, Discriminator, Generator, discriminator_from_flow, models
 from plumbing import (ArgumentParser, any_rank, cleanup, first_line, load_checkpoint,
                       make_run_dir, mean_over_ranks, plot_curves, print0, resumed_run_dir,
                       save_atomic, setup, sum_over_ranks, trim_log, why_unwritable, write_log)
-from sample import Evaluation, Sampler, save_grid
+from sample import Evaluation, Sampler, load_generator, save_grid
 from vae import encode
+
+# torch.func.jvp (CAFM's discriminator) runs torch code that warns, once per process, that
+# torch.jit.script is deprecated: nothing a user of this script can act on.
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
 
 # --------------------------------------------------------------------------------------
 # Recipes: every value of every recipe, in three tables (training, method, schedule)
@@ -53,19 +63,21 @@ COMMON = dict(gp=0.25, gp_ratio=0.25, gp_eps=0.01, cp=0.01, ttur=1, decay_steps=
 # release's flow-matching and CAFM trainers drop 0.1 (gen.dropout), its AFM recipes none.
 TRAINING_KEYS = ("model", "global_batch_size", "lr", "lr_d", "clip", "ema", "class_dropout")
 TRAINING = {
-    #              model   batch lr    lr_d  clip  ema     drop
-    "1nfe":       ("XL/2", 256,  1e-4, None, 50,   0.9999, 0.0),  # train_1nfe.yaml
-    "1nfe-cg":    ("XL/2", 256,  1e-4, None, 50,   0.9999, 0.0),  # train_1nfe_cg.yaml
-    "knfe":       ("XL/2", 256,  1e-4, None, 5,    0.9999, 0.0),  # train_fix_nfe.yaml
-    "knfe-cg":    ("XL/2", 256,  1e-4, None, 5,    0.9999, 0.0),  # train_fix_nfe_cg.yaml
-    "any":        ("B/2",  32,   1e-4, None, 5,    0.9999, 0.0),  # train_any_nfe.yaml
-    "deep":       ("XL/2", 256,  5e-5, 1e-4, 5,    0.9999, 0.0),  # train_1nfe_deep.yaml: lr / --repeat
-    "classifier": ("B/2",  256,  1e-4, None, 50,   0.9995, 0.0),  # train_classifier.yaml
-    "fm":         ("XL/2", 256,  1e-4, None, None, 0.9999, 0.1),  # configs/train/fm/*.yaml (519601d)
-    "digits":     ("T/2",  32,   5e-4, None, 50,   0.999,  0.0), # ours (README, "Tuning notes")
-    "pixel32":    ("B/2",  256,  1e-4, None, 50,   0.9999, 0.0),  # ours: 256 tokens, B width
-    "pixel64":    ("B/4",  256,  1e-4, None, 50,   0.9999, 0.0),  # ours: 256 tokens, B width
-    "fm-digits":  ("T/2",  32,   5e-4, None, None, 0.999,  0.1), # ours: as digits
+    #               model   batch lr    lr_d  clip  ema     drop
+    "1nfe":        ("XL/2", 256,  1e-4, None, 50,   0.9999, 0.0),  # train_1nfe.yaml
+    "1nfe-cg":     ("XL/2", 256,  1e-4, None, 50,   0.9999, 0.0),  # train_1nfe_cg.yaml
+    "knfe":        ("XL/2", 256,  1e-4, None, 5,    0.9999, 0.0),  # train_fix_nfe.yaml
+    "knfe-cg":     ("XL/2", 256,  1e-4, None, 5,    0.9999, 0.0),  # train_fix_nfe_cg.yaml
+    "any":         ("B/2",  32,   1e-4, None, 5,    0.9999, 0.0),  # train_any_nfe.yaml
+    "deep":        ("XL/2", 256,  5e-5, 1e-4, 5,    0.9999, 0.0),  # train_1nfe_deep.yaml
+    "classifier":  ("B/2",  256,  1e-4, None, 50,   0.9995, 0.0),  # train_classifier.yaml
+    "fm":          ("XL/2", 256,  1e-4, None, None, 0.9999, 0.1),  # fm/*.yaml (519601d)
+    "digits":      ("T/2",  32,   5e-4, None, 50,   0.999,  0.0),  # ours (NOTES.md)
+    "pixel32":     ("B/2",  256,  1e-4, None, 50,   0.9999, 0.0),  # ours: 256 tokens, B width
+    "pixel64":     ("B/4",  256,  1e-4, None, 50,   0.9999, 0.0),  # ours: 256 tokens, B width
+    "fm-digits":   ("T/2",  32,   5e-4, None, None, 0.999,  0.1),  # ours: as digits
+    "cafm":        ("XL/2", 256,  1e-5, None, 1e4,  0.99,   0.1),  # cafm/*_sit.yaml (519601d)
+    "cafm-digits": ("T/2",  32,   5e-5, None, 1e4,  0.99,   0.1),  # ours (README, CAFM)
 }
 
 # The method. None: not used by that objective. cg_t, where the guidance reads the fake:
@@ -85,6 +97,8 @@ METHOD = {
     "pixel32":    (1,     "x",  1,     0.2,  0.2,   0.0,  0.0,   "uniform"),
     "pixel64":    (1,     "x",  1,     0.2,  0.2,   0.0,  0.0,   "uniform"),
     "fm-digits":  (None,  "v",  1,     None, None,  None, None,  None),
+    "cafm":       (None,  "v",  1,     0.0,  None,  None, None,  None),  # ot: weight of mean(v^2)
+    "cafm-digits": (None, "v",  1,     0.0,  None,  None, None,  None),
 }
 CG_RANGE = {"uniform": [0.0, 0.1], "tgt": [0.0, 0.49], None: [0.0, 0.1]}
 
@@ -110,6 +124,18 @@ SCHEDULE = {
     "pixel32":    (400_000,   100, 2000, 10_000, 10_000, 10_000, None, "euler"),
     "pixel64":    (400_000,   100, 2000, 10_000, 10_000, 10_000, None, "euler"),
     "fm-digits":  (36_000,    500, 2000, 4000,   2000,   1000,   32,   "euler"),
+    "cafm":       (1_000_000, 100, 1000, 25_000, 50_000, 10_000, 250,  "heun"),
+    "cafm-digits": (8_000,    500, 1000, 2000,   1000,   1000,   32,   "euler"),
+}
+
+# Continuous AFM (arXiv 2604.11521; the release's configs/train/cafm/train_cafm_sit.yaml at
+# 519601d): D steps per G step after the warm-up, the warm-up's length (D steps only: D's head is
+# new, G is a trained flow model), and D's centering weight (in place of COMMON's cp). Its
+# optimizers: AdamW betas (0, 0.95), no weight decay, both networks clipped at 1e4.
+CAFM_KEYS = ("n_dis", "warmup", "cp")
+CAFM = {
+    "cafm":        (16, 10_000, 0.001),
+    "cafm-digits": (16, 500,    0.001),
 }
 
 # Why the digits and pixel recipes keep the transport weight constant, where the release decays it
@@ -125,7 +151,7 @@ OURS = ("digits", "pixel32", "pixel64")
 DEFAULTS = dict(data="digits", vae=None, eval_ref=None, inception=None, unconditional=False,
                 image_size=None, dis_model=None, grad_checkpoint=False, cls=None, cls_model="B/2",
                 cg_renoise=True, precision="fp32", compile=False, device="auto", workers=4, seed=0,
-                results_dir="results", resume=None)
+                results_dir="results", resume=None, init=None, sit_time=False)
 
 
 def recipe(name, steps=None):
@@ -135,6 +161,8 @@ def recipe(name, steps=None):
     values.update(zip(METHOD_KEYS, METHOD[name]))
     values.update(zip(SCHEDULE_KEYS, SCHEDULE[name]))
     values["cg_range"] = list(CG_RANGE[values["cg_t"]])
+    if name in CAFM:
+        values.update(zip(CAFM_KEYS, CAFM[name]))
     values["recipe"] = name
     if name in OURS and steps not in (None, 1):
         values.update(MULTI_STEP)
@@ -143,11 +171,14 @@ def recipe(name, steps=None):
 
 
 def objective_of(s):
-    """Which objective a recipe trains: the AFM pair, the guidance classifier or flow matching."""
+    """Which objective a recipe trains: the AFM pair, the guidance classifier, flow matching or
+    continuous AFM."""
     if s.recipe == "classifier":
         return "classifier"
     if s.recipe in ("fm", "fm-digits"):
         return "flow"
+    if s.recipe in CAFM:
+        return "cafm"
     return "afm"
 
 
@@ -198,18 +229,24 @@ class Objective:
     pred = None
 
     def wrap(self, device, compile_blocks):
-        """Regional compile in place, then DDP around each trained network. The networks keep
-        their plain state-dict keys: checkpoints always save the raw modules."""
+        """Regional compile in place, then DDP around each trained network (as `forward_of`
+        says it is called). The networks keep their plain state-dict keys: checkpoints always
+        save the raw modules."""
         self.ddp = {}
         for key, net in self.nets.items():
             if compile_blocks:
                 net.compile_blocks()
-            self.ddp[key] = net
+            self.ddp[key] = self.forward_of(key, net)
             if dist.is_initialized():
                 ids = None  # gloo on the CPU
                 if device.type == "cuda":
                     ids = [device.index]
-                self.ddp[key] = nn.parallel.DistributedDataParallel(net, device_ids=ids)
+                self.ddp[key] = nn.parallel.DistributedDataParallel(self.ddp[key],
+                                                                    device_ids=ids)
+
+    def forward_of(self, key, net):
+        """The module whose forward a step calls for network `key`: the network itself."""
+        return net
 
     def sizes(self):
         """'model 1,234 parameters, dis 5,678 parameters'."""
@@ -361,7 +398,109 @@ class FlowMatching(OneNetwork):
         self.amp = torch.autocast(device.type, torch.bfloat16, enabled=s.precision == "bf16")
 
 
-OBJECTIVES = {"afm": AFMPair, "classifier": GuidanceClassifier, "flow": FlowMatching}
+class CAFMPair(Objective):
+    """Continuous AFM (arXiv 2604.11521; the release's train_continuous_adversarial_flow_
+    imagenet.py at 519601d): post-training of a flow model. G is the velocity network, started
+    from --init (a flow-matching run of ours, or SiT's SiT-XL-2-256.pt); D is a discriminator of
+    the same blocks with RMSNorm, started from the same weights (only its token and head are
+    new). AdamW betas (0, 0.95), no weight decay, for both; the EMA of G (decay 0.99) moves on
+    G steps only."""
+
+    def __init__(self, s, C, H, num_classes, device):
+        self.s = s
+        flow = None
+        if s.resume is None:  # a new run starts from --init (a resumed one: from its checkpoint)
+            flow, info = load_flow(s.init)
+            # Its conventions, kept in the run's settings so that a resume rebuilds the same
+            # networks: SiT's (time the other way round, learn_sigma's extra head channels) or
+            # ours (DiT's t x 1000).
+            s.sit_time = info.get("sit_time", False)
+        kw = dict(input_size=H, in_channels=C, num_classes=label_rows(num_classes, 0.1),
+                  sit_time=s.sit_time)
+        self.G = Generator(**models[s.model], **kw, use_t_src=True, learn_sigma=s.sit_time)
+        self.D = Discriminator(**models[s.dis_model], **kw, use_t=True, norm="rms")
+        if flow is not None:
+            check_fits(flow, self.G, s)
+            self.G.load_state_dict(flow)
+            discriminator_from_flow(self.D, flow)
+        # Recomputation is for G only: D runs inside torch.func.jvp, where checkpointing does not
+        # apply.
+        self.G.grad_checkpointing = s.grad_checkpoint
+        self.G.to(device)
+        self.D.to(device)
+        self.ema = copy.deepcopy(self.G).requires_grad_(False).eval()
+        self.loss = ContinuousAdversarialFlowLoss(
+            n_dis=s.n_dis, warmup=s.warmup, cp=s.cp, ot=s.ot, class_dropout=s.class_dropout,
+            null_class=num_classes)
+        self.D_flow = FlowDerivative(self.D)  # D read along a flow, unwrapped (the G step)
+        self.opt_g = adamw(self.G, s.lr, (0.0, 0.95), 0.0, device)
+        self.opt_d = adamw(self.D, s.lr_d, (0.0, 0.95), 0.0, device)
+        self.nets = {"model": self.G, "dis": self.D}
+        self.pred = "v"
+        self.amp = torch.autocast(device.type, torch.bfloat16, enabled=s.precision == "bf16")
+
+    def forward_of(self, key, net):
+        """D's steps call its flow derivative, so DDP wraps FlowDerivative(D): DDP's forward
+        must be the outermost call, not one inside torch.func's transforms (the release wraps
+        its DiscriminatorJVP so)."""
+        if key == "dis":
+            return FlowDerivative(net)
+        return net
+
+    def state(self):
+        return {"model": self.G, "dis": self.D, "ema": self.ema, "opt_g": self.opt_g,
+                "opt_d": self.opt_d}
+
+    def step(self, x0, y, step):
+        """D steps only during the warm-up, then `n_dis` D steps per G step."""
+        if self.loss.is_g_step(step):
+            return self.g_step(x0, y, step)
+        return self.d_step(x0, y, step)
+
+    # DDP as in AFMPair: in the D step D's flow derivative runs wrapped and G plain (without
+    # grad, inside d_loss); in the G step G runs wrapped and D plain and frozen, its JVP carrying
+    # the gradient into G.
+    def d_step(self, x0, y, step):
+        with self.amp:
+            loss, logs = self.loss.d_loss(self.G, self.ddp["dis"], x0, y, step)
+        loss.backward()
+        logs["grad_norm_d"] = step_optimizer(self.D, self.opt_d, self.s.clip)
+        return loss, logs
+
+    def g_step(self, x0, y, step):
+        with frozen(self.D):
+            with self.amp:
+                loss, logs = self.loss.g_loss(self.ddp["model"], self.D_flow, x0, y, step)
+            loss.backward()
+        logs["grad_norm_g"] = step_optimizer(self.G, self.opt_g, self.s.clip)
+        ema_update(self.ema, self.G, self.s.ema)  # after each generator update
+        return loss, logs
+
+
+def load_flow(path):
+    """-> (state dict, info) of the flow model --init names: a flow-matching run's (or
+    checkpoint's) EMA weights, or a bare SiT file (sample.py's reader). Anything else is a
+    one-line error."""
+    try:
+        flow, info = load_generator(path)
+    except ValueError as e:
+        raise SystemExit(f"train.py: error: --init {e}")
+    if not info["flow"]:
+        raise SystemExit(f"train.py: error: --init {path}: not a flow model (a velocity "
+                         f"network: a --recipe fm or fm-digits run, or SiT's checkpoint)")
+    return flow.state_dict(), info
+
+
+def check_fits(flow, G, s):
+    """--init must be the velocity network that G is: its size and data, with a null class."""
+    for k, v in G.state_dict().items():
+        if k not in flow or flow[k].shape != v.shape:
+            raise SystemExit(f"train.py: error: --init {s.init} does not fit --model {s.model} "
+                             f"on --data {s.data} with a null class (its {k})")
+
+
+OBJECTIVES = {"afm": AFMPair, "classifier": GuidanceClassifier, "flow": FlowMatching,
+              "cafm": CAFMPair}
 
 
 # --------------------------------------------------------------------------------------
@@ -449,13 +588,15 @@ def main(s, ckpt=None, ckpt_path=None):
                                 device=device)
             if stop:
                 break
-    cleanup()
     if stop:
-        exit_on_signal(received, step, run_dir)
+        print0(f"stopped by a signal at step {step}; resume with --resume {run_dir}")
+        cleanup()
+        exit_on_signal(received)
     outputs = f"checkpoints in {run_dir}/checkpoints, log.jsonl and curves.png"
     if grid is not None:
         outputs += ", sample grids"
     print0(f"done at step {step}: {outputs} in {run_dir}")
+    cleanup()
 
 
 # --------------------------------------------------------------------------------------
@@ -511,7 +652,7 @@ def open_run_dir(s, ckpt_path, step, rank, device):
     if ckpt_path is not None:
         run_dir = resumed_run_dir(s.resume, ckpt_path)
     if run_dir is None:
-        prefix = {"classifier": "cls-", "flow": "fm-", "afm": ""}[objective_of(s)]
+        prefix = {"classifier": "cls-", "flow": "fm-", "cafm": "cafm-", "afm": ""}[objective_of(s)]
         tag = prefix + s.model.replace("/", "-")
         try:
             run_dir = make_run_dir(s.results_dir, tag, vars(s), rank)
@@ -652,7 +793,7 @@ def sampler_of(s, pred, vae, device):
     """How the grids and evaluations sample: flow matching with its recipe's NFE and solver; AFM
     with --sample-steps if given, else its own --steps (an any-step generator: 1)."""
     amp = torch.autocast(device.type, torch.bfloat16, enabled=s.precision == "bf16")
-    if objective_of(s) == "flow":
+    if objective_of(s) in ("flow", "cafm"):  # velocity fields: an ODE, any NFE
         return Sampler(pred, s.sample_steps, solver=s.sample_solver, vae=vae, amp=amp)
     steps = s.steps
     if s.sample_steps:
@@ -738,13 +879,12 @@ def signals_caught():
             signal.signal(sig, handler)
 
 
-def exit_on_signal(received, step, run_dir):
+def exit_on_signal(received):
     """Exit with status 128 + the signal's number, as a shell reports a killed command: a script
     running `train.py && sample.py` does not go on as if training had finished."""
     signum = signal.SIGINT  # the signal reached another rank only
     if received:
         signum = received[0]
-    print0(f"stopped by a signal at step {step}; resume with --resume {run_dir}")
     raise SystemExit(128 + signum)
 
 
@@ -796,6 +936,8 @@ def parser():
     a("--cp", type=float, help="logit-centering weight")
     a("--augment-p", type=float, help="discriminator augmentation probability")
     a("--ttur", type=int, help="discriminator steps per generator step")
+    a("--n-dis", type=int, help="CAFM: discriminator steps per generator step after the warm-up")
+    a("--warmup", type=int, help="CAFM: discriminator-only steps at the start")
     a("--lr", type=float, help="generator (or classifier, or flow) learning rate")
     a("--lr-d", type=float, help="discriminator learning rate")
     a("--clip", type=float, help="gradient-norm clipping")
@@ -822,6 +964,8 @@ def parser():
       help="seeds the weights, the data order and the noise of grids and evaluations (0)")
     a("--results-dir", help="where run folders are made (results)")
     a("--resume", help="a run folder or a checkpoint file to continue from")
+    a("--init", help="CAFM: the flow model to post-train (a --recipe fm or fm-digits run or "
+                     "checkpoint, or SiT-XL-2-256.pt); G, its EMA and D start from it")
     a("--log-every", type=int,
       help="print the training terms, and add them to log.jsonl, every N steps")
     a("--sample-every", type=int, help="sample grid from fixed noise (0: never)")
@@ -888,8 +1032,8 @@ def resolve(argv=None):
 # Flags that must be positive, >= 0, or within a range: (names, test, what is expected).
 RANGES = [
     ("global_batch_size max_steps log_every ckpt_every decay_steps repeat ttur lr lr_d clip gp_eps "
-     "sample_steps", lambda v: v > 0, "positive"),
-    ("ot ot_end gp cp cg sample_every workers eval_every", lambda v: v >= 0, ">= 0"),
+     "sample_steps n_dis", lambda v: v > 0, "positive"),
+    ("ot ot_end gp cp cg sample_every workers eval_every warmup", lambda v: v >= 0, ">= 0"),
     ("eval_samples", lambda v: v > 0, "positive (turn evaluation off with --eval-every 0)"),
     ("gp_ratio augment_p", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("ema", lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -901,13 +1045,13 @@ def check(s, resumed):
     """The first problem with these settings (a one-line message), or None."""
     for names, ok, want in RANGES:
         for key in names.split():
-            value = getattr(s, key)
+            value = getattr(s, key, None)  # n_dis, warmup: CAFM's recipes only
             if value is not None and not ok(value):
                 return f"--{key.replace('_', '-')} must be {want}, got {value}"
     if s.steps is not None and s.steps != "any" and s.steps < 1:
         return f"--steps must be 1, 2, ... or any, got {s.steps}"
     files = [("--vae", s.vae), ("--cls", s.cls), ("--eval-ref", s.eval_ref),
-             ("--inception", s.inception)]
+             ("--inception", s.inception), ("--init", s.init)]
     if s.data != "digits":
         files.append(("--data", s.data))
     for flag, path in files:
@@ -916,11 +1060,16 @@ def check(s, resumed):
     if os.path.exists(s.results_dir) and not os.path.isdir(s.results_dir):
         return f"--results-dir {s.results_dir} is a file, not a folder"
     objective = objective_of(s)
-    if objective == "flow" and s.sample_solver == "heun" and s.sample_steps % 2:
+    if objective in ("flow", "cafm") and s.sample_solver == "heun" and s.sample_steps % 2:
         return f"--sample-solver heun takes an even --sample-steps (its NFE), got {s.sample_steps}"
     if objective == "afm" and s.sample_steps is not None and s.steps == 1 and s.sample_steps != 1:
         return (f"--sample-steps {s.sample_steps}: a 1-NFE generator (--steps 1) samples in one "
                 f"step only")
+    if objective == "cafm" and not resumed and s.init is None:
+        return (f"--recipe {s.recipe} post-trains a flow model: give it with --init (a --recipe "
+                f"fm-digits or fm run, or SiT-XL-2-256.pt)")
+    if s.init is not None and objective != "cafm":
+        return f"--init starts a CAFM run (--recipe cafm or cafm-digits), not --recipe {s.recipe}"
     if objective != "afm" or resumed:
         return None
     kind = {1: "1nfe", "any": "any"}
