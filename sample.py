@@ -16,7 +16,7 @@ bare state dicts (ByteDance-Seed/Adversarial-Flow-Models, `generate.py` and, at 
 Velocity networks are integrated as an ODE at any --steps, Euler or Heun: train.py's
 flow-matching and CAFM runs (default: the run's --sample-steps and --sample-solver), and bare
 files in SiT's layout, recognised from their keys (a learned-variance head): SiT-XL-2-256.pt and
-the release's CAFM checkpoints (default: Heun, 256 NFE). --cfg SCALE is classifier-free guidance
+the release's CAFM checkpoints (default: Heun, 250 NFE). --cfg SCALE is classifier-free guidance
 for a velocity model with a null class (afm.generate); it guides all channels, the definition,
 unless --cfg-channels 3 guides the first 3 of the 4 latent channels as SiT's sample.py does.
 
@@ -61,9 +61,10 @@ IMAGENET_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
 FLOW_RECIPES = ("fm", "fm-digits", "cafm", "cafm-digits")
 
 # A bare SiT-layout file (SiT-XL-2-256.pt, the release's CAFM checkpoints) samples with Heun at
-# 256 NFE, as the release validates its flow models (train.py's "fm" recipe samples so). SiT's
-# own sample.py integrates the same ODE with the adaptive dopri5 on a 250-point grid.
-SIT_STEPS = 256
+# 250 NFE, as the release validates its CAFM post-training of SiT (configs/train/cafm/
+# train_cafm_sit.yaml at 519601d: steps 250, sampler heun; train.py's "cafm" recipe samples so).
+# SiT's own sample.py integrates the same ODE with the adaptive dopri5 on a 250-point grid.
+SIT_STEPS = 250
 SIT_SOLVER = "heun"
 
 # --------------------------------------------------------------------------------------
@@ -719,7 +720,7 @@ def parse_args(argv=None):
     a("--model", choices=list(models), default=None,
       help="generator size (default: checkpoint's, or from the keys)")
     a("--steps", type=positive, default=None,
-      help="NFE (default: as trained; any-step and bare files: 1, SiT files 256)")
+      help="NFE (default: as trained; any-step and bare files: 1, SiT files 250)")
     a("--solver", choices=["euler", "heun"], default=None,
       help="velocity models: Euler, or Heun (NFE = --steps; default: the run's --sample-solver, "
            "SiT files heun)")

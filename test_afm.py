@@ -3624,13 +3624,13 @@ def sit_layout_file(path, seed=0):
 
 def test_sample_py_recognises_a_sit_file_and_guides_it(tmp_path):
     """A SiT-layout file (SiT-XL-2-256.pt, the release's CAFM checkpoints) is a velocity network
-    with SiT's time and a null class, sampled by default with Heun at 256 NFE; sample.py's npz
+    with SiT's time and a null class, sampled by default with Heun at 250 NFE; sample.py's npz
     with and without --cfg, Euler or Heun, are afm.generate's samples decoded by the VAE, and
     the file records the guidance: a rerun with another --cfg is refused, not mixed."""
     f = tmp_path / "sit.pt"
     G = sit_layout_file(f)
     L, info = S.load_generator(str(f))
-    want = dict(learn_sigma=True, sit_time=True, flow=True, pred="v", steps=256, solver="heun",
+    want = dict(learn_sigma=True, sit_time=True, flow=True, pred="v", steps=250, solver="heun",
                 num_classes=10, null=10, channels=4, size=4)
     assert {k: info[k] for k in want} == want
     z, y, t = torch.randn(4, 4, 4, 4), torch.tensor([0, 3, 9, 10]), torch.rand(4)
