@@ -5,6 +5,7 @@ the speed does not depend on them). Nothing imports this file.
     python bench.py train --model B/2 --precision bf16 --compile   # D+G step: ms, TFLOP/s, memory
     python bench.py train --model B/2 --profile prof/              # + torch.profiler of 2 steps
     python bench.py train --recipe fm-digits                       # one flow-matching step
+    python bench.py cafm --model XL/2 --batch-size 32 --precision bf16   # CAFM's steps against FM's
     python bench.py sample --model XL/2 --vae sd-vae-ft-mse.bin --precision bf16      # images/s
     python bench.py inception --batch-size 250                     # Inception images/s
     python bench.py fid --model XL/2 --precision bf16 --compile    # a FID-50K, stage by stage
@@ -12,6 +13,7 @@ the speed does not depend on them). Nothing imports this file.
 """
 
 import argparse
+import copy
 import os
 import tempfile
 import time
@@ -24,8 +26,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import fid
 import train
+from afm import ContinuousAdversarialFlowLoss, FlowDerivative, ema_update, flow_matching_loss
 from dataset import ImageFolder, LatentCache, build_cache
-from model import Generator, models
+from model import Discriminator, Generator, models
 from plumbing import save_atomic, save_text
 from sample import sample_images, sample_indices, to_uint8
 from vae import AutoencoderKL, encode, load_vae
@@ -130,6 +133,73 @@ def bench_train(args, device):
         save_atomic(table, os.path.join(args.profile, "train_step.txt"), save_text)
         print(table, flush=True)
         print(f"wrote {args.profile}/train_step.json (trace) and train_step.txt", flush=True)
+
+
+def bench_cafm(args, device):
+    """The CAFM step against the flow-matching step (arXiv 2604.11521: CAFM costs about 4.8x
+    flow matching's training time per epoch). Networks of --model as CAFM post-trains them: G a
+    velocity network with a null label row, D the same size with RMSNorm and a timestep (the
+    release's models/cafm/sit, commit 519601d). Each step is afm.py's loss, its backward, the
+    clipped AdamW update and, for G, the EMA, as train.py takes them: a D step (one vmap'd JVP
+    for the real and the generated velocity, G without gradient), a G step (a JVP of the
+    frozen D, backpropagated into G), and a flow-matching step of the same G. Every step reads
+    one batch, so the release's schedule after its warm-up, 16 D steps per G step, costs
+    (16 D + G) / 17 per batch: its ratio to the flow-matching step is the ratio per epoch."""
+    C, H, K = latent_shape(args)
+    kw = dict(input_size=H, in_channels=C, num_classes=K + 1)  # K classes and the null label
+    G = Generator(**models[args.model], **kw, use_t_src=True).to(device)
+    D = Discriminator(**models[args.model], **kw, use_t=True, norm="rms").to(device)
+    for net in (G, D):
+        net.grad_checkpointing = args.grad_checkpoint
+    ema = copy.deepcopy(G).requires_grad_(False)
+    D_flow = FlowDerivative(D)
+    loss = ContinuousAdversarialFlowLoss(null_class=K)  # the release's n_dis 16, cp, ot
+    # the release's optimizers: CAFM's AdamW (0, 0.95), lr 1e-5, clip 1e4; flow matching's
+    # AdamW (0.9, 0.999), lr 1e-4, no clipping (train.py's recipes)
+    opt_d = train.adamw(D, 1e-5, (0.0, 0.95), 0.0, device)
+    opt_g = train.adamw(G, 1e-5, (0.0, 0.95), 0.0, device)
+    opt_fm = train.adamw(G, 1e-4, (0.9, 0.999), 0.0, device)
+    amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
+    B = args.batch_size
+    x0 = torch.randn(B, C, H, H, device=device)
+    y = torch.randint(0, K, (B,), device=device)
+
+    def d_step():
+        with amp:
+            d_loss = loss.d_loss(G, D_flow, x0, y, 0)[0]
+        d_loss.backward()
+        train.step_optimizer(D, opt_d, 1e4)
+
+    def g_step():
+        with amp:
+            g_loss = loss.g_loss(G, D_flow, x0, y, 0)[0]
+        g_loss.backward()
+        train.step_optimizer(G, opt_g, 1e4)
+        ema_update(ema, G, 0.99)
+
+    def fm_step():
+        labels = train.drop_labels(y, 0.1, K)  # flow matching's class dropout, as train.py's
+        with amp:
+            fm_loss = flow_matching_loss(G, x0, labels)[0]
+        fm_loss.backward()
+        train.step_optimizer(G, opt_fm, None)
+        ema_update(ema, G, 0.9999)
+
+    if args.compile:  # regional, as train.py
+        for net in (G, D):
+            net.compile_blocks()
+    ms = {}
+    for name, fn in (("D", d_step), ("G", g_step), ("FM", fm_step)):
+        ms[name] = 1000 * timed(fn, device, 3, lambda n, t: n >= args.iters)[0]
+    n = loss.n_dis
+    schedule = (n * ms["D"] + ms["G"]) / (n + 1)
+    mem = "- (cpu)"
+    if device.type == "cuda":
+        mem = f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB"
+    print(f"cafm {args.model} batch {B} {where(device, args)}: D step {ms['D']:.1f} ms, "
+          f"G step {ms['G']:.1f} ms, schedule step ({n} D + 1 G) / {n + 1} {schedule:.1f} ms; "
+          f"flow-matching step {ms['FM']:.1f} ms; CAFM / flow matching {schedule / ms['FM']:.2f}x "
+          f"per batch and epoch (the paper: about 4.8x); peak mem {mem}", flush=True)
 
 
 def bench_sample(args, device):
@@ -304,10 +374,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("what", choices=["train", "sample", "inception", "fid", "data"])
+    a("what", choices=["train", "cafm", "sample", "inception", "fid", "data"])
     a("--num-samples", type=int, default=50000,
       help="fid: samples (and a reference of half of them)")
-    a("--model", choices=list(models), default="T/2", help="train, sample: network size")
+    a("--model", choices=list(models), default="T/2", help="train, cafm, sample: network size")
     a("--recipe", choices=list(train.METHOD), default="1nfe", help="train: the recipe")
     a("--steps", default=None, help="train, sample: NFE (default: the recipe's; sample: 1)")
     a("--repeat", type=int, default=1, help="sample: deep generator repetitions")
@@ -315,8 +385,9 @@ def parse_args(argv=None):
       help="per device (default train/data 32, sample/fid 256, inception 250)")
     a("--precision", choices=["fp32", "bf16"], default="fp32")
     a("--compile", action="store_true")
-    a("--grad-checkpoint", action="store_true", help="train: recompute activations in backward")
-    a("--iters", type=int, default=10, help="train: timed steps; data: timed batches")
+    a("--grad-checkpoint", action="store_true",
+      help="train, cafm: recompute activations in backward")
+    a("--iters", type=int, default=10, help="train, cafm: timed steps (each); data: timed batches")
     a("--profile", metavar="DIR", help="train: torch.profiler table and trace of 2 steps into DIR")
     a("--image-size", type=int, default=256, help="latent models: image-size / 8 latents")
     a("--vae", help="sample: decode with this SD-VAE; data: encode with it (default: a tiny "
@@ -326,7 +397,8 @@ def parse_args(argv=None):
     a("--max-images", type=int, default=256, help="data: images read, and cached")
     a("--device", choices=["auto", "cpu"], default="auto")
     args = p.parse_args(argv)
-    default_batch = {"train": 32, "sample": 256, "inception": 250, "fid": 256, "data": 32}
+    default_batch = {"train": 32, "cafm": 32, "sample": 256, "inception": 250, "fid": 256,
+                     "data": 32}
     if args.batch_size is None:
         args.batch_size = default_batch[args.what]
     return args
@@ -338,8 +410,8 @@ def main(args):
         device = torch.device("cuda")
         torch.backends.cuda.matmul.allow_tf32 = True  # as train.py and sample.py
         torch.backends.cudnn.allow_tf32 = True
-    benches = {"train": bench_train, "sample": bench_sample, "inception": bench_inception,
-               "fid": bench_fid, "data": bench_data}
+    benches = {"train": bench_train, "cafm": bench_cafm, "sample": bench_sample,
+               "inception": bench_inception, "fid": bench_fid, "data": bench_data}
     benches[args.what](args, device)
 
 

@@ -10,6 +10,15 @@ bare state dicts (ByteDance-Seed/Adversarial-Flow-Models, `generate.py` and, at 
     python sample.py --ckpt xl2_56layer_1nfe_guided_FID2.08.pth --repeat 2 --vae ...  # 56 layers
     torchrun --nproc_per_node=8 sample.py --ckpt X --vae ... --num-samples 50000 \
         --out samples.npz --fid VIRTUAL_imagenet256_labeled.npz   # FID, sFID, IS, precision, recall
+    python sample.py --ckpt CAFM_OR_FM_RUN --steps 8 --cfg 2        # a velocity model, guided
+    python sample.py --ckpt SiT-XL-2-256.pt --vae sd-vae-ft-mse.bin --cfg 1.5 --cfg-channels 3
+
+Velocity networks are integrated as an ODE at any --steps, Euler or Heun: train.py's
+flow-matching and CAFM runs (default: the run's --sample-steps and --sample-solver), and bare
+files in SiT's layout, recognised from their keys (a learned-variance head): SiT-XL-2-256.pt and
+the release's CAFM checkpoints (default: Heun, 250 NFE). --cfg SCALE is classifier-free guidance
+for a velocity model with a null class (afm.generate); it guides all channels, the definition,
+unless --cfg-channels 3 guides the first 3 of the 4 latent channels as SiT's sample.py does.
 
 npz files hold N/classes samples per class in the release's shuffled order; sample i's noise
 depends only on (seed, i), so the file is the same for any number of processes. An interrupted
@@ -48,17 +57,29 @@ from vae import decode, load_vae
 # DiT's sample.py grid: dog, otter, panda, ...
 IMAGENET_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
 
+# train.py's recipes whose network is a velocity field: an ODE, sampled at any number of steps
+FLOW_RECIPES = ("fm", "fm-digits", "cafm", "cafm-digits")
+
+# A bare SiT-layout file (SiT-XL-2-256.pt, the release's CAFM checkpoints) samples with Heun at
+# 250 NFE, as the release validates its CAFM post-training of SiT (configs/train/cafm/
+# train_cafm_sit.yaml at 519601d: steps 250, sampler heun; train.py's "cafm" recipe samples so).
+# SiT's own sample.py integrates the same ODE with the adaptive dopri5 on a 250-point grid.
+SIT_STEPS = 250
+SIT_SOLVER = "heun"
+
 # --------------------------------------------------------------------------------------
 # Noise -> images
 # --------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def sample_images(G, z, y, steps, pred, vae=None, amp=contextlib.nullcontext(), solver="euler"):
+def sample_images(G, z, y, steps, pred, vae=None, amp=contextlib.nullcontext(), solver="euler",
+                  cfg=1.0, null=None, cfg_channels=None):
     """(N, C, h, w) noise and labels -> (N, 3, H, W) images in [-1, 1]. Latents decode as
-    z / 0.18215."""
+    z / 0.18215. cfg, null, cfg_channels: classifier-free guidance (afm.generate)."""
     with amp:
-        x = generate(G, z, y, steps, pred, solver)  # (N, C, h, w): pixels, or latents x 0.18215
+        # pixels, or latents x 0.18215
+        x = generate(G, z, y, steps, pred, solver, cfg, null, cfg_channels)  # (N, C, h, w)
         if vae is not None:
             x = decode(vae, x)  # (N, 3, H, W)
         else:
@@ -69,7 +90,8 @@ def sample_images(G, z, y, steps, pred, vae=None, amp=contextlib.nullcontext(), 
 
 
 def sample_indices(G, idx, y, shape, steps, pred, seed, batch_size, vae=None,
-                   amp=contextlib.nullcontext(), solver="euler"):
+                   amp=contextlib.nullcontext(), solver="euler", cfg=1.0, null=None,
+                   cfg_channels=None):
     """Sample indices `idx` with labels `y` (lists) -> (n, 3, H, W) in [-1, 1]. Sample i's noise
     comes from its own CPU generator: the same on any device, process count or batch. A short
     batch is padded to batch_size, so every batch has one shape (one compiled graph, the same
@@ -85,7 +107,8 @@ def sample_indices(G, idx, y, shape, steps, pred, seed, batch_size, vae=None,
         noise.append(torch.randn(shape, generator=g))
     z = torch.stack(noise)  # (B, C, h, w)
     y = torch.tensor(y, device=device)
-    return sample_images(G, z.to(device), y, steps, pred, vae, amp, solver)[:n]
+    return sample_images(G, z.to(device), y, steps, pred, vae, amp, solver, cfg, null,
+                         cfg_channels)[:n]
 
 
 def to_uint8(x):
@@ -146,7 +169,14 @@ def load_generator(path, model=None, weights="ema", steps=None, pred=None, repea
     size (x_embedder, pos_embed), classes (y_embedder rows; 1001 = 1000 + a class-dropout null
     row), depth and width (hence --model), t_src / t_tgt (t_embedder, t_tgt_embedder). Else steps
     1, pred x for a 1-NFE generator, v otherwise (the release's recipes); a t_embedder without
-    t_tgt_embedder is a k-NFE model unless --repeat > 1 makes it the deep 1-NFE generator."""
+    t_tgt_embedder is a k-NFE model unless --repeat > 1 makes it the deep 1-NFE generator.
+
+    Velocity networks sample at any steps: our flow-matching and CAFM runs (FLOW_RECIPES), and
+    a bare file in SiT's layout: DiT's learned-variance head (final_layer.linear has 2C outputs
+    per pixel; the release's AFM generators have C) with a t_embedder and no t_tgt_embedder,
+    i.e. SiT-XL-2-256.pt or the release's CAFM checkpoints, read with SiT's time convention
+    (model.py's sit_time). DiT's own diffusion checkpoints share that layout but predict noise:
+    they are not supported."""
     path, obj = load_checkpoint(path, "--ckpt")  # a run folder: its newest readable checkpoint
     ours = "args" in obj and weights in obj
     if ours:
@@ -163,9 +193,10 @@ def load_generator(path, model=None, weights="ema", steps=None, pred=None, repea
         H = round(T ** 0.5) * p  # (T, hidden) positions of p x p patches
         rows = sd["y_embedder.embedding_table.weight"].shape[0]
         depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+        head = sd["final_layer.linear.weight"].shape[0]  # p * p * output channels
     except (KeyError, ValueError, TypeError, AttributeError, IndexError):
         raise ValueError(f"{path}: not a generator state dict "
-                         f"(x_embedder, pos_embed, y_embedder, blocks)") from None
+                         f"(x_embedder, pos_embed, y_embedder, blocks, final_layer)") from None
     name = model or a.get("model")
     for n, c in models.items():  # else the size whose depth, width and patch fit the keys
         if name is None and (c["depth"], c["hidden_size"], c["patch_size"]) == (depth, hidden, p):
@@ -173,15 +204,24 @@ def load_generator(path, model=None, weights="ema", steps=None, pred=None, repea
     if name is None:
         raise ValueError(f"{path}: no --model size has depth {depth}, hidden size {hidden}, "
                          f"patch {p}; pass --model")
-    if num_classes is None:
-        num_classes = rows
-        if rows == 1001 or a.get("class_dropout", 0) > 0:  # the last row: the null class
-            num_classes = rows - 1
     repeat = repeat or a.get("repeat", 1)
     t_src = repeat == 1 and any(k.startswith("t_embedder.") for k in sd)
     t_tgt = any(k.startswith("t_tgt_embedder.") for k in sd)
-    flow = a.get("recipe") in ("fm", "fm-digits")  # a flow-matching run: an ODE, any steps
+    learn_sigma = head == 2 * C * p * p  # SiT's (and DiT's) head: velocity, then a variance
+    sit_time = a.get("sit_time", learn_sigma)  # our runs say; a bare learn_sigma file is SiT's
+    sit = not ours and learn_sigma and t_src and not t_tgt  # a bare SiT velocity network
+    if num_classes is None:
+        num_classes = rows
+        # the last row is the null class: of 1001, of our runs with class dropout, and of SiT's
+        # files (SiT trains with class dropout 0.1)
+        if rows == 1001 or a.get("class_dropout", 0) > 0 or sit:
+            num_classes = rows - 1
+    flow = a.get("recipe") in FLOW_RECIPES  # flow matching or CAFM: an ODE, any steps
     trained = a.get("steps", 1)  # int or "any" (None for flow matching)
+    if sit:
+        flow = True
+        steps = steps or SIT_STEPS
+        solver = solver or SIT_SOLVER
     if flow:
         trained = "any"
         steps = steps or a.get("sample_steps") or 32
@@ -207,13 +247,17 @@ def load_generator(path, model=None, weights="ema", steps=None, pred=None, repea
                          f"--steps {steps}")
     desc = (f"{name} on {C}x{H}x{H}, {num_classes} classes, t_src {t_src}, t_tgt {t_tgt}, "
             f"repeat {repeat}")
+    if learn_sigma or sit_time:
+        desc += f", learn_sigma {learn_sigma}, sit_time {sit_time}"
     dropout = 0.0
+    null = None  # the null label, for classifier-free guidance
     if rows == num_classes + 1:  # a null-label row: trained with class dropout
         dropout = 0.1
+        null = num_classes
     with torch.device("meta"):  # shapes only: the tensors come from the file (assign=True below)
         G = Generator(**models[name], input_size=H, in_channels=C, num_classes=num_classes,
                       use_t_src=t_src, use_t_tgt=t_tgt, repeat=repeat,
-                      class_dropout_prob=dropout)
+                      class_dropout_prob=dropout, learn_sigma=learn_sigma, sit_time=sit_time)
     own = {k: tuple(v.shape) for k, v in G.state_dict().items()}
     problems = shape_problems(sd, own)
     if problems:  # a key and a count of each kind: the error stays one short line
@@ -229,8 +273,9 @@ def load_generator(path, model=None, weights="ema", steps=None, pred=None, repea
     if ours:
         source = f"{weights} weights at step {obj.get('step')}"
     info = dict(model=name, steps=steps, pred=pred, solver=solver, flow=flow, repeat=repeat,
-                num_classes=num_classes, channels=C, size=H, use_t_src=t_src, use_t_tgt=t_tgt,
-                vae=a.get("vae"), desc=desc, source=source, file=path, step=obj.get("step"))
+                num_classes=num_classes, null=null, channels=C, size=H, use_t_src=t_src,
+                use_t_tgt=t_tgt, learn_sigma=learn_sigma, sit_time=sit_time, vae=a.get("vae"),
+                desc=desc, source=source, file=path, step=obj.get("step"))
     return G.eval().requires_grad_(False), info
 
 
@@ -242,7 +287,7 @@ def load_generator(path, model=None, weights="ema", steps=None, pred=None, repea
 def settings(args, info, vae_path):
     """Everything that changes the samples of an npz, for OUT.parts/meta.json and the npz's `meta`:
     the checkpoint file actually used (for a run folder: its newest when sampling began), its step
-    and content, the sampler, the seed, the VAE's content and the precision."""
+    and content, the sampler and its guidance, the seed, the VAE's content and the precision."""
     def content(path):  # plumbing.file_identity as "<size> bytes, sha256 <16 hex digits>"
         i = file_identity(path)
         return f"{i['size']} bytes, sha256 {i['sha256_head_tail'][:16]}"
@@ -251,6 +296,8 @@ def settings(args, info, vae_path):
             "ckpt_content": content(info["file"]), "weights": args.weights}
     for k in ("model", "steps", "pred", "solver", "repeat", "num_classes"):
         meta[k] = info[k]
+    meta["cfg"] = args.cfg
+    meta["cfg_channels"] = args.cfg_channels
     meta["seed"] = args.seed
     meta["num_samples"] = args.num_samples
     meta["vae"] = None
@@ -559,12 +606,30 @@ def score(images, net, ref, device):
           f"precision {metric(m['precision'])} | recall {metric(m['recall'])}", flush=True)
 
 
+def check_guidance(args, info):
+    """--cfg needs a velocity model with a null class, and --cfg-channels at most its channels:
+    else a one-line ValueError naming the file."""
+    f = info["file"]
+    if info["pred"] != "v":
+        raise ValueError(f"--cfg {args.cfg:g}: {f} is pred {info['pred']}; classifier-free "
+                         f"guidance needs a velocity model (pred v)")
+    if info["null"] is None:
+        raise ValueError(f"--cfg {args.cfg:g}: {f} has no null class ({info['num_classes']} "
+                         f"label rows for {info['num_classes']} classes): guidance needs a "
+                         f"model trained with class dropout")
+    if args.cfg_channels is not None and args.cfg_channels > info["channels"]:
+        raise ValueError(f"--cfg-channels {args.cfg_channels}: {f} has "
+                         f"{info['channels']} channel(s)")
+
+
 def main(args):
     rank, world, device = setup(args.device)
     amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
     try:
         G, info = load_generator(args.ckpt, args.model, args.weights, args.steps, args.pred,
                                  args.repeat, args.num_classes, args.solver)
+        if args.cfg != 1:
+            check_guidance(args, info)
         C = info["channels"]
         H = info["size"]
         K = info["num_classes"]
@@ -586,13 +651,17 @@ def main(args):
     G.to(device)
     if args.compile:
         G.compile_blocks()
+    guidance = ""
+    if args.cfg != 1:
+        guidance = f", cfg {args.cfg:g} on {args.cfg_channels or 'all'} channel(s)"
     print0(f"{info['file']} ({info['source']}): {info['desc']}; {info['steps']} step(s), "
-           f"pred {info['pred']}, {info['solver']}; {world} process(es) on {device}")
+           f"pred {info['pred']}, {info['solver']}{guidance}; {world} process(es) on {device}")
 
     def images(idx, y):  # sample indices and their labels -> (n, 3, H, W) in [-1, 1]
         return sample_indices(G, idx, y, (C, H, H), steps=info["steps"], pred=info["pred"],
                               seed=args.seed, batch_size=args.batch_size, vae=vae, amp=amp,
-                              solver=info["solver"])
+                              solver=info["solver"], cfg=args.cfg, null=info["null"],
+                              cfg_channels=args.cfg_channels)
 
     if not args.num_samples:
         # the grid: a row per class, --per-class columns (unconditional: --per-class rows)
@@ -651,9 +720,14 @@ def parse_args(argv=None):
     a("--model", choices=list(models), default=None,
       help="generator size (default: checkpoint's, or from the keys)")
     a("--steps", type=positive, default=None,
-      help="NFE (default: as trained; any-step and bare files: 1)")
+      help="NFE (default: as trained; any-step and bare files: 1, SiT files 250)")
     a("--solver", choices=["euler", "heun"], default=None,
-      help="flow matching: Euler, or Heun (NFE = --steps; default: the run's --sample-solver)")
+      help="velocity models: Euler, or Heun (NFE = --steps; default: the run's --sample-solver, "
+           "SiT files heun)")
+    a("--cfg", type=float, default=1.0, metavar="SCALE",
+      help="classifier-free guidance scale for a velocity model with a null class (1: none)")
+    a("--cfg-channels", type=positive, default=None, metavar="N",
+      help="guide only the first N channels (3: SiT's sample.py; default: all)")
     a("--pred", choices=["x", "v"], default=None,
       help="x or v (default: as trained; bare: v if t-conditioned, else x)")
     a("--repeat", type=positive, default=None,
@@ -688,6 +762,10 @@ def parse_args(argv=None):
         args.out = "grid.png"
         if npz:
             args.out = "samples.npz"
+    if args.cfg_channels is not None and args.cfg == 1:
+        p.error(f"--cfg-channels {args.cfg_channels} applies only with --cfg SCALE other than 1")
+    if not math.isfinite(args.cfg):
+        p.error(f"--cfg {args.cfg}: expected a finite number")
     if args.num_samples < 0 or args.max_batches < 0:
         p.error(f"--num-samples and --max-batches must be >= 0, got {args.num_samples} and "
                 f"{args.max_batches}")

@@ -3618,3 +3618,163 @@ def test_cafm_toy_sends_noise_to_the_right_modes():
     print(f"CAFM on the toy: RMS {rms:.4f} (start {start[0]:.3f}), wrong mode {wrong:.2%}")
     assert wrong < 0.06 and wrong < start[1] / 3
     assert rms < 0.35
+
+
+# --------------------------------------------------------------------------------------
+# Sampling flow and CAFM checkpoints
+# --------------------------------------------------------------------------------------
+
+
+class LabelVelocity(nn.Module):
+    """A velocity known in closed form: v(x, y, t) = a[y] * x + b[y] (per class and channel),
+    independent of t; it counts its calls and the batch sizes it saw."""
+
+    def __init__(self, classes=11, channels=4):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.a = torch.randn(classes, channels, generator=g)
+        self.b = torch.randn(classes, channels, generator=g)
+        self.batches = []
+
+    def forward(self, x, y, t_src, t_tgt):
+        self.batches.append(len(x))
+        return self.a[y][:, :, None, None] * x + self.b[y][:, :, None, None]  # (N, C, H, W)
+
+
+def test_generate_with_cfg_is_the_guidance_formula():
+    """afm.generate's classifier-free guidance: each evaluation is one call on the batch and its
+    null-label copy, and steps with v_null + s (v_cond - v_null), by hand here for one Euler
+    step and one Heun interval; cfg_channels 3 guides channels 0-2 and keeps channel 3
+    conditional (SiT's forward_with_cfg); cfg 1 is the unguided sampler."""
+    G = LabelVelocity()
+    z = torch.randn(3, 4, 2, 2)
+    y = torch.tensor([0, 4, 9])
+    null, s = 10, 2.5
+
+    def v(x, labels):
+        return G.a[labels][:, :, None, None] * x + G.b[labels][:, :, None, None]
+
+    def guided(x, channels=4):
+        out = v(x, y)  # the conditional velocity; guidance on the first `channels`
+        mix = v(x, torch.full_like(y, null)) + s * (v(x, y) - v(x, torch.full_like(y, null)))
+        out[:, :channels] = mix[:, :channels]
+        return out
+
+    x = A.generate(G, z, y, 1, "v", cfg=s, null=null)
+    torch.testing.assert_close(x, z - guided(z))
+    assert G.batches == [6]  # one call: conditional and null together
+    x = A.generate(G, z, y, 1, "v", cfg=s, null=null, cfg_channels=3)
+    torch.testing.assert_close(x, z - guided(z, 3))
+    assert torch.equal(x[:, 3], (z - v(z, y))[:, 3])
+    x = A.generate(G, z, y, 2, "v", "heun", cfg=s, null=null)  # one interval, t from 1 to 0
+    v1 = guided(z)
+    torch.testing.assert_close(x, z - 0.5 * (v1 + guided(z - v1)))
+    assert torch.equal(A.generate(G, z, y, 2, "v"), A.generate(G, z, y, 2, "v", cfg=1.0, null=3))
+
+
+def sit_layout_file(path, seed=0):
+    """A bare state dict in SiT's layout (learned-variance head, t_embedder, a null row), tiny:
+    T/2 on 4x4x4 latents, 10 classes + null, random weights."""
+    G = M.Generator(**M.models["T/2"], input_size=4, in_channels=4, num_classes=11,
+                    learn_sigma=True, sit_time=True, use_t_src=True)
+    torch.save(randomize(G, seed=seed).state_dict(), path)
+    return G
+
+
+def test_sample_py_recognises_a_sit_file_and_guides_it(tmp_path):
+    """A SiT-layout file (SiT-XL-2-256.pt, the release's CAFM checkpoints) is a velocity network
+    with SiT's time and a null class, sampled by default with Heun at 250 NFE; sample.py's npz
+    with and without --cfg, Euler or Heun, are afm.generate's samples decoded by the VAE, and
+    the file records the guidance: a rerun with another --cfg is refused, not mixed."""
+    f = tmp_path / "sit.pt"
+    G = sit_layout_file(f)
+    L, info = S.load_generator(str(f))
+    want = dict(learn_sigma=True, sit_time=True, flow=True, pred="v", steps=250, solver="heun",
+                num_classes=10, null=10, channels=4, size=4)
+    assert {k: info[k] for k in want} == want
+    z, y, t = torch.randn(4, 4, 4, 4), torch.tensor([0, 3, 9, 10]), torch.rand(4)
+    with torch.no_grad():
+        assert torch.equal(G(z, y, t, t), L(z, y, t, t))
+    torch.manual_seed(0)
+    vae = V.AutoencoderKL(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8)
+    torch.save(vae.state_dict(), tmp_path / "vae.pt")
+    vae = V.load_vae(str(tmp_path / "vae.pt"))
+    perm = np.random.RandomState(42).permutation(10)
+    runs = {  # name: (flags, solver, steps, guidance)
+        "heun": ([], "heun", 4, {}),
+        "euler": (["--solver", "euler"], "euler", 3, {}),
+        "heun-cfg": (["--cfg", 2], "heun", 4, dict(cfg=2.0, null=10)),
+        "euler-cfg3": (["--solver", "euler", "--cfg", 2, "--cfg-channels", 3], "euler", 3,
+                       dict(cfg=2.0, null=10, cfg_channels=3)),
+    }
+    files = {}
+    for name, (flags, solver, steps, guidance) in runs.items():
+        out = tmp_path / f"{name}.npz"
+        sample_main("--ckpt", f, "--vae", tmp_path / "vae.pt", "--num-samples", 10,
+                    "--batch-size", 10, "--out", out, "--steps", steps, *flags)
+        files[name] = read_npz(out)["arr_0"]
+        with one_thread():
+            x = S.sample_indices(G, list(range(10)), list(range(10)), (4, 4, 4), steps, "v",
+                                 seed=0, batch_size=10, vae=vae, solver=solver, **guidance)
+        np.testing.assert_array_equal(files[name], S.to_uint8(x)[perm])
+    assert (files["heun"] != files["heun-cfg"]).any()
+    assert (files["euler"] != files["euler-cfg3"]).any()
+    meta = json.loads(str(read_npz(tmp_path / "euler-cfg3.npz")["meta"]))
+    assert (meta["cfg"], meta["cfg_channels"]) == (2.0, 3)
+    with pytest.raises(SystemExit, match="exists"):
+        sample_main("--ckpt", f, "--vae", tmp_path / "vae.pt", "--num-samples", 10, "--out",
+                    tmp_path / "heun-cfg.npz", "--steps", 4, "--cfg", 3)
+
+
+def test_sample_py_refuses_guidance_it_cannot_give(tmp_path, capsys):
+    """--cfg needs a velocity model with a null class, --cfg-channels at most the model's
+    channels and a --cfg: else one line naming the file or the flag, before any sample."""
+    afm, bare, sit = tmp_path / "afm.pt", tmp_path / "v.pth", tmp_path / "sit.pt"
+    tiny_checkpoint(afm)  # our 1-NFE AFM generator: x-prediction
+    bare_generator(bare, use_t_src=True)  # a velocity network without a null row
+    sit_layout_file(sit)
+    png = ["--out", tmp_path / "g.png"]
+    cases = [
+        (["--ckpt", afm, "--cfg", 2], 1, [str(afm), "pred x", "pred v"]),
+        (["--ckpt", bare, "--steps", 2, "--pred", "v", "--cfg", 2], 1, [str(bare), "null class"]),
+        (["--ckpt", sit, "--cfg", 2, "--cfg-channels", 5], 1, [str(sit), "4 channel(s)"]),
+        (["--ckpt", sit, "--cfg-channels", 3], 2, ["--cfg-channels 3", "--cfg"]),
+        (["--ckpt", sit, "--cfg", "nan"], 2, ["--cfg nan"]),
+    ]
+    for argv, status, words in cases:
+        got, line = refused("sample.py", argv + png, capsys)
+        assert got == status and all(w in line for w in words), (argv, line)
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_sample_py_reads_flow_matching_and_cafm_runs(tmp_path):
+    """train.py's flow-matching and CAFM runs are velocity networks sampled as their args say
+    (NFE, solver), with the null class of their class dropout; a CAFM run started from SiT's
+    file keeps SiT's head and time (args sit_time). A real fm-digits run samples with --cfg."""
+    G = randomize(M.Generator(**M.models["T/2"], input_size=8, in_channels=1, num_classes=11,
+                              use_t_src=True))
+    args = {"recipe": "cafm-digits", "model": "T/2", "class_dropout": 0.1, "pred": "v",
+            "sample_steps": 8, "sample_solver": "euler", "sit_time": False}
+    sd = G.state_dict()
+    torch.save({"args": args, "model": sd, "ema": sd, "dis": {}, "opt_g": {}, "opt_d": {},
+                "step": 3}, tmp_path / "cafm.pt")
+    L, info = S.load_generator(str(tmp_path / "cafm.pt"))
+    want = dict(flow=True, steps=8, solver="euler", pred="v", num_classes=10, null=10,
+                learn_sigma=False, sit_time=False, step=3)
+    assert {k: info[k] for k in want} == want
+    sit = sit_layout_file(tmp_path / "sit.pt")
+    sd = sit.state_dict()
+    args = dict(args, recipe="cafm", sit_time=True, sample_steps=256, sample_solver="heun")
+    torch.save({"args": args, "model": sd, "ema": sd, "step": 5}, tmp_path / "cafm-sit.pt")
+    L, info = S.load_generator(str(tmp_path / "cafm-sit.pt"), steps=4)
+    want = dict(flow=True, steps=4, solver="heun", num_classes=10, null=10, learn_sigma=True,
+                sit_time=True)
+    assert {k: info[k] for k in want} == want
+    z, y, t = torch.randn(4, 4, 4, 4), torch.tensor([0, 3, 9, 10]), torch.rand(4)
+    with torch.no_grad():
+        assert torch.equal(sit(z, y, t, t), L(z, y, t, t))
+    train(tmp_path, "--recipe", "fm-digits", "--max-steps", "2")
+    r = run("sample.py", "--ckpt", tmp_path / "000-fm-T-2", "--steps", 4, "--cfg", 3,
+            "--per-class", 2, "--out", tmp_path / "g.png")
+    assert "4 step(s), pred v, euler, cfg 3 on all channel(s)" in r.stdout, r.stdout
+    assert (tmp_path / "g.png").exists()
