@@ -414,7 +414,7 @@ class CAFMPair(Objective):
             # Its conventions, kept in the run's settings so that a resume rebuilds the same
             # networks: SiT's (time the other way round, learn_sigma's extra head channels) or
             # ours (DiT's t x 1000).
-            s.sit_time = info.get("sit_time", False)
+            s.sit_time = info["sit_time"]
         kw = dict(input_size=H, in_channels=C, num_classes=label_rows(num_classes, 0.1),
                   sit_time=s.sit_time)
         self.G = Generator(**models[s.model], **kw, use_t_src=True, learn_sigma=s.sit_time)
