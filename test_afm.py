@@ -1085,8 +1085,10 @@ def test_afm_py_imports_torch_only_and_runs_the_toy(tmp_path):
             top.add(node.module.split(".")[0])
     assert top <= {"contextlib", "math", "torch"}, top
     out = tmp_path / "toy.png"
-    r = run("afm.py", "--g-steps", "100", "--fm-steps", "100", "--ot", "0", "--out", out)
+    r = run("afm.py", "--g-steps", "100", "--fm-steps", "100", "--cafm-steps", "100", "--ot", "0",
+            "--out", out)
     assert "AFM, ot 0.0, 1 step:" in r.stdout and "32 Euler step(s): RMS" in r.stdout, r.stdout
+    assert "CAFM, 64 Euler steps:" in r.stdout, r.stdout
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

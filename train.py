@@ -77,7 +77,7 @@ TRAINING = {
     "pixel64":     ("B/4",  256,  1e-4, None, 50,   0.9999, 0.0),  # ours: 256 tokens, B width
     "fm-digits":   ("T/2",  32,   5e-4, None, None, 0.999,  0.1),  # ours: as digits
     "cafm":        ("XL/2", 256,  1e-5, None, 1e4,  0.99,   0.1),  # cafm/*_sit.yaml (519601d)
-    "cafm-digits": ("T/2",  32,   5e-5, None, 1e4,  0.99,   0.1),  # ours (README, CAFM)
+    "cafm-digits": ("T/2",  32,   1e-5, 5e-5, 1e4,  0.99,   0.1),  # ours (README, CAFM)
 }
 
 # The method. None: not used by that objective. cg_t, where the guidance reads the fake:
@@ -125,7 +125,7 @@ SCHEDULE = {
     "pixel64":    (400_000,   100, 2000, 10_000, 10_000, 10_000, None, "euler"),
     "fm-digits":  (36_000,    500, 2000, 4000,   2000,   1000,   32,   "euler"),
     "cafm":       (1_000_000, 100, 1000, 25_000, 50_000, 10_000, 250,  "heun"),
-    "cafm-digits": (8_000,    500, 1000, 2000,   1000,   1000,   32,   "euler"),
+    "cafm-digits": (4_400,    250, 1100, 1100,   1100,   1000,   32,   "euler"),
 }
 
 # Continuous AFM (arXiv 2604.11521; the release's configs/train/cafm/train_cafm_sit.yaml at
