@@ -344,6 +344,14 @@ def classifier_loss(C, x0, y):
 # --------------------------------------------------------------------------------------
 
 
+def drop_labels(y, p, null):
+    """Classifier-free guidance's training half: each label becomes the null class `null` with
+    probability p, so that the same network also learns the unconditional velocity (the
+    release's flow-matching and CAFM trainers draw this mask first, in prepare_input)."""
+    keep = torch.rand(y.shape[0], device=y.device) >= p
+    return torch.where(keep, y, null)
+
+
 def flow_matching_loss(v, x0, y):
     """Flow matching (rectified flow): regress the velocity of the same straight path,
     d x_t / dt = z - x0, at t ~ U(0, 1) (the release's "uniform" timesteps), with a plain MSE.
@@ -453,8 +461,7 @@ class ContinuousAdversarialFlowLoss:
 
     def sample(self, x0, y):
         """(labels, t, z) of one batch, drawn in the order of the release's prepare_input."""
-        keep = torch.rand(y.shape[0], device=y.device) >= self.class_dropout
-        y = torch.where(keep, y, self.null_class)
+        y = drop_labels(y, self.class_dropout, self.null_class)
         t = torch.rand(x0.shape[0], device=x0.device)
         z = torch.randn_like(x0)
         return y, t, z

@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from afm import (AdversarialFlowLoss, ContinuousAdversarialFlowLoss, FlowDerivative,
-                 classifier_loss, ema_update, flow_matching_loss, frozen)
+                 classifier_loss, drop_labels, ema_update, flow_matching_loss, frozen)
 from dataset import ImageFolder, IndexStream, batches, open_data
 from model import Classifier, Discriminator, Generator, discriminator_from_flow, models
 from plumbing import (ArgumentParser, any_rank, cleanup, first_line, load_checkpoint,
@@ -328,18 +328,11 @@ class AFMPair(Objective):
 def label_rows(num_classes, class_dropout):
     """Rows of a network's label table: one per class, and the null class (index num_classes)
     when labels are dropped. The release builds its SiT networks so: num_classes 1001 with
-    class_dropout_prob 0, the dropout done by the trainer (drop_labels), since in CAFM the
+    class_dropout_prob 0, the dropout done by the trainer (afm.drop_labels), since in CAFM the
     generator and the discriminator must see the same dropped labels."""
     if class_dropout > 0:
         return num_classes + 1
     return num_classes
-
-
-def drop_labels(y, p, null):
-    """Classifier-free guidance's training half: each label becomes the null class with
-    probability p (the release draws this mask in prepare_input, before the timesteps)."""
-    keep = torch.rand(len(y), device=y.device) >= p
-    return torch.where(keep, y, null)
 
 
 class OneNetwork(Objective):
