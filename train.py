@@ -256,7 +256,45 @@ class Objective:
         return ", ".join(sizes)
 
 
-class AFMPair(Objective):
+class AdversarialPair(Objective):
+    """A generator G and a discriminator D trained in turns: a step is a D step or a G step, as
+    `is_g_step` says. Subclasses set G, D, `critic` (what G's loss reads D through: D itself, or
+    its flow derivative), ema, opt_g, opt_d and `loss` (d_loss and g_loss, of afm.py)."""
+
+    def state(self):
+        """Checkpoint key -> object, with the release's keys: "model" is G, "dis" is D."""
+        return {"model": self.G, "dis": self.D, "ema": self.ema, "opt_g": self.opt_g,
+                "opt_d": self.opt_d}
+
+    def step(self, x0, y, step):
+        if self.is_g_step(step):
+            return self.g_step(x0, y, step)
+        return self.d_step(x0, y, step)
+
+    # Which network is DDP-wrapped in which step, and why. DDP averages the gradients of the
+    # module it wraps, during backward. In the D step only D learns: D runs wrapped, and G runs
+    # plain and without grad (it only makes fakes). In the G step only G learns: G runs wrapped,
+    # and D runs plain and frozen, so gradients flow through D into G while D's weights get none
+    # (and DDP has no D gradients to wait for). D stays frozen through backward too, so that a
+    # recomputation (--grad-checkpoint) sees the same graph.
+    def d_step(self, x0, y, step):
+        with self.amp:
+            loss, logs = self.loss.d_loss(self.G, self.ddp["dis"], x0, y, step)
+        loss.backward()
+        logs["grad_norm_d"] = step_optimizer(self.D, self.opt_d, self.s.clip)
+        return loss, logs
+
+    def g_step(self, x0, y, step):
+        with frozen(self.D):
+            with self.amp:
+                loss, logs = self.loss.g_loss(self.ddp["model"], self.critic, x0, y, step)
+            loss.backward()
+        logs["grad_norm_g"] = step_optimizer(self.G, self.opt_g, self.s.clip)
+        ema_update(self.ema, self.G, self.s.ema)  # after each generator update
+        return loss, logs
+
+
+class AFMPair(AdversarialPair):
     """The AFM pair (paper Sec. 3): generator G and discriminator D, their AdamW optimizers
     (betas (0, 0.9), weight decay 0.01, the release's), the EMA of G, and the loss, whose
     gradient normalization keeps a running scale."""
@@ -286,43 +324,18 @@ class AFMPair(Objective):
         self.loss.gradnorm.to(device)
         self.opt_g = adamw(self.G, s.lr, (0.0, 0.9), 0.01, device)
         self.opt_d = adamw(self.D, s.lr_d, (0.0, 0.9), 0.01, device)
+        self.critic = self.D
         self.nets = {"model": self.G, "dis": self.D}
         self.pred = s.pred
         self.amp = torch.autocast(device.type, torch.bfloat16, enabled=s.precision == "bf16")
 
     def state(self):
-        """Checkpoint key -> object. The keys are the release's: "model" is G, "dis" is D, and
-        "gradnorm" holds the loss's state (its gradient normalization)."""
-        return {"model": self.G, "dis": self.D, "ema": self.ema, "opt_g": self.opt_g,
-                "opt_d": self.opt_d, "gradnorm": self.loss}
+        """As AdversarialPair's, and "gradnorm": the loss's state (its gradient normalization)."""
+        return {**super().state(), "gradnorm": self.loss}
 
-    def step(self, x0, y, step):
+    def is_g_step(self, step):
         """`ttur` discriminator steps, then one generator step (the release alternates them)."""
-        if step % (1 + self.s.ttur) < self.s.ttur:
-            return self.d_step(x0, y, step)
-        return self.g_step(x0, y, step)
-
-    # Which network is DDP-wrapped in which step, and why. DDP averages the gradients of the
-    # module it wraps, during backward. In the D step only D learns: D runs wrapped, and G runs
-    # plain and without grad (it only makes fakes). In the G step only G learns: G runs wrapped,
-    # and D runs plain and frozen, so gradients flow through D into G while D's weights get none
-    # (and DDP has no D gradients to wait for). D stays frozen through backward too, so that a
-    # recomputation (--grad-checkpoint) sees the same graph.
-    def d_step(self, x0, y, step):
-        with self.amp:
-            loss, logs = self.loss.d_loss(self.G, self.ddp["dis"], x0, y, step)
-        loss.backward()
-        logs["grad_norm_d"] = step_optimizer(self.D, self.opt_d, self.s.clip)
-        return loss, logs
-
-    def g_step(self, x0, y, step):
-        with frozen(self.D):
-            with self.amp:
-                loss, logs = self.loss.g_loss(self.ddp["model"], self.D, x0, y, step)
-            loss.backward()
-        logs["grad_norm_g"] = step_optimizer(self.G, self.opt_g, self.s.clip)
-        ema_update(self.ema, self.G, self.s.ema)  # after each generator update
-        return loss, logs
+        return step % (1 + self.s.ttur) >= self.s.ttur
 
 
 def label_rows(num_classes, class_dropout):
@@ -391,7 +404,7 @@ class FlowMatching(OneNetwork):
         self.amp = torch.autocast(device.type, torch.bfloat16, enabled=s.precision == "bf16")
 
 
-class CAFMPair(Objective):
+class CAFMPair(AdversarialPair):
     """Continuous AFM (arXiv 2604.11521; the release's train_continuous_adversarial_flow_
     imagenet.py at 519601d): post-training of a flow model. G is the velocity network, started
     from --init (a flow-matching run of ours, or SiT's SiT-XL-2-256.pt); D is a discriminator of
@@ -425,7 +438,7 @@ class CAFMPair(Objective):
         self.loss = ContinuousAdversarialFlowLoss(
             n_dis=s.n_dis, warmup=s.warmup, cp=s.cp, ot=s.ot, class_dropout=s.class_dropout,
             null_class=num_classes)
-        self.D_flow = FlowDerivative(self.D)  # D read along a flow, unwrapped (the G step)
+        self.critic = FlowDerivative(self.D)  # D read along the flow, unwrapped (G steps)
         self.opt_g = adamw(self.G, s.lr, (0.0, 0.95), 0.0, device)
         self.opt_d = adamw(self.D, s.lr_d, (0.0, 0.95), 0.0, device)
         self.nets = {"model": self.G, "dis": self.D}
@@ -440,34 +453,9 @@ class CAFMPair(Objective):
             return FlowDerivative(net)
         return net
 
-    def state(self):
-        return {"model": self.G, "dis": self.D, "ema": self.ema, "opt_g": self.opt_g,
-                "opt_d": self.opt_d}
-
-    def step(self, x0, y, step):
+    def is_g_step(self, step):
         """D steps only during the warm-up, then `n_dis` D steps per G step."""
-        if self.loss.is_g_step(step):
-            return self.g_step(x0, y, step)
-        return self.d_step(x0, y, step)
-
-    # DDP as in AFMPair: in the D step D's flow derivative runs wrapped and G plain (without
-    # grad, inside d_loss); in the G step G runs wrapped and D plain and frozen, its JVP carrying
-    # the gradient into G.
-    def d_step(self, x0, y, step):
-        with self.amp:
-            loss, logs = self.loss.d_loss(self.G, self.ddp["dis"], x0, y, step)
-        loss.backward()
-        logs["grad_norm_d"] = step_optimizer(self.D, self.opt_d, self.s.clip)
-        return loss, logs
-
-    def g_step(self, x0, y, step):
-        with frozen(self.D):
-            with self.amp:
-                loss, logs = self.loss.g_loss(self.ddp["model"], self.D_flow, x0, y, step)
-            loss.backward()
-        logs["grad_norm_g"] = step_optimizer(self.G, self.opt_g, self.s.clip)
-        ema_update(self.ema, self.G, self.s.ema)  # after each generator update
-        return loss, logs
+        return self.loss.is_g_step(step)
 
 
 def load_flow(path):
