@@ -376,6 +376,21 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def integer(lo, hi):
+    """argparse type: an integer in [lo, hi]. Every count and seed of the command lines has its
+    bounds, so that a typo fails at once with one line, not after a minute of work (a seed past
+    2**31 overflows torch's generator; a billion samples build lists for a minute)."""
+    def parse(text):
+        value = None
+        if text.lstrip("-").isdigit():
+            value = int(text)
+        if value is None or not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"expected an integer from {lo:,} to {hi:,}, "
+                                             f"got {text!r}")
+        return value
+    return parse
+
+
 def positive(text):
     """argparse type: an integer >= 1."""
     if not text.isdigit() or int(text) < 1:
