@@ -41,6 +41,7 @@ release's behaviour is followed, since its checkpoints were trained with it
 
 import contextlib
 import math
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -231,6 +232,15 @@ class AdversarialFlowLoss:
     def ot_scale(self, step):
         return cosine_schedule(step, self.ot, self.ot_end, self.decay_steps)
 
+    class Pairs(NamedTuple):
+        """One batch of transport problems (see `pairs`)."""
+        x_src: torch.Tensor  # sources, at t_src
+        real: torch.Tensor  # real targets, at t_tgt (other noise than the source's)
+        fake: torch.Tensor  # G's targets from x_src
+        t_src: torch.Tensor
+        t_tgt: torch.Tensor
+        w: torch.Tensor  # |t_src - t_tgt|, at least 0.001: the jump's length
+
     def pairs(self, G, x0, y, grad):
         """One transport problem per example: a source x_src at t_src and a real target x_tgt at
         t_tgt, made with INDEPENDENT noises (the discriminator compares the marginals at t_tgt,
@@ -247,13 +257,15 @@ class AdversarialFlowLoss:
         # w = |t_src - t_tgt| is the length of the jump: R1/R2 are weighted by it and the
         # transport cost divided by it (a longer jump may move samples further).
         w = (t_src - t_tgt).abs().clamp_min(0.001)
-        return x_src, x_tgt, out, t_src, t_tgt, w
+        return self.Pairs(x_src, x_tgt, out, t_src, t_tgt, w)
 
     def d_loss(self, G, D, x0, y, step):
         """The discriminator's loss (paper Sec. 3.2): relativistic pairing, finite-difference
         R1 and R2, and logit centering. G runs without gradient."""
-        _, real, fake, _, t, w = self.pairs(G, x0, y, grad=False)
-        real, fake = augment(real, fake, self.augment_p)
+        p = self.pairs(G, x0, y, grad=False)
+        real, fake = augment(p.real, p.fake, self.augment_p)
+        t = p.t_tgt
+        w = p.w
         B = x0.shape[0]
         n = max(round(B * self.gp_ratio), 1)  # R1/R2 on a fraction of the batch
         eps = self.gp_eps
@@ -286,8 +298,10 @@ class AdversarialFlowLoss:
         """The generator's loss (paper Sec. 3.1): fool D, through gradient normalization, plus
         the transport cost, plus optional classifier guidance. D is frozen: gradients flow
         through it into G, its own weights get none."""
-        x_src, real, fake, t_src, t, w = self.pairs(G, x0, y, grad=True)
-        real_aug, fake_aug = augment(real, fake, self.augment_p)
+        p = self.pairs(G, x0, y, grad=True)
+        fake = p.fake
+        t = p.t_tgt
+        real_aug, fake_aug = augment(p.real, fake, self.augment_p)
         ot_scale = self.ot_scale(step)
         with frozen(D):
             d_real = D(real_aug, y, t).float()
@@ -295,8 +309,8 @@ class AdversarialFlowLoss:
         adv = F.softplus(-(d_fake - d_real)).mean()
         # Transport cost: the squared distance each sample moves, per element, divided by the
         # jump length w. Among all maps that fool D, this selects the W2-optimal one.
-        moved = (fake.float() - x_src).square().flatten(1).mean(1)  # (B,)
-        ot = (moved * (ot_scale / w)).mean()
+        moved = (fake.float() - p.x_src).square().flatten(1).mean(1)  # (B,)
+        ot = (moved * (ot_scale / p.w)).mean()
         loss = adv + ot
         logs = {"g_adv": adv, "ot": ot, "ot_scale": torch.tensor(ot_scale)}
         if self.classifier is not None and self.cg > 0:

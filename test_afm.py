@@ -1083,7 +1083,7 @@ def test_afm_py_imports_torch_only_and_runs_the_toy(tmp_path):
             top.update(a.name.split(".")[0] for a in node.names)
         if isinstance(node, ast.ImportFrom):
             top.add(node.module.split(".")[0])
-    assert top <= {"contextlib", "math", "torch"}, top
+    assert top <= {"contextlib", "math", "typing", "torch"}, top
     out = tmp_path / "toy.png"
     r = run("afm.py", "--g-steps", "100", "--fm-steps", "100", "--cafm-steps", "100", "--ot", "0",
             "--out", out)
