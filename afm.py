@@ -754,7 +754,23 @@ def draw_maps(curves, path, size=480):
     img.save(path)
 
 
+def check_out(out, overwrite):
+    """Exit with one line, before any training, unless the picture can be written to `out`."""
+    import os  # the command line's only: the method above needs torch alone
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise SystemExit(f"afm.py: error: --out {out}: no folder {folder}")
+    if not os.access(folder, os.W_OK):
+        raise SystemExit(f"afm.py: error: --out {out}: the folder {folder} is not writable")
+    if os.path.isdir(out):
+        raise SystemExit(f"afm.py: error: --out {out} is a folder: name a .png file")
+    if os.path.exists(out) and not overwrite:
+        raise SystemExit(f"afm.py: error: --out {out} exists: pass --overwrite to replace it")
+
+
 def main(args):
+    import os
+    check_out(args.out, args.overwrite)
     torch.set_num_threads(1)  # small MLPs: one thread is faster than several
     z = torch.linspace(-3, 3, 400).unsqueeze(1)
     y = torch.zeros(400, dtype=torch.long)
@@ -781,7 +797,11 @@ def main(args):
     print(f"CAFM, 64 Euler steps:      RMS {rms:.4f}, wrong mode {wrong:.1%}")
     xs = generate(v, z, y, 64, "v").squeeze(1).tolist()
     curves.append(("CAFM, 64 Euler steps", (44, 160, 44), xs))
-    draw_maps(curves, args.out)
+    # written under a temporary name, then renamed: an interrupted or failed write leaves no
+    # partial picture under the real name
+    partial = f"{args.out}.partial.png"
+    draw_maps(curves, partial)
+    os.replace(partial, args.out)
     print(f"wrote {args.out}")
 
 
@@ -797,4 +817,5 @@ if __name__ == "__main__":
     p.add_argument("--cafm-steps", type=int, default=2000,
                    help="CAFM steps, D and G steps together (8 D steps per G step)")
     p.add_argument("--out", default="afm_toy.png", help="the picture of the maps")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     main(p.parse_args())

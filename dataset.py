@@ -17,6 +17,7 @@ files. An interrupted run resumes when rerun with the same flags: finished shard
 a rerun with settings that would change the shards' contents is refused.
 """
 
+import argparse
 import hashlib
 import json
 import math
@@ -42,6 +43,9 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")  # ADM's list + 
 # PIL's errors on bad files
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 SHARD = "shard_{:05d}.pt"
+MAX_CLASSES = 100_000  # labels bound: ImageNet-21k has 21,841 classes
+MAX_IMAGE_SIZE = 4096  # crop sizes: the paper's largest is 512
+MAX_WORKERS = 32  # loader processes per rank, whatever --workers asks
 FOLDER_SIZE = 256  # an image folder's crop size unless given: the paper's ImageNet 256x256
 DATA_KINDS = ('"digits", an image folder (DIR/<class>/<image>, or flat), an .npz of images '
               '(arr_0 uint8 N, H, W, C) or a latent cache folder (made by dataset.py cache)')
@@ -75,6 +79,16 @@ class IndexStream:
                 yield i
 
 
+def worker_count(n):
+    """Loader processes for a request of n: at most one per CPU and MAX_WORKERS (--workers 1000
+    would start 1,000 processes); said in one line when capped."""
+    cap = min(os.cpu_count() or 1, MAX_WORKERS)
+    if n > cap:
+        print0(f"note: {n} loader workers asked, {cap} used (one per CPU, at most {MAX_WORKERS})")
+        return cap
+    return n
+
+
 def batches(dataset, stream, batch_size, workers):
     """Yield (x, y) batches. In-memory datasets (`tensors`: the digits, small npz files) are
     indexed directly; the others go through a DataLoader fed by the stream (per-item randomness,
@@ -89,6 +103,7 @@ def batches(dataset, stream, batch_size, workers):
             if dataset.flip:  # horizontal flip, p = 0.5 per example (the digits are never flipped)
                 x = torch.where(torch.rand(len(idx), 1, 1, 1) < 0.5, x.flip(-1), x)
             yield x, ys[idx]
+    workers = worker_count(workers)
     yield from DataLoader(dataset, batch_size=batch_size, sampler=stream, num_workers=workers,
                           pin_memory=torch.cuda.is_available(), drop_last=True,
                           persistent_workers=workers > 0)
@@ -131,6 +146,25 @@ def center_crop_arr(img: Image.Image, size: int) -> np.ndarray:
     top = (arr.shape[0] - size) // 2
     left = (arr.shape[1] - size) // 2
     return arr[top : top + size, left : left + size]  # (size, size, 3)
+
+
+def rgb(img: Image.Image) -> Image.Image:
+    """img in RGB. 16-bit grayscale (a PNG opens as mode "I;16" or "I", values 0..65535) is
+    scaled to 8 bits first: PIL's convert("RGB") clips it at 255, a white image."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L"):
+        arr = np.asarray(img).astype(np.float64) / 257  # 65535 -> 255
+        img = Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
+def check_image_size(size, vae=False):
+    """A one-line error naming --image-size unless it is a crop size the networks can take:
+    from 8 to MAX_IMAGE_SIZE, and a multiple of 8 when a VAE encodes it (8x down)."""
+    if not 8 <= size <= MAX_IMAGE_SIZE or (vae and size % 8):
+        need = "from 8"
+        if vae:
+            need = "a multiple of 8 from 8"
+        raise ValueError(f"--image-size {size}: expected {need} to {MAX_IMAGE_SIZE}")
 
 
 def walk_images(folder):
@@ -197,6 +231,7 @@ class ImageFolder(Dataset):
     in_memory = False
 
     def __init__(self, root, image_size=FOLDER_SIZE, flip=True, unconditional=False):
+        check_image_size(image_size)
         self.root = root
         self.image_size = image_size
         self.flip = flip
@@ -242,7 +277,7 @@ class ImageFolder(Dataset):
     def read(self, i):
         """ADM crop of file i, RGB uint8 (S, S, 3); PIL's error if unreadable."""
         with Image.open(self.files[i]) as img:
-            return center_crop_arr(img.convert("RGB"), self.image_size)
+            return center_crop_arr(rgb(img), self.image_size)
 
     def load(self, i):
         """ADM crop of file i, RGB uint8 (S, S, 3); None if unreadable (warned once, counted)."""
@@ -268,6 +303,22 @@ class ImageFolder(Dataset):
             arr = arr[:, ::-1]
         x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1  # (3, S, S)
         return x, self.labels[j]
+
+
+def check_labels(y, n, name):
+    """Class labels as int64 (n,), or a one-line error naming them: integers (a uint64 label
+    past 2**63 would wrap negative in int64), one per image, from 0 to MAX_CLASSES - 1 (a label
+    of 2**40 would build a table of 2**40 classes: a MemoryError, or a hang)."""
+    y = np.asarray(y)
+    if y.dtype.kind not in "iu" or y.shape != (n,):
+        raise ValueError(f"{name} should be {n} integer labels (one per image), got {y.dtype} "
+                         f"{y.shape}")
+    low = int(y.min())  # Python ints: exact for any int or uint dtype
+    high = int(y.max())
+    if low < 0 or high >= MAX_CLASSES:
+        raise ValueError(f"{name} should hold labels from 0 to {MAX_CLASSES - 1:,}, got "
+                         f"{low:,} to {high:,}")
+    return y.astype(np.int64)
 
 
 def npz_array(path, key, max_bytes):
@@ -311,8 +362,10 @@ class ArrayImages(Dataset):
             y = None
             if "arr_1" in keys and not unconditional:
                 y = npz_array(path, "arr_1", 1 << 40)
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-            if "Object arrays" in str(e):  # numpy on an object array (a junk file: "pickled")
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            if os.path.isfile(path) and os.path.getsize(path) == 0:
+                why = "is empty (0 bytes), not a readable .npz"
+            elif "Object arrays" in str(e):  # numpy on an object array (a junk file: "pickled")
                 why = "arr_0 is an object array (images of different sizes?)"
             elif isinstance(e, KeyError):
                 why = "no arr_0 (uint8 images N, H, W, C)"
@@ -323,15 +376,11 @@ class ArrayImages(Dataset):
         if x.dtype != np.uint8 or not square or not len(x):
             raise ValueError(f"{path}: arr_0 should be uint8 (N, H, W, C) square images with C 1 "
                              f"or 3, got {x.dtype} {x.shape}")
-        if y is not None:
-            if y.dtype.kind not in "iu" or y.shape != (len(x),) or y.min() < 0:
-                raise ValueError(f"{path}: arr_1 should be {len(x)} integer labels >= 0, got "
-                                 f"{y.dtype} {y.shape}")
         self.x = x
         if y is None:
             self.y = np.zeros(len(x), np.int64)
         else:
-            self.y = y.astype(np.int64)
+            self.y = check_labels(y, len(x), f"{path}: arr_1")
         self.labels = self.y.tolist()
         self.num_classes = int(self.y.max()) + 1
         self.flip = flip
@@ -397,6 +446,7 @@ def build_dataset(data, image_size=None, vae_path=None, unconditional=False):
         return ds
     if image_size is None:
         image_size = FOLDER_SIZE
+    check_image_size(image_size, vae=vae_path is not None)
     return ImageFolder(data, image_size, unconditional=unconditional)
 
 
@@ -640,7 +690,7 @@ def build_cache(data, vae_path, out, image_size=None, batch_size=64, shard_size=
         for start in range(k * shard_size, ends[k], batch_size):
             jobs.append(list(range(start, min(start + batch_size, ends[k]))))
     loader = DataLoader(_Crops(folder), batch_sampler=jobs, pin_memory=device.type == "cuda",
-                        num_workers=min(num_workers, os.cpu_count() or 1))
+                        num_workers=worker_count(num_workers))
     desc = "caching"
     if world > 1:
         desc = f"caching (rank 0 of {world})"
@@ -702,6 +752,14 @@ def self_check():
     print(f"ADM crop 517x300 -> {center_crop_arr(Image.new('RGB', (517, 300)), 256).shape}")
 
 
+def image_size(text):
+    """argparse type of the cache's --image-size: check_image_size's bounds with a VAE."""
+    if not text.isdigit() or not 8 <= int(text) <= MAX_IMAGE_SIZE or int(text) % 8:
+        raise argparse.ArgumentTypeError(f"expected a multiple of 8 from 8 to {MAX_IMAGE_SIZE}, "
+                                         f"got {text!r}")
+    return int(text)
+
+
 def parse_args(argv=None):
     p = ArgumentParser(prog="dataset.py", description="AFM data: self-check (no command) or cache")
     sub = p.add_subparsers(dest="command")
@@ -713,7 +771,7 @@ def parse_args(argv=None):
     c.add_argument("--vae", required=True, help="VAE weights (the release: sd-vae-ft-mse)")
     c.add_argument("--out", required=True, help="cache folder; rerun the same command to resume")
     # paper: ImageNet 256x256 (an image folder's default); an npz: its own size
-    c.add_argument("--image-size", type=positive, default=None)
+    c.add_argument("--image-size", type=image_size, default=None)
     c.add_argument("--batch-size", type=positive, default=64)  # images per VAE call, per rank
     c.add_argument("--shard-size", type=positive, default=1024)  # images per shard: 32 MiB at 256px
     c.add_argument("--num-workers", type=int, default=8)  # decode + crop processes per rank

@@ -3166,12 +3166,109 @@ DATASET_REFUSALS = [
     ("out-a-file",
      ["cache", "--data", "{t}/c/images", "--vae", "{t}/c/vae.pt", "--out", "{t}/afile"], 1,
      ["--out", "{t}/afile", "is a file"]),
+    ("image-size-0", [*CACHE, "--vae", "{t}/c/vae.pt", "--image-size", "0"], 2,
+     ["--image-size", "multiple of 8"]),
+    ("image-size-not-a-multiple-of-8", [*CACHE, "--vae", "{t}/c/vae.pt", "--image-size", "12"], 2,
+     ["--image-size", "multiple of 8"]),
 ]
 
 
 @table("argv, status, words", DATASET_REFUSALS)
 def test_dataset_py_refuses(inputs, capsys, argv, status, words):
     assert_refused("dataset.py", argv, status, words, inputs, capsys)
+
+
+# npz files whose labels (arr_1) or bytes cannot be read as classes: (id, arr_1 or the file's
+# bytes, words). One check, in ArrayImages, serves training and the cache builder.
+N_IMAGES = 4
+BAD_NPZ = [
+    ("label-2**40", np.array([0, 1, 2, 2**40]), ["arr_1", "0 to 99,999", "1,099,511,627,776"]),
+    ("uint64-label-past-2**63", np.array([0, 1, 2, 2**63], np.uint64), ["arr_1", "0 to 99,999"]),
+    ("negative-label", np.array([0, -3, 1, 2]), ["arr_1", "-3"]),
+    ("float-labels", np.zeros(N_IMAGES, np.float32), ["arr_1", "integer labels", "float32"]),
+    ("a-label-short", np.arange(N_IMAGES - 1), ["arr_1", f"{N_IMAGES} integer labels", "(3,)"]),
+    ("zero-bytes", b"", ["is empty", "not a readable .npz"]),
+]
+
+
+@table("content, words", BAD_NPZ)
+def test_bad_npz_labels_are_refused_in_one_line(tmp_path, capsys, content, words):
+    """Training's reader and `dataset.py cache` refuse at once, in one line naming the file (a
+    label of 2**40 was a MemoryError in train.py and a hang in the cache; a uint64 label past
+    2**63 wrapped negative; a 0-byte file was an EOFError)."""
+    path = tmp_path / "bad.npz"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        np.savez(path, arr_0=np.zeros((N_IMAGES, 8, 8, 3), np.uint8), arr_1=content)
+    with pytest.raises(ValueError) as e:
+        DS.build_dataset(str(path))
+    assert str(path) in str(e.value) and all(w in str(e.value) for w in words), e.value
+    argv = ["cache", "--data", path, "--vae", tmp_path / "vae.pt", "--out", tmp_path / "cache"]
+    code, line = refused("dataset.py", argv, capsys)
+    assert code == 1 and str(path) in line and all(w in line for w in words), line
+    assert not (tmp_path / "cache").exists()
+
+
+def test_loader_workers_are_capped_once_for_training_and_the_cache(monkeypatch, capsys):
+    """`--workers 1000` started 1,000 processes: worker_count caps every loader (training's
+    batches() and the cache's) at one per CPU, at most MAX_WORKERS, and says so in one line."""
+    monkeypatch.setattr(DS.os, "cpu_count", lambda: 3)
+    capsys.readouterr()
+    assert DS.worker_count(2) == 2 and capsys.readouterr().out == ""
+    assert DS.worker_count(1000) == 3
+    assert capsys.readouterr().out.strip().splitlines() == [
+        "note: 1000 loader workers asked, 3 used (one per CPU, at most 32)"]
+    monkeypatch.setattr(DS.os, "cpu_count", lambda: 64)
+    assert DS.worker_count(1000) == DS.MAX_WORKERS == 32
+    asked = []
+
+    def loader(*args, num_workers, **kwargs):
+        asked.append(num_workers)
+        return iter([])
+    monkeypatch.setattr(DS, "DataLoader", loader)
+    class Folder:  # what batches() asks of a dataset it does not hold in memory
+        in_memory = False
+    list(DS.batches(Folder(), iter([]), 4, 1000))
+    assert asked == [32]
+
+
+def test_16_bit_pngs_are_scaled_to_8_bits(tmp_path):
+    """A 16-bit grayscale PNG (PIL mode "I;16" or "I") was read as pure white: PIL clips it at
+    255. It is scaled, 65535 -> 255, as an 8-bit image of the same shades."""
+    root = tmp_path / "gray16"
+    root.mkdir()
+    for value in (0, 257 * 100, 65535):
+        img = Image.fromarray(np.full((8, 8), value, np.uint16))
+        img.save(root / f"{value:05d}.png")
+        with Image.open(root / f"{value:05d}.png") as back:
+            assert back.mode in ("I;16", "I"), back.mode
+    ds = DS.ImageFolder(str(root), 8, flip=False)
+    shades = [np.unique(ds.read(i)).tolist() for i in range(len(ds))]
+    assert shades == [[0], [100], [255]], shades
+
+
+def test_image_size_out_of_bounds_names_the_flag(image_root):
+    """`--image-size 0` was reported as "none of the image files is readable"."""
+    for size in (0, 4):
+        with pytest.raises(ValueError, match=f"--image-size {size}: expected"):
+            DS.build_dataset(image_root, image_size=size)
+    with pytest.raises(ValueError, match="--image-size 12: expected a multiple of 8"):
+        DS.build_dataset(image_root, image_size=12, vae_path="vae.pt")  # 8x down: not 12
+
+
+def test_afm_py_checks_out_before_training(tmp_path):
+    """The toy's --out is checked before any training (a missing folder failed after it), and an
+    existing picture is kept unless --overwrite."""
+    kept = tmp_path / "afm_toy.png"
+    kept.write_bytes(b"an earlier picture")
+    for out, words in ((tmp_path / "no" / "x.png", "no folder"), (kept, "--overwrite")):
+        start = time.time()
+        r = run("afm.py", "--out", out, check=False, timeout=60)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1 and words in lines[0], r.stderr
+        assert time.time() - start < 30 and "AFM" not in r.stdout, r.stdout
+    assert kept.read_bytes() == b"an earlier picture" and os.listdir(tmp_path) == [kept.name]
 
 
 # The same refusals from real processes: the exit status and one stderr line, no traceback,
