@@ -268,17 +268,41 @@ def write_log(run_dir, record):
         f.write(json.dumps(record) + "\n")
 
 
+def read_log(run_dir):
+    """The records of run_dir/log.jsonl, each as (its line, the record). A last line that is no
+    record is dropped, said so: a full disk mid-append leaves a torn line, and the run must still
+    resume (trim_log rewrites the log without it)."""
+    path = os.path.join(run_dir, "log.jsonl")
+    with open(path) as f:
+        lines = f.readlines()
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and "step" in record:
+            rows.append((line, record))
+        elif i == len(lines) - 1:
+            print0(f"{path}: its last line is torn (a write cut short, e.g. by a full disk); "
+                   f"dropped")
+        else:
+            raise SystemExit(f"error: {path}, line {i + 1}: not a JSON record with a step; "
+                             f"delete that line to go on")
+    return rows
+
+
 def trim_log(run_dir, step):
     """Keep the records of run_dir/log.jsonl up to `step`: a run resumed in place from step N
     logs again the steps an interrupted run logged past its last checkpoint, and each step must
-    stay once."""
+    stay once. A torn last line goes too."""
     path = os.path.join(run_dir, "log.jsonl")
     if not os.path.isfile(path):
         return
     with open(path) as f:
-        lines = f.readlines()
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
-    if len(kept) < len(lines):
+        count = len(f.readlines())
+    kept = [line for line, record in read_log(run_dir) if record["step"] <= step]
+    if len(kept) < count:
         save_atomic("".join(kept), path, save_text)
 
 
@@ -287,8 +311,7 @@ def plot_curves(run_dir, first=(), skip=(), cols=4, w=320, h=170):
     only). Panels: the keys of `first` in that order, then the others by name, less those in
     `skip`. A key K_floor is no panel: it is K's value on real data, shown in K's title."""
     from PIL import Image, ImageDraw
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    rows = [record for line, record in read_log(run_dir)]
     keys = set()
     for r in rows:
         for k in r:
@@ -343,7 +366,12 @@ def plot_curves(run_dir, first=(), skip=(), cols=4, w=320, h=170):
         draw.text((x0 - 42, y0 + ph - 10), f"{lo:.3g}", fill=grey)
         draw.text((x0, y0 + ph + 3), f"step {s0}", fill=grey)
         draw.text((x0 + pw - 60, y0 + ph + 3), f"{s1}", fill=grey)
-    save_atomic(img, os.path.join(run_dir, "curves.png"), lambda im, p: im.save(p, format="PNG"))
+    save_atomic(img, os.path.join(run_dir, "curves.png"), save_png)
+
+
+def save_png(image, path):
+    """A PIL image as PNG (the `save` of save_atomic: the temporary name has no .png)."""
+    image.save(path, format="PNG")
 
 
 # --------------------------------------------------------------------------------------

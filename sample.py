@@ -51,7 +51,8 @@ from tqdm import tqdm
 from afm import generate
 from model import Generator, models
 from plumbing import (ArgumentParser, any_rank, cleanup, file_identity, first_line,
-                      load_checkpoint, positive, print0, save_atomic, save_json, save_npz, setup)
+                      load_checkpoint, positive, print0, save_atomic, save_json, save_npz,
+                      save_png, setup)
 from vae import decode, load_vae
 
 # DiT's sample.py grid: dog, otter, panda, ...
@@ -133,7 +134,7 @@ def save_grid(images, path, nrow):
         top = 2 + r * (H + 2)
         left = 2 + c * (W + 2)
         grid[:, top:top + H, left:left + W] = x[i]
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    save_atomic(Image.fromarray(grid.permute(1, 2, 0).numpy()), path, save_png)
 
 
 # --------------------------------------------------------------------------------------

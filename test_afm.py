@@ -2919,6 +2919,7 @@ def assert_refused(script, argv, status, words, inputs, capsys):
 # refusal that would start a run inside the inputs, where it would show.
 R2 = ["--results-dir", "{t}/r2"]
 EVAL = ["--max-steps", "4", "--eval-every", "2", "--eval-samples", "30"]
+ONE_STEP = ["--max-steps", "1", *R2]  # a run, where the old code accepted the flags
 TRAIN_REFUSALS = [
     # combinations the release never uses
     ("1nfe-at-2-steps", ["--recipe", "1nfe", "--steps", "2"], 2, ["use --recipe knfe"]),
@@ -2991,6 +2992,17 @@ TRAIN_REFUSALS = [
     ("cls-of-another-size",
      ["--max-steps", "2", "--cls", "{t}/classifier.pth", "--cls-model", "T/4", "--cg", "0.01",
       *R2], 1, ["--cls"]),
+    # flags the recipe's objective does not read (given explicitly); numbers out of bounds
+    ("steps-of-flow-matching", ["--recipe", "fm-digits", "--steps", "2", *ONE_STEP], 2,
+     ["--steps does nothing", "fm-digits"]),
+    ("ot-of-the-classifier", ["--recipe", "classifier", "--ot", "0.1", *ONE_STEP], 2,
+     ["--ot does nothing"]),
+    ("n-dis-of-afm", ["--n-dis", "2", *ONE_STEP], 2, ["--n-dis does nothing"]),
+    ("ttur-of-cafm", ["--recipe", "cafm-digits", "--init", "{t}/runs/000-T-2", "--ttur", "2",
+                      *ONE_STEP], 2, ["--ttur does nothing"]),
+    ("seed-too-large", ["--seed", "999999999999", *ONE_STEP], 2, ["--seed", "2,147,483,647"]),
+    ("workers-1000", ["--workers", "1000", *ONE_STEP], 2, ["--workers", "64"]),
+    ("image-size-0", ["--image-size", "0", *ONE_STEP], 2, ["--image-size"]),
 ]
 
 
@@ -2998,6 +3010,45 @@ TRAIN_REFUSALS = [
 def test_train_py_refuses(inputs, capsys, monkeypatch, argv, status, words):
     monkeypatch.setattr(fid, "load_inception", stand_in)
     assert_refused("train.py", argv, status, words, inputs, capsys)
+
+
+def test_resume_drops_a_torn_last_log_line(tmp_path, capsys):
+    """A full disk mid-append leaves a torn last line in log.jsonl: --resume drops it, says so,
+    and goes on; the log then holds whole records only."""
+    train_here(tmp_path, "--max-steps", "2")
+    run_dir = tmp_path / "000-T-2"
+    with open(run_dir / "log.jsonl", "a") as f:
+        f.write('{"step": 4, "d_lo')
+    train_here(tmp_path, "--resume", str(run_dir), "--max-steps", "4")
+    assert "torn" in capsys.readouterr().out
+    assert [r["step"] for r in read_log(run_dir)] == [2, 4]
+
+
+def test_a_grid_on_a_full_disk_leaves_no_file(tmp_path, monkeypatch):
+    """A grid that cannot be written (a full disk) ends in one line naming the file and the free
+    space, and leaves no partial PNG under its name."""
+    def full_disk(image, path, format=None, **kw):
+        with open(path, "wb") as f:
+            f.write(b"\x89PNG")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    with pytest.raises(SystemExit) as e:
+        S.save_grid(torch.zeros(2, 3, 8, 8), str(tmp_path / "g.png"), nrow=2)
+    assert "g.png" in str(e.value) and "GiB free" in str(e.value)
+    assert os.listdir(tmp_path) == []
+
+
+def test_non_finite_loss_stops_before_the_next_grid(tmp_path):
+    """With --lr 1e9 the loss is non-finite from the second step on: the run stops there, with
+    no grid, evaluation or checkpoint of the diverged model, although no log or checkpoint step
+    came (only the grid of step 1, drawn after a D step, while the loss was finite)."""
+    r = train(tmp_path, "--lr", "1e9", "--log-every", "100", "--sample-every", "1",
+              "--eval-every", "1", "--eval-samples", "20", "--max-steps", "20", check=False)
+    assert r.returncode == 1 and "non-finite loss at step 1" in r.stdout, r.stdout + r.stderr
+    run_dir = tmp_path / "000-T-2"
+    assert sorted(p.name for p in run_dir.glob("samples_*.png")) == ["samples_0000001.png"]
+    assert not os.listdir(run_dir / "checkpoints")
+    assert [r["step"] for r in read_log(run_dir)] == [1]  # step 1's evaluation only
 
 
 # sample.py: refused before the first sample is drawn

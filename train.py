@@ -37,7 +37,7 @@ from afm import (AdversarialFlowLoss, ContinuousAdversarialFlowLoss, FlowDerivat
                  classifier_loss, drop_labels, ema_update, flow_matching_loss, frozen)
 from dataset import ImageFolder, IndexStream, batches, open_data
 from model import Classifier, Discriminator, Generator, discriminator_from_flow, models
-from plumbing import (ArgumentParser, any_rank, cleanup, first_line, load_checkpoint,
+from plumbing import (ArgumentParser, any_rank, cleanup, first_line, integer, load_checkpoint,
                       make_run_dir, mean_over_ranks, plot_curves, print0, resumed_run_dir,
                       save_atomic, setup, sum_over_ranks, trim_log, why_unwritable, write_log)
 from sample import Evaluation, Sampler, load_generator, save_grid
@@ -547,22 +547,25 @@ def main(s, ckpt=None, ckpt_path=None):
             position += local_batch
             last = step == s.max_steps
 
-            # A checkpoint needs every rank: a signal stops the loop at a step all ranks agree on
-            # (checked every 10 steps and at log/checkpoint steps), and a non-finite loss stops it
-            # before anything is saved.
+            # What this step writes: a grid, an evaluation (every eval_every steps, and at the
+            # end of a run that trained at least that long: a short (smoke) run does not spend
+            # longer evaluating than it trained), a log line, a checkpoint.
+            grid_due = grid is not None and (step % s.sample_every == 0 or last)
+            final_eval = last and step - start_step >= s.eval_every
+            eval_due = evaluation is not None and (step % s.eval_every == 0 or final_eval)
             boundary = step % s.log_every == 0 or step % s.ckpt_every == 0 or last
+            # A checkpoint needs every rank: a signal stops the loop at a step all ranks agree on
+            # (checked every 10 steps and at log/checkpoint steps). A non-finite loss stops it
+            # before anything is written; the host waits for the device only at such steps.
             if world == 1 or step % 10 == 0 or boundary:
                 stop = any_rank(len(received) > 0, device)
-            if boundary or stop:
+            if boundary or grid_due or eval_due or stop:
                 non_finite.exit_if_any(run_dir, rank, device)
             if step % s.log_every == 0:
                 log.training(step, data, plot=step % s.ckpt_every == 0 or last)
-            if grid is not None and rank == 0 and (step % s.sample_every == 0 or last):
+            if grid_due and rank == 0:
                 grid.draw(trainee.ema, os.path.join(run_dir, f"samples_{step:07d}.png"))
-            # Evaluate every eval_every steps, and at the end of a run that trained at least that
-            # long: a short (smoke) run does not spend longer evaluating than it trained.
-            final_eval = last and step - start_step >= s.eval_every
-            if evaluation is not None and not stop and (step % s.eval_every == 0 or final_eval):
+            if eval_due and not stop:
                 stop = evaluate(evaluation, trainee.ema, step, log, received)
             if step % s.ckpt_every == 0 or last or stop:
                 save_checkpoint(trainee, s, run_dir, step=step, position=position, rank=rank,
@@ -683,8 +686,8 @@ def train_step(trainee, x0, y, step):
 
 class NonFinite:
     """The first step whose loss was not finite, noted on the device: reading the loss on the
-    host every step would make each step wait for the accelerator. The loop looks at it where the
-    ranks meet anyway."""
+    host every step would make each step wait for the accelerator. The loop looks at it only
+    before it writes something (a grid, an evaluation, a log line, a checkpoint)."""
 
     def __init__(self, device):
         self.seen = torch.zeros((), dtype=torch.bool, device=device)
@@ -874,6 +877,13 @@ def exit_on_signal(received):
 # --------------------------------------------------------------------------------------
 
 
+# The largest --seed: the noise of the evaluations is seeded by seed * 10**8 + i, the data order
+# by seed * 100003 + epoch, and both must stay inside torch's 64-bit seeds.
+SEED_MAX = 2**31 - 1
+# The largest step count or interval: far past any run (the release's longest is 5M steps).
+STEPS_MAX = 10**10
+
+
 def steps_type(text):
     if text != "any" and not text.lstrip("-").isdigit():
         raise argparse.ArgumentTypeError(f'expected 1, 2, ... or "any", got {text!r}')
@@ -897,11 +907,11 @@ def parser():
     a("--unconditional", action="store_true", default=None,
       help="ignore class folders / labels: one class")
     a("--vae", help="SD-VAE weights (sd-vae-ft-mse): encode images / decode sample grids")
-    a("--image-size", type=int,
+    a("--image-size", type=integer(1, 8192),
       help="image folders: crop size (256); other data: their own size (checked if given)")
     a("--model", choices=list(models), help="generator (or classifier) size")
     a("--dis-model", choices=list(models), help="discriminator size (default: as --model)")
-    a("--repeat", type=int,
+    a("--repeat", type=integer(1, 64),
       help="deep generator: run the blocks this many times (2: 56, 4: 112 layers)")
     a("--grad-checkpoint", action="store_true", default=None,
       help="recompute activations in backward (memory)")
@@ -910,15 +920,16 @@ def parser():
     a("--pred", choices=["x", "v"], help="x-prediction (1 NFE) or velocity (multi-step)")
     a("--ot", type=float, help="transport weight at step 0")
     a("--ot-end", type=float, help="transport weight after the cosine decay")
-    a("--decay-steps", type=int, help="length of the cosine decay in loop steps")
+    a("--decay-steps", type=integer(1, STEPS_MAX), help="length of the cosine decay in loop steps")
     a("--gp", type=float, help="R1/R2 weight")
     a("--gp-ratio", type=float, help="fraction of the batch used for R1/R2")
     a("--gp-eps", type=float, help="finite-difference step of R1/R2")
     a("--cp", type=float, help="logit-centering weight")
     a("--augment-p", type=float, help="discriminator augmentation probability")
-    a("--ttur", type=int, help="discriminator steps per generator step")
-    a("--n-dis", type=int, help="CAFM: discriminator steps per generator step after the warm-up")
-    a("--warmup", type=int, help="CAFM: discriminator-only steps at the start")
+    a("--ttur", type=integer(1, 1000), help="discriminator steps per generator step")
+    a("--n-dis", type=integer(1, 1000),
+      help="CAFM: discriminator steps per generator step after the warm-up")
+    a("--warmup", type=integer(0, STEPS_MAX), help="CAFM: discriminator-only steps at the start")
     a("--lr", type=float, help="generator (or classifier, or flow) learning rate")
     a("--lr-d", type=float, help="discriminator learning rate")
     a("--clip", type=float, help="gradient-norm clipping")
@@ -933,30 +944,32 @@ def parser():
       help="re-noise the fake to t_cg before the classifier (default; see "
            "afm.AdversarialFlowLoss.guidance)")
     # The loop.
-    a("--global-batch-size", type=int, help="split over processes")
-    a("--max-steps", type=int, help="loop steps (each a D or a G step)")
+    a("--global-batch-size", type=integer(1, 2**30), help="split over processes")
+    a("--max-steps", type=integer(1, STEPS_MAX), help="loop steps (each a D or a G step)")
     a("--precision", choices=["fp32", "bf16"],
       help="bf16 autocast or fp32 (+TF32 on GPU; the default)")
     a("--compile", action="store_true", default=None,
       help="torch.compile the transformer blocks (regional)")
     a("--device", choices=["auto", "cpu"], help="auto: the GPU when there is one (the default)")
-    a("--workers", type=int, help="DataLoader workers per process (image folders, caches; 4)")
-    a("--seed", type=int,
+    a("--workers", type=integer(0, 64),
+      help="DataLoader workers per process (image folders, caches; 4)")
+    a("--seed", type=integer(0, SEED_MAX),
       help="seeds the weights, the data order and the noise of grids and evaluations (0)")
     a("--results-dir", help="where run folders are made (results)")
     a("--resume", help="a run folder or a checkpoint file to continue from")
     a("--init", help="CAFM: the flow model to post-train (a --recipe fm or fm-digits run or "
                      "checkpoint, or SiT-XL-2-256.pt); G, its EMA and D start from it")
-    a("--log-every", type=int,
+    a("--log-every", type=integer(1, STEPS_MAX),
       help="print the training terms, and add them to log.jsonl, every N steps")
-    a("--sample-every", type=int, help="sample grid from fixed noise (0: never)")
+    a("--sample-every", type=integer(0, STEPS_MAX), help="sample grid from fixed noise (0: never)")
     a("--sample-steps", type=int,
       help="NFE of the grids and evaluations (AFM default: --steps, any-step 1; flow matching: "
            "its recipe's)")
     a("--sample-solver", choices=["euler", "heun"],
       help="flow matching's sampler for grids and evaluations (Heun: NFE = --sample-steps)")
-    a("--ckpt-every", type=int, help="save a checkpoint every N steps (and at the end)")
-    a("--eval-every", type=int,
+    a("--ckpt-every", type=integer(1, STEPS_MAX),
+      help="save a checkpoint every N steps (and at the end)")
+    a("--eval-every", type=integer(0, STEPS_MAX),
       help="evaluate the EMA generator every N steps (0: never); digits: the pixel report")
     a("--eval-samples", type=int,
       help="class-balanced samples per evaluation (the release's FID: 50000)")
@@ -1004,7 +1017,7 @@ def resolve(argv=None):
         s.dis_model = s.model  # the discriminator defaults to the generator's size
     if s.lr_d is None:
         s.lr_d = s.lr  # the release: dis_lr = gen_lr, except in the deep recipe
-    error = check(s, ckpt is not None)
+    error = check(s, given, ckpt is not None)
     if error:
         p.error(error)
     return s, ckpt, path
@@ -1022,8 +1035,27 @@ RANGES = [
 ]
 
 
-def check(s, resumed):
-    """The first problem with these settings (a one-line message), or None."""
+# Flags an objective does not read, by objective: given explicitly, each would do nothing, so it
+# is refused. (--init is CAFM's; check says so.)
+GUIDANCE = "cls cls_model cg cg_range cg_t cg_renoise"
+ONE_NETWORK = (f"steps pred ot ot_end decay_steps gp gp_ratio gp_eps cp augment_p ttur {GUIDANCE} "
+               f"repeat lr_d dis_model n_dis warmup")
+IGNORED = {
+    "afm": "n_dis warmup sample_solver",
+    "classifier": ONE_NETWORK,
+    "flow": ONE_NETWORK,
+    "cafm": f"steps pred ot_end decay_steps gp gp_ratio gp_eps augment_p ttur {GUIDANCE} repeat",
+}
+
+
+def check(s, given, resumed):
+    """The first problem with these settings (a one-line message), or None. `given`: the flags
+    given explicitly."""
+    objective = objective_of(s)
+    for key in IGNORED[objective].split():
+        if key in given:
+            return (f"--{key.replace('_', '-')} does nothing in --recipe {s.recipe} "
+                    f"({objective} training): leave it out")
     for names, ok, want in RANGES:
         for key in names.split():
             value = getattr(s, key, None)  # n_dis, warmup: CAFM's recipes only
@@ -1040,7 +1072,6 @@ def check(s, resumed):
             return f"{flag} {path}: no such file or folder"
     if os.path.exists(s.results_dir) and not os.path.isdir(s.results_dir):
         return f"--results-dir {s.results_dir} is a file, not a folder"
-    objective = objective_of(s)
     if objective in ("flow", "cafm") and s.sample_solver == "heun" and s.sample_steps % 2:
         return f"--sample-solver heun takes an even --sample-steps (its NFE), got {s.sample_steps}"
     if objective == "afm" and s.sample_steps is not None and s.steps == 1 and s.sample_steps != 1:
