@@ -732,6 +732,8 @@ def _refuse_out(path):
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         return f"--out {path}: the folder {folder} does not exist"
+    if not os.access(folder, os.W_OK):
+        return f"--out {path}: the folder {folder} is not writable"
     if os.path.lexists(path):
         return (f"--out {path}: the file exists and fid.py never overwrites; remove it or "
                 f"choose another --out")
@@ -789,6 +791,12 @@ def _pixel_command(args):
         raise ValueError(f"{args.samples}: arr_1 should hold {len(images)} labels, "
                          f"got {labels.dtype} {labels.shape}")
     real, real_labels = _pixel_reference(args.pixel_ref)  # (M, C, H, W) in [-1, 1], (M,)
+    # a label the reference has no images of would score agreement 0 and diversity NaN
+    classes = np.unique(real_labels.numpy())
+    if labels.dtype.kind not in "iu" or not np.isin(labels, classes).all():
+        raise ValueError(f"{args.samples}: arr_1 should hold labels of the classes of "
+                         f"--pixel-ref {args.pixel_ref} ({classes.min()} to {classes.max()}), "
+                         f"got {labels.dtype} from {labels.min()} to {labels.max()}")
     if tuple(real.shape[2:]) != images.shape[1:3]:
         raise ValueError(f"--pixel-ref {args.pixel_ref}: its images are "
                          f"{tuple(real.shape[2:])}, the samples' in {args.samples} "
@@ -872,6 +880,8 @@ def parse_args(argv=None):
         p.error("--out is the output of --make-ref; the scores are printed")
     if not (args.make_ref or (args.samples and (args.ref or args.pixel_ref))):
         p.error("give samples.npz and ref.npz, samples.npz --pixel-ref DATA, or --make-ref")
+    if args.inception and os.path.isdir(args.inception):
+        p.error(f"--inception {args.inception} is a folder, not a file")
     if args.out:  # before any work, not after it
         refused = _refuse_out(args.out)
         if refused:

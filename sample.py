@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from afm import generate
 from model import Generator, models
-from plumbing import (ArgumentParser, any_rank, cleanup, file_identity, first_line,
+from plumbing import (ArgumentParser, any_rank, cleanup, file_identity, first_line, integer,
                       load_checkpoint, positive, print0, save_atomic, save_json, save_npz,
                       save_png, setup)
 from vae import decode, load_vae
@@ -67,6 +67,16 @@ FLOW_RECIPES = ("fm", "fm-digits", "cafm", "cafm-digits")
 # SiT's own sample.py integrates the same ODE with the adaptive dopri5 on a 250-point grid.
 SIT_STEPS = 250
 SIT_SOLVER = "heun"
+
+# The bounds of the command line's numbers, checked before anything is loaded or written. Sample
+# i's noise seed is seed * 10**8 + i: below 2**64 (torch's generator) for every seed here and
+# i < 10**8. A grid is (classes * per-class) images; an npz's per-sample index lists grow with N.
+MAX_SEED = 2**31 - 1
+MAX_SAMPLES = 10_000_000
+MAX_PER_CLASS = 100
+MAX_CLASS = 99_999
+MAX_BATCH = 65_536
+MAX_BATCHES = 10**9
 
 # --------------------------------------------------------------------------------------
 # Noise -> images
@@ -336,24 +346,7 @@ def sample_npz(args, images, labels, meta, rank, world, device):
     # [error, which samples are done]: rank 0 reads parts/, tells the others
     state = [None, np.zeros(N, bool)]
     if rank == 0:
-        os.makedirs(parts, exist_ok=True)
-        for f in glob.glob(os.path.join(parts, "*.tmp")):  # a shard being written when a run died
-            os.remove(f)
-        meta_path = os.path.join(parts, "meta.json")
-        if os.path.exists(meta_path):
-            with open(meta_path) as f:
-                old = json.load(f)
-            diff = differences(old, meta)
-            if diff:  # never mixed: e.g. the run folder got a newer checkpoint since
-                state[0] = (f"{parts} holds samples made with other settings "
-                            f"({'; '.join(diff[:2])}): remove it, or rerun with the checkpoint "
-                            f"they were made with, {old.get('ckpt')}")
-        else:
-            save_atomic(meta, meta_path, save_json)
-        if not state[0]:
-            for f in glob.glob(os.path.join(parts, "*.npz")):
-                with np.load(f) as d:
-                    state[1][d["idx"]] = True
+        state[0] = read_parts(parts, meta, state[1])
     if world > 1:
         # doubles as a barrier: no rank writes to parts/ before rank 0 read it
         dist.broadcast_object_list(state)
@@ -400,6 +393,46 @@ def sample_npz(args, images, labels, meta, rank, world, device):
     if rank != 0:
         return None
     return assemble(parts, args.out, labels, meta)
+
+
+def read_parts(parts, meta, done):
+    """Rank 0: mark in `done` the samples OUT.parts/ already holds (made then, if new, with this
+    run's meta.json). Returns None, or the one-line reason it cannot be resumed: made with other
+    settings, or damaged (never mixed in, never a traceback)."""
+    meta_path = os.path.join(parts, "meta.json")
+    if os.path.lexists(parts) and not os.path.isdir(parts):
+        return f"{parts} is a file, not sample.py's folder of shards: remove it"
+    os.makedirs(parts, exist_ok=True)
+    for f in glob.glob(os.path.join(parts, "*.tmp")):  # a shard being written when a run died
+        os.remove(f)
+    if not os.path.exists(meta_path):
+        save_atomic(meta, meta_path, save_json)
+    old = None
+    try:
+        with open(meta_path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):  # empty, cut or not JSON: the dict check below names it
+        pass
+    if not isinstance(old, dict):
+        return f"{meta_path} is not the settings sample.py writes (empty or cut?): remove {parts}"
+    diff = differences(old, meta)
+    if diff:  # never mixed: e.g. the run folder got a newer checkpoint since
+        return (f"{parts} holds samples made with other settings ({'; '.join(diff[:2])}): "
+                f"remove it, or rerun with the checkpoint they were made with, {old.get('ckpt')}")
+    damaged = "is not a shard sample.py writes (empty or cut?): remove it (its samples are redone)"
+    for f in glob.glob(os.path.join(parts, "*.npz")):
+        idx = None
+        try:
+            with np.load(f) as d:
+                idx = d["idx"]
+        except Exception:  # empty, cut, or another program's npz: named below
+            pass
+        if idx is None or idx.dtype.kind not in "iu" or idx.ndim != 1:
+            return f"{f} {damaged}"
+        if len(idx) and (idx.min() < 0 or idx.max() >= len(done)):
+            return f"{f} {damaged}"
+        done[idx] = True
+    return None
 
 
 def assemble(parts, out, labels, meta):
@@ -737,17 +770,19 @@ def parse_args(argv=None):
       help="classes (default: label-table rows; 1001 rows = 1000 + null)")
     a("--vae", default=None,
       help="SD-VAE weights to decode latent models (default: the checkpoint's --vae)")
-    a("--classes", type=int, nargs="+", default=None,
+    a("--classes", type=integer(0, MAX_CLASS), nargs="+", default=None,
       help="grid rows (default: all of <= 10 classes, else DiT's 8)")
-    a("--per-class", type=positive, default=8, help="grid columns")
-    a("--num-samples", type=int, default=0,
+    a("--per-class", type=integer(1, MAX_PER_CLASS), default=8, help="grid columns")
+    a("--num-samples", type=integer(0, MAX_SAMPLES), default=0,
       help="write this many samples as an npz (FID-50K: 50000)")
     a("--out", default=None, help="grid.png, or samples.npz with --num-samples")
     a("--overwrite", action="store_true", help="replace an existing --out (else refused)")
-    a("--batch-size", type=positive, default=64, help="per process")
-    a("--seed", type=int, default=0, help="sample i uses noise seeded with seed * 10**8 + i")
-    a("--save-every", type=positive, default=10, help="batches per resumable shard in OUT.parts/")
-    a("--max-batches", type=int, default=0,
+    a("--batch-size", type=integer(1, MAX_BATCH), default=64, help="per process")
+    a("--seed", type=integer(0, MAX_SEED), default=0,
+      help="sample i uses noise seeded with seed * 10**8 + i")
+    a("--save-every", type=integer(1, MAX_BATCHES), default=10,
+      help="batches per resumable shard in OUT.parts/")
+    a("--max-batches", type=integer(0, MAX_BATCHES), default=0,
       help="stop after this many batches per process, as if interrupted")
     a("--fid", default=None, metavar="REF.npz",
       help="score the samples against this ADM reference batch (fid.py)")
@@ -767,9 +802,8 @@ def parse_args(argv=None):
         p.error(f"--cfg-channels {args.cfg_channels} applies only with --cfg SCALE other than 1")
     if not math.isfinite(args.cfg):
         p.error(f"--cfg {args.cfg}: expected a finite number")
-    if args.num_samples < 0 or args.max_batches < 0:
-        p.error(f"--num-samples and --max-batches must be >= 0, got {args.num_samples} and "
-                f"{args.max_batches}")
+    if args.classes is not None and npz:
+        p.error("--classes picks the grid's rows; an npz (--num-samples) holds every class")
     if npz != args.out.endswith(".npz") or (args.fid and not npz):
         p.error("--num-samples N writes an .npz (and --fid needs it); without it --out is an image")
     folder = os.path.dirname(os.path.abspath(args.out))
@@ -785,6 +819,10 @@ def parse_args(argv=None):
             p.error(f"--out {args.out}: not an image file name (.png, .jpg, ...)")
         if os.path.exists(args.out) and not args.overwrite:
             p.error(f"{args.out} exists: remove it, choose another --out, or pass --overwrite")
+    files = {"--fid": args.fid, "--inception": args.inception, "--vae": args.vae}
+    for flag, path in files.items():
+        if path and os.path.isdir(path):
+            p.error(f"{flag} {path} is a folder, not a file")
     if args.fid and not os.path.isfile(args.fid):
         p.error(f"--fid {args.fid}: no such file")
     return args

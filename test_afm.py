@@ -2850,6 +2850,8 @@ def inputs(tmp_path_factory):
     # one, one without ADM's keys, NaN statistics, statistics without images, not an npz
     np.savez(t / "s.npz", arr_0=random_images(5))
     np.savez(t / "s16.npz", arr_0=random_images(20, size=16), arr_1=np.arange(20) % 10)
+    np.savez(t / "s99.npz", arr_0=random_images(5), arr_1=np.full(5, 99))
+    np.savez(t / "s-3.npz", arr_0=random_images(5), arr_1=np.full(5, -3))
     np.savez(t / "ref.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
     np.savez(t / "c.npz", arr_0=np.zeros((64, 16, 16, 3), np.uint8))
     np.savez(t / "x15.npz", arr_0=np.zeros((8, 15, 15, 3), np.uint8))
@@ -3073,6 +3075,24 @@ SAMPLE_REFUSALS = [
      ["not divisible"]),
     ("latent-model-without-vae", ["--ckpt", "{t}/latent.pth", "--out", "{t}/g.png"], 1,
      ["needs --vae"]),
+    # numbers out of bounds: refused before anything is written (a seed past 2**31 overflowed
+    # after OUT.parts/meta.json was written; a billion samples built lists for a minute)
+    ("seed-too-large",
+     ["--ckpt", CK, "--seed", "999999999999", "--num-samples", "20", "--out", "{t}/new.npz"], 2,
+     ["--seed", "999999999999"]),
+    ("num-samples-a-billion", ["--ckpt", CK, "--num-samples", "1000000000"], 2,
+     ["--num-samples"]),
+    ("per-class-huge", ["--ckpt", CK, "--per-class", "100000"], 2, ["--per-class"]),
+    # flags that would do nothing, folders where a file is expected
+    ("classes-with-an-npz",
+     ["--ckpt", CK, "--num-samples", "20", "--out", "{t}/new.npz", "--classes", "1"], 2,
+     ["--classes"]),
+    ("vae-a-folder", ["--ckpt", CK, "--vae", "{t}/empty"], 2, ["--vae", "is a folder, not a file"]),
+    ("fid-a-folder", ["--ckpt", CK, "--num-samples", "20", "--out", "{t}/new.npz", "--fid",
+                      "{t}/empty"], 2, ["--fid", "is a folder, not a file"]),
+    ("inception-a-folder", ["--ckpt", CK, "--num-samples", "20", "--out", "{t}/new.npz", "--fid",
+                            "{t}/ref.npz", "--inception", "{t}/empty"], 2,
+     ["--inception", "is a folder, not a file"]),
 ]
 
 
@@ -3082,6 +3102,32 @@ def test_sample_py_refuses(inputs, capsys, monkeypatch, argv, status, words):
         pytest.skip("every folder is writable here")
     monkeypatch.setattr(S, "sample_indices", no_sampling)
     assert_refused("sample.py", argv, status, words, inputs, capsys)
+
+
+# sample.py: damaged resume state in OUT.parts/ (id, what is damaged, words): one line naming
+# it and what to do, exit 1, before any sample is drawn
+PARTS_DAMAGED = [
+    ("parts-a-file", "parts", ["s.npz.parts is a file", "remove it"]),
+    ("meta-json-empty", "meta.json", ["meta.json is not the settings", "remove"]),
+    ("shard-empty", "00000000.npz", ["00000000.npz is not a shard", "remove it"]),
+]
+
+
+@table("damaged, words", PARTS_DAMAGED)
+def test_sample_py_names_damaged_resume_state(inputs, tmp_path, capsys, monkeypatch, damaged,
+                                              words):
+    out, parts = tmp_path / "s.npz", tmp_path / "s.npz.parts"
+    flags = ["--ckpt", fill([CK], inputs)[0], "--num-samples", 20, "--out", out]
+    with pytest.raises(SystemExit):  # one shard of 10 samples, as if interrupted
+        sample_main(*flags, "--batch-size", 10, "--save-every", 1, "--max-batches", 1)
+    if damaged == "parts":
+        shutil.rmtree(parts)
+        parts.write_bytes(b"")
+    else:
+        (parts / damaged).write_bytes(b"")
+    monkeypatch.setattr(S, "sample_indices", no_sampling)
+    status, line = refused("sample.py", flags, capsys)
+    assert status == 1 and all(w in line for w in words), line
 
 
 # sample.py --fid: (id, argv, Inception a stand-in?, words); each exits 1 before the first
@@ -3138,11 +3184,20 @@ FID_REFUSED_BEFORE_LOADING = [
      ["fid.py: error: --pixel-ref digits", "(8, 8)", "(16, 16)", "s16.npz"]),
     ("pixel-ref-of-a-folder", ["{t}/imgs", "--pixel-ref", "digits"], 1,
      ["fid.py: error:", "imgs", "not a folder"]),
+    # labels the reference has no images of: agreement 0 and diversity NaN, said to be fine
+    ("pixel-labels-above-the-classes", ["{t}/s99.npz", "--pixel-ref", "digits"], 1,
+     ["fid.py: error: {t}/s99.npz", "arr_1", "0 to 9"]),
+    ("pixel-labels-negative", ["{t}/s-3.npz", "--pixel-ref", "digits"], 1,
+     ["fid.py: error: {t}/s-3.npz", "arr_1", "0 to 9"]),
     # --out: a new file in a folder that exists, and only with --make-ref
     ("make-ref-into-a-missing-folder", ["--make-ref", "{t}/imgs", "--out", "{t}/nodir/ref.npz"],
      2, ["--out", "does not exist"]),
     ("make-ref-onto-a-file", ["--make-ref", "{t}/imgs", "--out", "{t}/precious.npz"], 2,
      ["exists", "another --out"]),
+    ("make-ref-into-a-locked-folder", ["--make-ref", "{t}/imgs", "--out", "{locked}/ref.npz"], 2,
+     ["--out", "not writable"]),
+    ("inception-a-folder", ["{t}/s.npz", "{t}/s.npz", "--inception", "{t}/empty"], 2,
+     ["--inception", "is a folder, not a file"]),
     ("out-without-make-ref", ["{t}/s.npz", "{t}/s.npz", "--out", "{t}/precious.npz"], 2, ["--out"]),
     ("batch-size-0", ["{t}/one.npz", "{t}/one.npz", "--batch-size", "0"], 2, ["--batch-size"]),
 ]
@@ -3195,6 +3250,8 @@ def inception_calls(monkeypatch):
 @table("argv, status, words", FID_REFUSED_BEFORE_LOADING)
 def test_fid_py_refuses_before_loading_inception(inputs, capsys, inception_calls, argv, status,
                                                  words):
+    if "{locked}" in " ".join(argv) and os.access(inputs["locked"], os.W_OK):
+        pytest.skip("every folder is writable here")
     assert_refused("fid.py", argv, status, words, inputs, capsys)
     assert inception_calls == []
 
