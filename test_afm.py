@@ -313,11 +313,9 @@ def test_fixed_embeddings_match_release_helpers():
                                pe["out"].float(), atol=1e-6, rtol=0)
 
 
-def test_real_size_key_lists():
-    """At real sizes, our modules have exactly the key names and shapes of the released checkpoints,
-    sd-vae-ft-mse (both diffusers layouts load) and the FID Inception (with or without
-    num_batches_tracked)."""
-    # release_keys.txt: section title -> {key: shape}, read off the release's and libraries' modules
+def release_keys():
+    """fixtures/release_keys.txt: section title -> {key: shape}, read off the release's and the
+    libraries' modules at real sizes."""
     sections = {}
     with open(fixture_path("release_keys.txt")) as f:
         for line in f:
@@ -326,6 +324,14 @@ def test_real_size_key_lists():
             elif line.strip():
                 key, shape = re.match(r"(\S+) \(([\d, ]*)\)", line).groups()
                 keys[key] = tuple(int(d) for d in shape.replace(",", " ").split())
+    return sections
+
+
+def test_real_size_key_lists():
+    """At real sizes, our modules have exactly the key names and shapes of the released checkpoints,
+    sd-vae-ft-mse (both diffusers layouts load) and the FID Inception (with or without
+    num_batches_tracked)."""
+    sections = release_keys()
     xl, kw = M.models["XL/2"], dict(input_size=32, in_channels=4)
     with torch.device("meta"):
         ours = {
@@ -1850,6 +1856,17 @@ def train(tmp, *flags, **kw):
     return run("train.py", "--results-dir", tmp, *TRAIN_FLAGS, *flags, **kw)
 
 
+def assert_states_equal(a, b, nets, optimizers):
+    """Two checkpoints hold the same tensors (torch.equal) in every network and optimizer state."""
+    for key in nets:
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+    for key in optimizers:
+        for i, st in a[key]["state"].items():
+            for k, v in st.items():
+                assert torch.equal(v, b[key]["state"][i][k]), (key, i, k)
+
+
 def test_resume_after_a_non_finite_loss_is_bitwise_exact(tmp_path):
     """Interrupted at step 4 and resumed, a run ends with the same weights, optimizer states,
     gradient-normalization state and logged losses as the uninterrupted run, which recomputed its
@@ -1866,13 +1883,7 @@ def test_resume_after_a_non_finite_loss_is_bitwise_exact(tmp_path):
     assert (run_b / "checkpoints" / "0000004.pt").read_bytes() == good
     train(tmp_path / "b", "--resume", run_b, "--max-steps", "8")
     a, b = load(run_a / "checkpoints" / "0000008.pt"), load(run_b / "checkpoints" / "0000008.pt")
-    for key in ("model", "ema", "dis", "gradnorm"):
-        for k in a[key]:
-            assert torch.equal(a[key][k], b[key][k]), (key, k)
-    for key in ("opt_g", "opt_d"):
-        for i, st in a[key]["state"].items():
-            for k, v in st.items():
-                assert torch.equal(v, b[key]["state"][i][k]), (key, i, k)
+    assert_states_equal(a, b, ("model", "ema", "dis", "gradnorm"), ("opt_g", "opt_d"))
     assert a["gradnorm"]["square_avg"] > 0 and a["step"] == b["step"] == 8
     assert a["args"]["recipe"] == "digits"
     logs = []
@@ -1891,12 +1902,7 @@ def test_flow_matching_run_resumes_bitwise(tmp_path):
     b = load(run_b / "checkpoints" / "0000008.pt")
     assert sorted(k for k in a if k not in ("args", "rng")) == [
         "data_position", "ema", "model", "opt", "step"]
-    for key in ("model", "ema"):
-        for k in a[key]:
-            assert torch.equal(a[key][k], b[key][k]), (key, k)
-    for i, st in a["opt"]["state"].items():
-        for k, v in st.items():
-            assert torch.equal(v, b["opt"]["state"][i][k]), (i, k)
+    assert_states_equal(a, b, ("model", "ema"), ("opt",))
     assert a["opt"]["param_groups"][0]["betas"] == (0.9, 0.999)
     assert a["opt"]["param_groups"][0]["weight_decay"] == 0.0
 
@@ -1920,13 +1926,8 @@ def test_cafm_run_from_a_flow_run_resumes_bitwise(tmp_path):
     train(tmp_path / "b", "--resume", run_b, "--max-steps", "8")
     a = load(tmp_path / "a" / "000-cafm-T-2" / "checkpoints" / "0000008.pt")
     b = load(run_b / "checkpoints" / "0000008.pt")
-    for key in ("model", "ema", "dis"):
-        for k in a[key]:
-            assert torch.equal(a[key][k], b[key][k]), (key, k)
+    assert_states_equal(a, b, ("model", "ema", "dis"), ("opt_g", "opt_d"))
     for key in ("opt_g", "opt_d"):
-        for i, st in a[key]["state"].items():
-            for k, v in st.items():
-                assert torch.equal(v, b[key]["state"][i][k]), (key, i, k)
         assert a[key]["param_groups"][0]["betas"] == (0.0, 0.95)
     assert not torch.equal(a["model"]["final_layer.linear.weight"],
                            flow["ema"]["final_layer.linear.weight"])  # a G step was taken
@@ -3599,14 +3600,7 @@ def test_cafm_real_size_keys_sit_xl2():
     read from fixtures/release_keys.txt, with 2C output channels and the null class row; 675M
     parameters as SiT's paper); CAFM's discriminator has the AFM release's XL/2 discriminator
     layout (with the null row), and starts from the SiT state."""
-    sections = {}
-    with open(fixture_path("release_keys.txt")) as f:
-        for line in f:
-            if line.startswith("## "):
-                keys = sections[line[3:].split("  (")[0]] = {}
-            elif line.strip():
-                key, shape = re.match(r"(\S+) \(([\d, ]*)\)", line).groups()
-                keys[key] = tuple(int(d) for d in shape.replace(",", " ").split())
+    sections = release_keys()
     sit = dict(sections["Generator XL/2 use_t_src=True use_t_tgt=True"])
     for k in [k for k in sit if k.startswith("t_tgt_embedder.")]:
         del sit[k]
