@@ -27,6 +27,10 @@ import sys
 import warnings
 import zipfile
 
+# first, before torch: from its import on, Ctrl-C is one line (plumbing.interrupted)
+from plumbing import (ArgumentParser, cleanup, file_identity, first_line, one_line_errors,
+                      positive, print0, save_atomic, save_json, setup)
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -34,8 +38,6 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm import tqdm
 
-from plumbing import (ArgumentParser, cleanup, file_identity, first_line, positive, print0,
-                      save_atomic, save_json, setup)
 from vae import SCALE, load_vae, posterior
 
 DIGITS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.npz")
@@ -481,14 +483,31 @@ def open_data(data, image_size=None, vae_path=None, device="cpu", unconditional=
 # --------------------------------------------------------------------------------------
 
 
+CACHE_FIELDS = {"vae.file", "vae.size", "vae.sha256_head_tail", "image_size", "complete"}
+
+
 def check_cache(cache_dir, vae_path=None, image_size=None):
     """The cache's meta.json; a one-line error if it was made with another VAE or resolution.
     The VAE is compared by content (size and hash), so a renamed copy is accepted."""
     path = os.path.join(cache_dir, "meta.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{cache_dir} is not a latent cache (no meta.json)")
-    with open(path) as f:
-        meta = json.load(f)
+    meta = None
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except ValueError:  # empty, cut or not JSON: every field is missing below
+        pass
+    # the fields read here and by LatentCache: a damaged or hand-edited file is one line
+    fields = set()
+    if isinstance(meta, dict):
+        fields = set(meta)
+        if isinstance(meta.get("vae"), dict):
+            fields |= {"vae." + k for k in meta["vae"]}
+    missing = sorted(CACHE_FIELDS - fields)
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: not the meta.json that dataset.py "
+                         f"cache writes (damaged or edited?); rebuild the cache into a new --out")
     old = meta["vae"]
     if vae_path is not None:
         new = file_identity(vae_path)
@@ -805,4 +824,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    with one_line_errors("dataset.py"):
+        main(parse_args())

@@ -30,6 +30,10 @@ import os
 import sys
 import warnings
 
+# first, before torch: from its import on, Ctrl-C is one line (plumbing.interrupted)
+from plumbing import (ArgumentParser, first_line, one_line_errors, positive, read_checkpoint,
+                      save_npz)
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -37,8 +41,6 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
-
-from plumbing import ArgumentParser, first_line, positive, read_checkpoint, save_npz
 
 URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
        "weights-inception-2015-12-05-6726825d.pth")
@@ -851,9 +853,6 @@ def main(args):
             _score_command(args, device)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"fid.py: error: {e}")
-    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback, the shell's status for SIGINT
-        print("fid.py: interrupted", file=sys.stderr, flush=True)
-        raise SystemExit(130) from None
 
 
 def parse_args(argv=None):
@@ -895,4 +894,5 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    with one_line_errors("fid.py"):
+        main(parse_args())

@@ -1,24 +1,55 @@
 """
 Process and file plumbing shared by the scripts: torchrun set-up, rank-0 printing, reductions across
-ranks, atomic saves, guarded checkpoint loading, run folders, log.jsonl and its curves, and an
-argparse with one-line errors. Nothing here knows about AFM; nanochat keeps the same things in its
-common.py.
+ranks, atomic saves, locks, guarded checkpoint loading, run folders, log.jsonl and its curves, and
+one-line errors. Nothing here knows about AFM; nanochat keeps the same things in its common.py.
+
+The scripts import this module before torch: from then on, Ctrl-C is one line (see `interrupted`).
 """
 
 import argparse
+import contextlib
+import functools
 import glob
 import hashlib
 import json
 import math
 import os
+import pickle
 import re
 import shutil
+import socket
+import sys
+import time
 import warnings
 import zipfile
 
-import numpy as np
-import torch
-import torch.distributed as dist
+try:
+    import fcntl
+except ImportError:  # Windows: no locks
+    fcntl = None
+
+
+def is_rank0():
+    """Rank 0 of a torchrun launch, or a plain process (torchrun sets RANK before Python starts,
+    so this holds before the process group exists, and after it is gone)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def interrupted(kind, value, traceback):
+    """sys.excepthook: a Ctrl-C that no script handles (while torch loads, while a grid is drawn,
+    while samples are scored) prints one line, on rank 0 only, not a traceback. Python still
+    exits with the shell's status for SIGINT, 130 (it re-raises SIGINT at exit)."""
+    if not issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, value, traceback)
+    elif is_rank0():
+        print(f"{os.path.basename(sys.argv[0])}: interrupted", file=sys.stderr, flush=True)
+
+
+sys.excepthook = interrupted  # before torch is imported: the import itself takes seconds
+
+import numpy as np  # noqa: E402 (after the hook above)
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 # --------------------------------------------------------------------------------------
 # Processes: torchrun set-up, printing, reductions across ranks
@@ -54,9 +85,43 @@ def cleanup():
 
 
 def print0(*args, **kwargs):
-    """print on rank 0 only (and always when there is no process group)."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    """print on rank 0 only (and always outside torchrun)."""
+    if is_rank0():
         print(*args, **kwargs, flush=True)
+
+
+def print_error(line):
+    """An error line on stderr, once per torchrun launch when every rank meets the same error (a
+    bad flag or file): rank 0 prints it at once, another rank after 3 seconds, by which time
+    torchrun, seeing rank 0 fail, has stopped it. An error of one rank alone is still printed."""
+    if not is_rank0():
+        time.sleep(3)
+    print(line, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def one_line_errors(prog):
+    """Around a script's main: an error (SystemExit with a message) is printed by print_error,
+    and a rank whose peer died (killed, out of memory), which fails inside a collective with
+    gloo's or NCCL's traceback, says so in one line instead. Exit status 1 for both, as Python
+    gives a SystemExit with a message."""
+    try:
+        yield
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        print_error(e.code)
+        raise SystemExit(1) from None
+    except RuntimeError as e:
+        # a collective's failure: DistError, or a bare RuntimeError from DDP's backward hooks
+        text = str(e)
+        if not isinstance(e, dist.DistError) and "gloo" not in text and "NCCL" not in text:
+            raise
+        why = first_line(re.sub(r"^\[[^\]]*\]\s*", "", text), 100)  # less gloo's source line
+        rank = os.environ.get("RANK", "0")
+        print_error(f"{prog}: error: rank {rank}: lost another process of this run ({why}); "
+                    f"torchrun's report names which, and how it ended")
+        raise SystemExit(1) from None
 
 
 def _reduce(values, device, op):
@@ -92,19 +157,27 @@ def any_rank(flag, device):
 
 def save_atomic(obj, path, save=torch.save):
     """`save(obj, path)` under a temporary name, then a rename: a crash mid-write never leaves half
-    a file under the real name, nor destroys the previous one. A failed write (a full disk)
-    removes the partial file and exits with one line."""
+    a file under the real name, nor destroys the previous one (a rerun overwrites the temporary
+    file). A failed write (a full disk) removes the partial file and exits with one line."""
     tmp = path + ".tmp"
     try:
         save(obj, tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
-        if os.path.exists(tmp):
+        with contextlib.suppress(OSError):
             os.remove(tmp)
-        folder = os.path.dirname(os.path.abspath(path))
-        free = shutil.disk_usage(folder).free / 2**30
-        raise SystemExit(f"error: cannot write {path} ({free:.2f} GiB free there): "
-                         f"{first_line(e)}")
+        raise write_error(path, e) from None
+
+
+def write_error(path, e):
+    """The one-line SystemExit for a failed write of `path`: the OS's reason and the free space
+    there (torch's zip writer gives only its own internals: they are left out)."""
+    why = "the write failed"
+    if isinstance(e, OSError) and e.strerror:
+        why = e.strerror
+    folder = os.path.dirname(os.path.abspath(path))
+    free = shutil.disk_usage(folder).free / 2**30
+    return SystemExit(f"error: cannot write {path} ({why}; {free:.2f} GiB free there)")
 
 
 def save_json(obj, path):
@@ -153,11 +226,22 @@ def read_checkpoint(path, flag):
             mmap = zipfile.is_zipfile(path)
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
-        why = first_line(e, 150)
+        why = f"{type(e).__name__}: {first_line(e, 150)}"
+        if isinstance(e, pickle.UnpicklingError):  # torch's text suggests weights_only=False: no
+            why = "it holds more than tensors and plain values; nothing in it was run"
+        elif os.path.getsize(path) == 0:
+            why = "an empty file"
         raise ValueError(f"{flag} {path}: not a readable checkpoint ({why})") from None
     if not isinstance(obj, dict):
         kind = type(obj).__name__
         raise ValueError(f"{flag} {path}: holds a {kind}, not a checkpoint or state dict")
+    # the fields train.py writes, when present, have their types: a damaged or foreign file
+    # fails here in one line, not in the code that reads them
+    step = obj.get("step", 0)
+    if not isinstance(obj.get("args", {}), dict) or type(step) is not int or step < 0:
+        raise ValueError(f"{flag} {path}: not a checkpoint of train.py (its step or args are "
+                         f"damaged: step {str(step)[:20]!r}, args of type "
+                         f"{type(obj.get('args', {})).__name__})")
     return obj
 
 
@@ -182,6 +266,65 @@ def load_checkpoint(path, flag="--ckpt"):
     for msg in bad:
         print0(f"warning: {msg}; using {f} (step {step}), the newest readable one")
     return f, ckpt
+
+
+# --------------------------------------------------------------------------------------
+# Locks: one command at a time on a run folder or an output file
+# --------------------------------------------------------------------------------------
+
+
+_held = []  # (open file, path) of the locks this process holds
+
+
+def take_lock(path):
+    """Rank 0 locks the file `path` (made for it) until the script's main returns or fails (see
+    releases_locks); the kernel drops the lock with its process, however that ends, so a crash
+    or kill -9 leaves no stale lock. A collective: returns "" on every rank, or who holds the
+    lock (the holder writes its process id, host and command line into the file)."""
+    holder = [""]
+    held = [p for f, p in _held]
+    while is_rank0() and fcntl is not None and path not in held:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder[0] = f.read().strip() or "another process"
+            f.close()
+            break
+        # the holder before may have removed the file between our open and our lock: lock anew
+        try:
+            ours = os.path.samestat(os.fstat(f.fileno()), os.stat(path))
+        except FileNotFoundError:
+            ours = False
+        if ours:
+            f.truncate(0)
+            f.write(f"process {os.getpid()} on {socket.gethostname()} "
+                    f"({' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:])})")
+            f.flush()
+            _held.append((f, path))
+            break
+        f.close()
+    if dist.is_initialized():
+        dist.broadcast_object_list(holder)
+    return holder[0]
+
+
+
+def releases_locks(main):
+    """Decorator for a script's main: the locks it took are released (their files removed) when
+    it returns or fails, so that it can be called again in one process (tests, notebooks)."""
+    @functools.wraps(main)
+    def run(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        finally:
+            while _held:
+                f, path = _held.pop()
+                with contextlib.suppress(OSError):
+                    os.remove(path)  # while still held: whoever opened it meanwhile retries
+                f.close()
+    return run
 
 
 # --------------------------------------------------------------------------------------
@@ -263,9 +406,14 @@ def why_unwritable(folder, device):
 
 
 def write_log(run_dir, record):
-    """Append `record` (a dict of numbers with a "step") to run_dir/log.jsonl."""
-    with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """Append `record` (a dict of numbers with a "step") to run_dir/log.jsonl. A failed append (a
+    full disk) may leave a torn last line, which read_log drops."""
+    path = os.path.join(run_dir, "log.jsonl")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise write_error(path, e) from None
 
 
 def read_log(run_dir):
@@ -398,10 +546,12 @@ def first_line(e, limit=200):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line usage errors (`prog: error: ...`, exit status 2), no usage block."""
+    """argparse with one-line usage errors (`prog: error: ...`, exit status 2, once under
+    torchrun: see print_error), no usage block."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        print_error(f"{self.prog}: error: {message}")
+        self.exit(2)
 
 
 def integer(lo, hi):

@@ -30,7 +30,8 @@ Nothing is overwritten unless --overwrite: an existing grid is refused, and so i
 except the same command's finished file (then there is nothing to do; --fid still scores it). To
 know that, the npz also holds `meta`, those settings as a JSON string; ADM's evaluator and fid.py
 read only arr_0 (and mu/sigma of references), so the extra key is harmless. --fid's reference
-and Inception weights are loaded before the first sample is drawn.
+and Inception weights are loaded before the first sample is drawn. While a command writes OUT it
+holds OUT.lock: a second command on the same --out is refused, naming the first.
 """
 
 import argparse
@@ -42,6 +43,11 @@ import os
 import shutil
 import signal
 
+# first, before torch: from its import on, Ctrl-C is one line (plumbing.interrupted)
+from plumbing import (ArgumentParser, any_rank, cleanup, file_identity, first_line, integer,
+                      load_checkpoint, one_line_errors, positive, print0, releases_locks,
+                      save_atomic, save_json, save_npz, save_png, setup, take_lock)
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -50,9 +56,6 @@ from tqdm import tqdm
 
 from afm import generate
 from model import Generator, models
-from plumbing import (ArgumentParser, any_rank, cleanup, file_identity, first_line, integer,
-                      load_checkpoint, positive, print0, save_atomic, save_json, save_npz,
-                      save_png, setup)
 from vae import decode, load_vae
 
 # DiT's sample.py grid: dog, otter, panda, ...
@@ -340,7 +343,8 @@ def made_with(path):
 def sample_npz(args, images, labels, meta, rank, world, device):
     """Make the samples not yet in OUT.parts/ (this rank: every world-th of them), then assemble
     on rank 0. Returns (arr_0, arr_1) on rank 0, None elsewhere. Interrupted, it exits once the
-    finished shards are saved: status 130 (SIGINT), 143 (SIGTERM), else 1 (--max-batches)."""
+    finished shards are saved: status 130 (SIGINT), 143 (SIGTERM), 1 (--max-batches), 0 on a rank
+    that only stopped with a signalled one."""
     parts = args.out + ".parts"
     N = len(labels)
     # [error, which samples are done]: rank 0 reads parts/, tells the others
@@ -386,7 +390,9 @@ def sample_npz(args, images, labels, meta, rank, world, device):
         print0(f"interrupted: finished samples are in {parts}; rerun the same command to resume")
     cleanup()
     if interrupted:
-        code = 1  # --max-batches, or another rank was stopped
+        code = 0  # another rank was signalled: torchrun's report names it
+        if args.max_batches:
+            code = 1  # stopped as if interrupted
         if stop:
             code = 128 + stop[0]  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
         raise SystemExit(code)
@@ -656,8 +662,14 @@ def check_guidance(args, info):
                          f"{info['channels']} channel(s)")
 
 
+@releases_locks
 def main(args):
     rank, world, device = setup(args.device)
+    # one writer per output: a second sampler on it would redo and overwrite the same shards
+    holder = take_lock(args.out + ".lock")
+    if holder:
+        raise SystemExit(f"sample.py: error: --out {args.out} is being written by {holder}: wait "
+                         f"for it to end, or choose another --out")
     amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
     try:
         G, info = load_generator(args.ckpt, args.model, args.weights, args.steps, args.pred,
@@ -829,4 +841,5 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    with one_line_errors("sample.py"):
+        main(parse_args())

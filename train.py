@@ -29,6 +29,12 @@ import signal
 import time
 import warnings
 
+# first, before torch: from its import on, Ctrl-C is one line (plumbing.interrupted)
+from plumbing import (ArgumentParser, any_rank, cleanup, first_line, integer, load_checkpoint,
+                      make_run_dir, mean_over_ranks, one_line_errors, plot_curves, print0,
+                      releases_locks, resumed_run_dir, save_atomic, setup, sum_over_ranks,
+                      take_lock, trim_log, why_unwritable, write_log)
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -37,9 +43,6 @@ from afm import (AdversarialFlowLoss, ContinuousAdversarialFlowLoss, FlowDerivat
                  classifier_loss, drop_labels, ema_update, flow_matching_loss, frozen)
 from dataset import ImageFolder, IndexStream, batches, open_data
 from model import Classifier, Discriminator, Generator, discriminator_from_flow, models
-from plumbing import (ArgumentParser, any_rank, cleanup, first_line, integer, load_checkpoint,
-                      make_run_dir, mean_over_ranks, plot_curves, print0, resumed_run_dir,
-                      save_atomic, setup, sum_over_ranks, trim_log, why_unwritable, write_log)
 from sample import Evaluation, Sampler, load_generator, save_grid
 from vae import encode
 
@@ -489,6 +492,7 @@ OBJECTIVES = {"afm": AFMPair, "classifier": GuidanceClassifier, "flow": FlowMatc
 # --------------------------------------------------------------------------------------
 
 
+@releases_locks
 def main(s, ckpt=None, ckpt_path=None):
     """Train with the settings `s` (see resolve); with a checkpoint `ckpt` (read from
     ckpt_path), continue its run exactly."""
@@ -642,12 +646,17 @@ def open_run_dir(s, ckpt_path, step, rank, device):
             run_dir = make_run_dir(s.results_dir, tag, vars(s), rank)
         except OSError as e:
             raise SystemExit(f"train.py: error: --results-dir {s.results_dir}: {e.strerror}")
-    elif rank == 0:
-        trim_log(run_dir, step)
     why = why_unwritable(os.path.join(run_dir, "checkpoints"), device)
     if why:
         raise SystemExit(f"train.py: error: {run_dir}/checkpoints cannot be written ({why}): no "
                          f"checkpoint could be saved")
+    # one run at a time in a folder: two resumes of one run would log its steps twice
+    holder = take_lock(os.path.join(run_dir, ".lock"))
+    if holder:
+        raise SystemExit(f"train.py: error: {run_dir} is in use by {holder}: wait for it to "
+                         f"end, or stop it")
+    if ckpt_path is not None and rank == 0:
+        trim_log(run_dir, step)
     return run_dir
 
 
@@ -865,11 +874,12 @@ def signals_caught():
 
 def exit_on_signal(received):
     """Exit with status 128 + the signal's number, as a shell reports a killed command: a script
-    running `train.py && sample.py` does not go on as if training had finished."""
-    signum = signal.SIGINT  # the signal reached another rank only
-    if received:
-        signum = received[0]
-    raise SystemExit(128 + signum)
+    running `train.py && sample.py` does not go on as if training had finished. A rank that the
+    signal did not reach stopped with the others and exits 0: torchrun's report then names the
+    ranks that were signalled (and torchrun exits 1)."""
+    if not received:
+        raise SystemExit(0)
+    raise SystemExit(128 + received[0])
 
 
 # --------------------------------------------------------------------------------------
@@ -1102,8 +1112,5 @@ def check(s, given, resumed):
 
 
 if __name__ == "__main__":
-    try:
+    with one_line_errors("train.py"):
         main(*resolve())
-    except KeyboardInterrupt:  # before the loop's own handler is set, or after it is restored
-        print("train.py: interrupted", flush=True)
-        raise SystemExit(130)
