@@ -238,10 +238,10 @@ def read_checkpoint(path, flag):
     # the fields train.py writes, when present, have their types: a damaged or foreign file
     # fails here in one line, not in the code that reads them
     step = obj.get("step", 0)
-    if not isinstance(obj.get("args", {}), dict) or type(step) is not int or step < 0:
+    args = obj.get("args", {})
+    if not isinstance(args, dict) or type(step) is not int or step < 0:
         raise ValueError(f"{flag} {path}: not a checkpoint of train.py (its step or args are "
-                         f"damaged: step {str(step)[:20]!r}, args of type "
-                         f"{type(obj.get('args', {})).__name__})")
+                         f"damaged: step {str(step)[:20]!r}, args of type {type(args).__name__})")
     return obj
 
 
@@ -283,32 +283,38 @@ def take_lock(path):
     lock (the holder writes its process id, host and command line into the file)."""
     holder = [""]
     held = [p for f, p in _held]
-    while is_rank0() and fcntl is not None and path not in held:
+    if is_rank0() and fcntl is not None and path not in held:
+        holder[0] = _flock(path)
+    if dist.is_initialized():
+        dist.broadcast_object_list(holder)
+    return holder[0]
+
+
+def _flock(path):
+    """take_lock's work on rank 0: "" once locked (and the lock kept in _held), or the holder."""
+    while True:
         f = open(path, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            holder[0] = f.read().strip() or "another process"
+            holder = f.read().strip() or "another process"
             f.close()
-            break
+            return holder
         # the holder before may have removed the file between our open and our lock: lock anew
         try:
             ours = os.path.samestat(os.fstat(f.fileno()), os.stat(path))
         except FileNotFoundError:
             ours = False
         if ours:
-            f.truncate(0)
-            f.write(f"process {os.getpid()} on {socket.gethostname()} "
-                    f"({' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:])})")
-            f.flush()
-            _held.append((f, path))
             break
         f.close()
-    if dist.is_initialized():
-        dist.broadcast_object_list(holder)
-    return holder[0]
-
+    f.truncate(0)
+    f.write(f"process {os.getpid()} on {socket.gethostname()} "
+            f"({' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:])})")
+    f.flush()
+    _held.append((f, path))
+    return ""
 
 
 def releases_locks(main):
