@@ -26,12 +26,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import fid
 import train
-from afm import ContinuousAdversarialFlowLoss, FlowDerivative, ema_update, flow_matching_loss
+from afm import (ContinuousAdversarialFlowLoss, FlowDerivative, drop_labels, ema_update,
+                 flow_matching_loss, generate)
 from dataset import ImageFolder, LatentCache, build_cache
 from model import Discriminator, Generator, models
-from plumbing import save_atomic, save_text
-from sample import sample_images, sample_indices, to_uint8
-from vae import AutoencoderKL, encode, load_vae
+from vae import AutoencoderKL, encode, load_vae, to_images
 
 
 def where(device, args=None):
@@ -89,28 +88,27 @@ def bench_train(args, device):
         flags += ["--precision", "bf16"]
     s = train.resolve(flags)[0]
     C, H, K = latent_shape(args)
-    trainee = train.OBJECTIVES[train.objective_of(s)](s, C, H, K, device)
-    trainee.wrap(device, compile_blocks=False)  # no process group: the plain networks
+    amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
+    trainer = train.OBJECTIVES[s.objective](s, C, H, K, device, amp)  # no process group
     B = args.batch_size
     x0 = torch.randn(B, C, H, H, device=device)
     y = torch.randint(0, K, (B,), device=device)
-    loop_steps = 1
-    what = "step"
-    if isinstance(trainee, train.AFMPair):  # D's step, then G's
-        loop_steps = 2
-        what = "D+G step"
+    pair = isinstance(trainer, train.Pair)
+    what = "D+G step" if pair else "step"
 
-    def one():
-        for step in range(loop_steps):  # the AFM pair alternates: step 0 is D's, step 1 is G's
-            trainee.step(x0, y, step)
+    def one():  # the AFM pair alternates: step 0 is D's, step 1 is G's
+        if pair:
+            trainer.d_step(x0, y, 0)
+        trainer.g_step(x0, y, 1)
 
     # eager, before compiling: forward + backward of the timed steps
     with FlopCounterMode(display=False) as counter:
         one()
     flops = counter.get_total_flops()
     if args.compile:  # regional, as train.py: one compiled graph for all blocks (per input shape)
-        for net in trainee.nets.values():
-            net.compile_blocks()
+        trainer.G.compile_blocks()
+        if pair:
+            trainer.D.compile_blocks()
     dt, t_warm = timed(one, device, 3, lambda n, t: n >= args.iters)  # 3 warm-up (and compile)
     mem = "- (cpu)"
     if device.type == "cuda":
@@ -130,7 +128,8 @@ def bench_train(args, device):
         os.makedirs(args.profile, exist_ok=True)
         prof.export_chrome_trace(os.path.join(args.profile, "train_step.json"))
         table = prof.key_averages().table(sort_by=f"{device.type}_time_total", row_limit=25)
-        save_atomic(table, os.path.join(args.profile, "train_step.txt"), save_text)
+        with open(os.path.join(args.profile, "train_step.txt"), "w") as f:
+            f.write(table)
         print(table, flush=True)
         print(f"wrote {args.profile}/train_step.json (trace) and train_step.txt", flush=True)
 
@@ -178,7 +177,7 @@ def bench_cafm(args, device):
         ema_update(ema, G, 0.99)
 
     def fm_step():
-        labels = train.drop_labels(y, 0.1, K)  # flow matching's class dropout, as train.py's
+        labels = drop_labels(y, 0.1, K)  # flow matching's class dropout, as train.py's
         with amp:
             fm_loss = flow_matching_loss(G, x0, labels)[0]
         fm_loss.backward()
@@ -223,7 +222,8 @@ def bench_sample(args, device):
     amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
 
     def one():
-        sample_images(G, z, y, steps, pred, vae, amp)
+        with amp:
+            to_images(generate(G, z, y, steps, pred), vae)
         sync(device)
 
     # 2 warm-up batches, then at least 3 batches and 5 s
@@ -278,12 +278,11 @@ def bench_fid(args, device):
 
     t0 = time.time()
     images = []
-    for i in range(0, N, B):
-        idx = list(range(i, min(i + B, N)))
-        y = labels[i:i + B].tolist()
-        x = sample_indices(G, idx, y, (C, H, H), steps=1, pred="x", seed=0, batch_size=B,
-                           vae=vae, amp=amp)
-        images.append(to_uint8(x))
+    for i in range(0, N, B):  # as sample.py: each sample's own noise
+        z = fid.noise_of(list(range(i, min(i + B, N))), (C, H, H), seed=0).to(device)
+        y = torch.tensor(labels[i:i + B], device=device)
+        with amp:
+            images.append(fid.to_uint8(to_images(generate(G, z, y), vae)))
     images = np.concatenate(images)
     sync(device)
     stage = "sampling"

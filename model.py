@@ -451,6 +451,49 @@ def discriminator_from_flow(D, state_dict):
 
 
 # --------------------------------------------------------------------------------------
+# A generator from its state dict alone (sample.py's --ckpt, train.py's --init)
+# --------------------------------------------------------------------------------------
+
+
+def size_of(sd):
+    """The registry name of a DiT state dict's size, from its depth, width and patch."""
+    p = sd["x_embedder.proj.weight"].shape[2]
+    hidden = sd["pos_embed"].shape[2]
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    for name, c in models.items():
+        if (c["depth"], c["hidden_size"], c["patch_size"]) == (depth, hidden, p):
+            return name
+    raise ValueError(f"no size of model.py's registry has depth {depth}, width {hidden} and "
+                     f"patch {p}")
+
+
+def generator_config(sd, repeat=1):
+    """-> (registry name, Generator keyword arguments) of the generator whose state dict is
+    `sd`, ours or the release's, read from its keys: channels, patch and width (x_embedder,
+    pos_embed), size (the number of positions), label rows (y_embedder; with class dropout
+    the last row is the null class), depth (blocks), and timestep conditioning (t_embedder:
+    t_src, t_tgt_embedder: t_tgt). The deep generator's t_embedder serves its repeats, which
+    the keys cannot tell from t_src: pass `repeat`.
+
+    One key test tells SiT's layout (SiT-XL-2-256.pt, the release's CAFM checkpoints) from the
+    release's AFM generators: SiT's head `final_layer.linear` has 2C outputs per pixel (DiT's
+    learned variance, learn_sigma), AFM's have C. SiT's are read with SiT's time (sit_time).
+    DiT's own diffusion checkpoints share SiT's layout but predict noise: not supported."""
+    if "x_embedder.proj.weight" not in sd or "final_layer.linear.weight" not in sd:
+        raise ValueError("not a generator's state dict (no x_embedder, final_layer.linear)")
+    name = size_of(sd)
+    C = sd["x_embedder.proj.weight"].shape[1]
+    p = sd["x_embedder.proj.weight"].shape[2]
+    sit = sd["final_layer.linear.weight"].shape[0] == 2 * C * p * p
+    t_embedder = "t_embedder.mlp.0.weight" in sd
+    return name, dict(models[name], input_size=round(sd["pos_embed"].shape[1] ** 0.5) * p,
+                      in_channels=C, num_classes=sd["y_embedder.embedding_table.weight"].shape[0],
+                      use_t_src=t_embedder and repeat == 1,
+                      use_t_tgt="t_tgt_embedder.mlp.0.weight" in sd, repeat=repeat,
+                      learn_sigma=sit, sit_time=sit)
+
+
+# --------------------------------------------------------------------------------------
 # `python model.py`: parameter counts, forward GFLOPs and shape checks for the registry
 # --------------------------------------------------------------------------------------
 

@@ -1,8 +1,9 @@
 """
-Training of Adversarial Flow Models (AFM, arXiv 2511.22475): the release's recipes, and one
-torchrun/DDP loop for four objectives: the AFM pair (generator and discriminator), the guidance
-classifier, flow matching (the baseline), and continuous AFM (CAFM, arXiv 2604.11521), which
-post-trains a flow model against a discriminator read along the flow. The method is in afm.py.
+Training of Adversarial Flow Models (AFM, arXiv 2511.22475): the release's recipes and one
+torchrun/DDP loop for four objectives: the AFM pair (a generator and a discriminator), the
+guidance classifier, flow matching (the baseline), and continuous AFM (CAFM, arXiv 2604.11521),
+which post-trains a flow model against a discriminator read along the flow. The method is in
+afm.py, the networks in model.py.
 
     python train.py                                   # built-in 8x8 digits, tiny model, CPU ok
     python train.py --recipe fm-digits                # flow matching on the same digits
@@ -14,6 +15,10 @@ post-trains a flow model against a discriminator read along the flow. The method
     torchrun --nproc_per_node=8 train.py --recipe cafm --init SiT-XL-2-256.pt --data CACHE_DIR
     python train.py --resume results/000-T-2          # continue a run exactly
 
+A run writes results/NNN-MODEL/: args.json, log.jsonl, curves.png, sample grids and
+checkpoints/. Ctrl-C or SIGTERM stops it at the next step all ranks agree on, after a
+checkpoint, with exit status 130 or 143; --resume continues it bitwise.
+
 "The release" below is ByteDance-Seed/Adversarial-Flow-Models at commit dc11741 (its trainer
 train_adversarial_flow.py and configs/train/*.yaml); its flow-matching trainer came later, in
 train_flow_matching_imagenet.py and configs/train/fm/*.yaml at commit 519601d, as did CAFM's,
@@ -23,170 +28,117 @@ train_continuous_adversarial_flow_imagenet.py and configs/train/cafm/train_cafm_
 import argparse
 import contextlib
 import copy
+import json
 import math
 import os
 import signal
 import time
 import warnings
 
-# first, before torch: from its import on, Ctrl-C is one line (plumbing.interrupted)
-from plumbing import (ArgumentParser, any_rank, cleanup, first_line, integer, load_checkpoint,
-                      make_run_dir, mean_over_ranks, one_line_errors, plot_curves, print0,
-                      releases_locks, resumed_run_dir, save_atomic, setup, sum_over_ranks,
-                      take_lock, trim_log, why_unwritable, write_log)
-
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from afm import (AdversarialFlowLoss, ContinuousAdversarialFlowLoss, FlowDerivative,
-                 classifier_loss, drop_labels, ema_update, flow_matching_loss, frozen)
-from dataset import ImageFolder, IndexStream, batches, open_data
+                 classifier_loss, drop_labels, ema_update, flow_matching_loss, frozen, generate)
+from dataset import IndexStream, batches, open_data
+from fid import Evaluation
 from model import Classifier, Discriminator, Generator, discriminator_from_flow, models
-from sample import Evaluation, Sampler, load_generator, save_grid
-from vae import encode
+from model import generator_config, size_of
+from plumbing import (cleanup, ddp, load_checkpoint, load_weights, make_run_dir, plot_curves,
+                      positive, print0, resumed_run_dir, save_atomic, save_grid, setup,
+                      sum_over_ranks, trim_log)
+from vae import encode, to_images
 
 # torch.func.jvp (CAFM's discriminator) runs torch code that warns, once per process, that
 # torch.jit.script is deprecated: nothing a user of this script can act on.
 warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
 
 # --------------------------------------------------------------------------------------
-# Recipes: every value of every recipe, in three tables (training, method, schedule)
+# Recipes: every value of a run, by name. Code reads RECIPES[name]["steps"].
 # --------------------------------------------------------------------------------------
 
-# Shared by every recipe (the release's configs/train/*.yaml): R1/R2 weight, batch fraction and
-# finite-difference step, logit centering, one D step per G step, and the cosine decay of the
-# transport weight over 1M loop steps.
-COMMON = dict(gp=0.25, gp_ratio=0.25, gp_eps=0.01, cp=0.01, ttur=1, decay_steps=1_000_000)
+# The release's 1-NFE ImageNet recipe, every value (configs/train/train_1nfe.yaml at dc11741);
+# the recipes after it say only what they change.
+ONE_NFE = dict(
+    objective="afm",
+    # Networks and optimizers: G's size (D's defaults to it), the global batch, learning rates
+    # (lr_d None: as lr), gradient-norm clipping (None: none; 50 "effectively disables [it],
+    # but kept for logging", says the yaml), the EMA decay, and class dropout: the chance
+    # that a label becomes the null class, so that classifier-free guidance exists (the
+    # release's flow-matching and CAFM trainers drop 0.1, its AFM recipes none).
+    model="XL/2", global_batch_size=256, lr=1e-4, lr_d=None, clip=50, ema=0.9999,
+    class_dropout=0.0,
+    # The method (paper Sec. 3; afm.AdversarialFlowLoss): the NFE G is trained for, x- or
+    # v-prediction, the deep generator's repeats, the transport weight and its cosine decay
+    # over 1M loop steps, R1/R2 (weight, share of the batch, finite-difference step), logit
+    # centering, D steps per G step, augmentation, and classifier guidance: its weight and
+    # where its classifier reads the fake ("uniform": re-noised to t_cg ~ U(cg_range), 1 NFE;
+    # "tgt": at t_tgt, multi-step).
+    steps=1, pred="x", repeat=1, ot=0.2, ot_end=0.005, decay_steps=1_000_000,
+    gp=0.25, gp_ratio=0.25, gp_eps=0.01, cp=0.01, ttur=1, augment_p=0.0,
+    cg=0.0, cg_t="uniform", cg_range=[0.0, 0.1],
+    # The loop, in loop steps (a D step and a G step are two): its length, how often it logs,
+    # draws a grid, saves and evaluates, with how many samples, and how grids and evaluations
+    # sample (NFE None: the generator's own --steps).
+    max_steps=5_000_000, log_every=100, sample_every=1000, ckpt_every=20_000,
+    eval_every=10_000, eval_samples=10_000, sample_steps=None, sample_solver="euler",
+)
+# Multi-step AFM (train_fix_nfe.yaml): velocity prediction, the transport weight from 0.25,
+# clipping at 5, and guidance read at t_tgt in [0, 0.49].
+K_NFE = dict(ONE_NFE, steps=2, pred="v", ot=0.25, clip=5, cg_t="tgt", cg_range=[0.0, 0.49])
+# Flow matching (fm/*.yaml at 519601d): one velocity network, no clipping, class dropout 0.1,
+# checkpoints every 25,000 steps, evaluations every 50,000, grids by Heun at 256 NFE (the
+# release validates its flow models so).
+FLOW = dict(ONE_NFE, objective="flow", pred="v", clip=None, class_dropout=0.1,
+            max_steps=1_000_000, ckpt_every=25_000, eval_every=50_000, sample_steps=256,
+            sample_solver="heun")
+# CAFM (cafm/train_cafm_sit.yaml at 519601d): post-training of SiT-XL/2 at lr 1e-5, clipping
+# at 1e4, EMA 0.99, class dropout 0.1; no transport term (ot weighs G's mean(v^2)); D's
+# centering 0.001; n_dis D steps per G step after `warmup` D-only steps (D's head is new, G
+# a trained flow model: afm.ContinuousAdversarialFlowLoss says why).
+CAFM = dict(FLOW, objective="cafm", lr=1e-5, clip=1e4, ema=0.99, ot=0.0, cp=0.001, n_dis=16,
+            warmup=10_000, sample_steps=250)
+# Ours, for small data (NOTES.md): the tiny T/2 on the built-in digits at batch 32. Why the
+# transport weight stays constant, where the release decays it over 1M steps: within runs this
+# short, every decay tried let within-class diversity collapse after it (NOTES.md, "Tuning").
+DIGITS = dict(model="T/2", global_batch_size=32, lr=5e-4, ema=0.999, log_every=500,
+              sample_every=2000, ckpt_every=4000, eval_samples=1000)
+PIXEL32 = dict(ONE_NFE, model="B/2", ot_end=0.2, max_steps=400_000, sample_every=2000,
+               ckpt_every=10_000)  # ours: pixels, 256 tokens of B width, the release's rest
 
-# Networks and optimizers, each row from the release's configs/train/ file named (at dc11741).
-# lr_d None: as lr. clip None: no clipping (clip 50 "effectively disables [clipping], but kept
-# for logging", says train_1nfe.yaml). drop: class dropout, the probability that a label is
-# replaced by the null class (index num_classes) so that classifier-free guidance exists; the
-# release's flow-matching and CAFM trainers drop 0.1 (gen.dropout), its AFM recipes none.
-TRAINING_KEYS = ("model", "global_batch_size", "lr", "lr_d", "clip", "ema", "class_dropout")
-TRAINING = {
-    #               model   batch lr    lr_d  clip  ema     drop
-    "1nfe":        ("XL/2", 256,  1e-4, None, 50,   0.9999, 0.0),  # train_1nfe.yaml
-    "1nfe-cg":     ("XL/2", 256,  1e-4, None, 50,   0.9999, 0.0),  # train_1nfe_cg.yaml
-    "knfe":        ("XL/2", 256,  1e-4, None, 5,    0.9999, 0.0),  # train_fix_nfe.yaml
-    "knfe-cg":     ("XL/2", 256,  1e-4, None, 5,    0.9999, 0.0),  # train_fix_nfe_cg.yaml
-    "any":         ("B/2",  32,   1e-4, None, 5,    0.9999, 0.0),  # train_any_nfe.yaml
-    "deep":        ("XL/2", 256,  5e-5, 1e-4, 5,    0.9999, 0.0),  # train_1nfe_deep.yaml
-    "classifier":  ("B/2",  256,  1e-4, None, 50,   0.9995, 0.0),  # train_classifier.yaml
-    "fm":          ("XL/2", 256,  1e-4, None, None, 0.9999, 0.1),  # fm/*.yaml (519601d)
-    "digits":      ("T/2",  32,   5e-4, None, 50,   0.999,  0.0),  # ours (NOTES.md)
-    "pixel32":     ("B/2",  256,  1e-4, None, 50,   0.9999, 0.0),  # ours: 256 tokens, B width
-    "pixel64":     ("B/4",  256,  1e-4, None, 50,   0.9999, 0.0),  # ours: 256 tokens, B width
-    "fm-digits":   ("T/2",  32,   5e-4, None, None, 0.999,  0.1),  # ours: as digits
-    "cafm":        ("XL/2", 256,  1e-5, None, 1e4,  0.99,   0.1),  # cafm/*_sit.yaml (519601d)
-    "cafm-digits": ("T/2",  32,   1e-5, 5e-5, 1e4,  0.99,   0.1),  # ours (README, CAFM)
+RECIPES = {
+    "1nfe": ONE_NFE,
+    "1nfe-cg": dict(ONE_NFE, augment_p=0.4, cg=0.003),  # train_1nfe_cg.yaml
+    "knfe": K_NFE,  # or --steps 4
+    "knfe-cg": dict(K_NFE, augment_p=0.4, cg=0.02),  # train_fix_nfe_cg.yaml
+    "any": dict(K_NFE, steps="any", model="B/2", global_batch_size=32),  # train_any_nfe.yaml
+    "deep": dict(ONE_NFE, repeat=2, lr=5e-5, lr_d=1e-4, clip=5),  # train_1nfe_deep.yaml
+    "classifier": dict(ONE_NFE, objective="classifier", model="B/2", ema=0.9995),
+    "fm": FLOW,
+    "digits": dict(ONE_NFE, **DIGITS, ot=0.25, ot_end=0.25, max_steps=16_000, eval_every=1000),
+    "pixel32": PIXEL32,
+    "pixel64": dict(PIXEL32, model="B/4"),  # 256 tokens of 4x4 patches
+    "fm-digits": dict(FLOW, **DIGITS, max_steps=36_000, eval_every=2000, sample_steps=32,
+                      sample_solver="euler"),  # the AFM digits run's time
+    "cafm": CAFM,
+    "cafm-digits": dict(CAFM, **DIGITS, lr=1e-5, lr_d=5e-5, ema=0.99, warmup=500,
+                        max_steps=4_400, log_every=250, sample_every=1100, ckpt_every=1100,
+                        eval_every=1100, sample_steps=32, sample_solver="euler"),
 }
-
-# The method. None: not used by that objective. cg_t, where the guidance reads the fake:
-# "uniform", re-noised to t_cg ~ U(0, 0.1) (1 NFE); "tgt", at t_tgt in [0, 0.49] (multi-step).
-METHOD_KEYS = ("steps", "pred", "repeat", "ot", "ot_end", "augment_p", "cg", "cg_t")
-METHOD = {
-    #              steps  pred  repeat ot    ot_end aug   cg     cg_t
-    "1nfe":       (1,     "x",  1,     0.2,  0.005, 0.0,  0.0,   "uniform"),
-    "1nfe-cg":    (1,     "x",  1,     0.2,  0.005, 0.4,  0.003, "uniform"),
-    "knfe":       (2,     "v",  1,     0.25, 0.005, 0.0,  0.0,   "tgt"),  # or --steps 4
-    "knfe-cg":    (2,     "v",  1,     0.25, 0.005, 0.4,  0.02,  "tgt"),
-    "any":        ("any", "v",  1,     0.25, 0.005, 0.0,  0.0,   "tgt"),
-    "deep":       (1,     "x",  2,     0.2,  0.005, 0.0,  0.0,   "uniform"),  # or --repeat 4
-    "classifier": (None,  None, 1,     None, None,  None, None,  None),
-    "fm":         (None,  "v",  1,     None, None,  None, None,  None),
-    "digits":     (1,     "x",  1,     0.25, 0.25,  0.0,  0.0,   "uniform"),
-    "pixel32":    (1,     "x",  1,     0.2,  0.2,   0.0,  0.0,   "uniform"),
-    "pixel64":    (1,     "x",  1,     0.2,  0.2,   0.0,  0.0,   "uniform"),
-    "fm-digits":  (None,  "v",  1,     None, None,  None, None,  None),
-    "cafm":       (None,  "v",  1,     0.0,  None,  None, None,  None),  # ot: weight of mean(v^2)
-    "cafm-digits": (None, "v",  1,     0.0,  None,  None, None,  None),
-}
-CG_RANGE = {"uniform": [0.0, 0.1], "tgt": [0.0, 0.49], None: [0.0, 0.1]}
-
-# The loop: its length in loop steps (a D step and a G step are two loop steps), and how often it
-# logs, draws a grid, saves, and evaluates (with how many samples). The release logs every 100
-# steps, draws every 1,000, saves every 20,000 (its flow matching: 25,000) and evaluates every
-# 10,000 (its flow matching: 50,000). NFE and solver: how flow matching samples its grids and
-# evaluations (the release validates its flow models with Heun, 256 NFE; the digits use Euler,
-# whose NFE is its step count); AFM samples with its own --steps.
-SCHEDULE_KEYS = ("max_steps", "log_every", "sample_every", "ckpt_every", "eval_every",
-                 "eval_samples", "sample_steps", "sample_solver")
-SCHEDULE = {
-    #              max_steps  log  grid  ckpt    eval    samples NFE   solver
-    "1nfe":       (5_000_000, 100, 1000, 20_000, 10_000, 10_000, None, "euler"),
-    "1nfe-cg":    (5_000_000, 100, 1000, 20_000, 10_000, 10_000, None, "euler"),
-    "knfe":       (5_000_000, 100, 1000, 20_000, 10_000, 10_000, None, "euler"),
-    "knfe-cg":    (5_000_000, 100, 1000, 20_000, 10_000, 10_000, None, "euler"),
-    "any":        (5_000_000, 100, 1000, 20_000, 10_000, 10_000, None, "euler"),
-    "deep":       (5_000_000, 100, 1000, 20_000, 10_000, 10_000, None, "euler"),
-    "classifier": (5_000_000, 100, 1000, 20_000, 10_000, 10_000, None, "euler"),
-    "fm":         (1_000_000, 100, 1000, 25_000, 50_000, 10_000, 256,  "heun"),
-    "digits":     (16_000,    500, 2000, 4000,   1000,   1000,   None, "euler"),
-    "pixel32":    (400_000,   100, 2000, 10_000, 10_000, 10_000, None, "euler"),
-    "pixel64":    (400_000,   100, 2000, 10_000, 10_000, 10_000, None, "euler"),
-    "fm-digits":  (36_000,    500, 2000, 4000,   2000,   1000,   32,   "euler"),
-    "cafm":       (1_000_000, 100, 1000, 25_000, 50_000, 10_000, 250,  "heun"),
-    "cafm-digits": (4_400,    250, 1100, 1100,   1100,   1000,   32,   "euler"),
-}
-
-# Continuous AFM (arXiv 2604.11521; the release's configs/train/cafm/train_cafm_sit.yaml at
-# 519601d): D steps per G step after the warm-up, the warm-up's length (D steps only: D's head is
-# new, G is a trained flow model), and D's centering weight (in place of COMMON's cp). Its
-# optimizers: AdamW betas (0, 0.95), no weight decay, both networks clipped at 1e4.
-CAFM_KEYS = ("n_dis", "warmup", "cp")
-CAFM = {
-    "cafm":        (16, 10_000, 0.001),
-    "cafm-digits": (16, 500,    0.001),
-}
-
-# Why the digits and pixel recipes keep the transport weight constant, where the release decays it
-# over 1M steps: within runs this short, every decay tried let within-class diversity collapse
-# after it (measured with fid.pixel_report; the README's "Tuning notes").
-
-# Our recipes (digits, pixel32, pixel64) are 1-NFE recipes; given --steps k or "any" they take
-# what the release's multi-step recipes change: velocity prediction, clip 5, guidance at t_tgt.
-MULTI_STEP = dict(pred="v", clip=5.0, cg_t="tgt", cg_range=[0.0, 0.49])
+# Our recipes are 1-NFE; given --steps k or "any" they take what the release's multi-step
+# recipes change.
 OURS = ("digits", "pixel32", "pixel64")
+MULTI_STEP = dict(pred="v", clip=5.0, cg_t="tgt", cg_range=[0.0, 0.49])
 
-# Flags that are not part of a recipe, with their defaults.
+# Settings that are no recipe's, with their defaults.
 DEFAULTS = dict(data="digits", vae=None, eval_ref=None, inception=None, unconditional=False,
-                image_size=None, dis_model=None, grad_checkpoint=False, cls=None, cls_model="B/2",
-                cg_renoise=True, precision="fp32", compile=False, device="auto", workers=4, seed=0,
-                results_dir="results", resume=None, init=None, sit_time=False)
-
-
-def recipe(name, steps=None):
-    """All values of a named recipe, for --steps `steps` when given (see MULTI_STEP)."""
-    values = dict(COMMON)
-    values.update(zip(TRAINING_KEYS, TRAINING[name]))
-    values.update(zip(METHOD_KEYS, METHOD[name]))
-    values.update(zip(SCHEDULE_KEYS, SCHEDULE[name]))
-    values["cg_range"] = list(CG_RANGE[values["cg_t"]])
-    if name in CAFM:
-        values.update(zip(CAFM_KEYS, CAFM[name]))
-    values["recipe"] = name
-    if name in OURS and steps not in (None, 1):
-        values.update(MULTI_STEP)
-        values["steps"] = steps
-    return values
-
-
-def objective_of(s):
-    """Which objective a recipe trains: the AFM pair, the guidance classifier, flow matching or
-    continuous AFM."""
-    if s.recipe == "classifier":
-        return "classifier"
-    if s.recipe in ("fm", "fm-digits"):
-        return "flow"
-    if s.recipe in CAFM:
-        return "cafm"
-    return "afm"
-
+                image_size=None, dis_model=None, grad_checkpoint=False, cls=None,
+                cg_renoise=True, precision="fp32", compile=False, device="auto", workers=4,
+                seed=0, results_dir="results", resume=None, init=None, sit_time=False)
 
 # --------------------------------------------------------------------------------------
-# The objectives: what each trains, what its checkpoint holds, and its training step
+# The objectives: what each trains, its checkpoint's parts, its D step and G step
 # --------------------------------------------------------------------------------------
 
 
@@ -196,93 +148,72 @@ def adamw(net, lr, betas, weight_decay, device):
 
 
 def step_optimizer(net, opt, clip):
-    """Clip (None: only measure) the gradient norm, take the step, clear the gradients."""
-    max_norm = clip
-    if clip is None:
-        max_norm = math.inf
-    norm = nn.utils.clip_grad_norm_(net.parameters(), max_norm)
+    """Clip the gradient norm (clip None: only measure it), step, clear the gradients."""
+    norm = nn.utils.clip_grad_norm_(net.parameters(), math.inf if clip is None else clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return norm
 
 
-def load_classifier(s, C, H, num_classes, device):
-    """The frozen guidance classifier: our checkpoint (its EMA weights) or the release's bare
-    classifier.pth."""
+@contextlib.contextmanager
+def guarded(local_batch):
+    """Around the loop. SIGINT (Ctrl-C) and SIGTERM only append their number to the list it
+    gives: the loop then stops at a step all ranks agree on, after a checkpoint. Out of memory
+    ends the run in one line saying what to lower."""
+    stop = []
+    handlers = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handlers[sig] = signal.signal(sig, lambda signum, frame: stop.append(signum))
     try:
-        sd = load_checkpoint(s.cls, "--cls")[1]
-    except ValueError as e:
-        raise SystemExit(f"train.py: error: {e}")
-    name = sd.get("args", {}).get("model", s.cls_model)
-    cls = Classifier(**models[name], input_size=H, in_channels=C, num_classes=num_classes)
-    try:
-        cls.load_state_dict(sd.get("ema", sd), strict=True)
-    except RuntimeError as e:
-        raise SystemExit(f"train.py: error: --cls {s.cls}: does not fit a {name} classifier on "
-                         f"{C}x{H}x{H} with {num_classes} classes (--cls-model?): "
-                         f"{first_line(e)}")
-    return cls.to(device).eval().requires_grad_(False)
+        yield stop
+    except torch.OutOfMemoryError:
+        raise SystemExit(f"error: out of memory with {local_batch} examples per process: lower "
+                         f"--global-batch-size (or try --grad-checkpoint, --precision bf16)")
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
-class Objective:
-    """What one objective trains. Subclasses set `nets` (the trained networks, by checkpoint
-    key), `ema` (the EMA of the network that makes samples, or of the classifier), `pred` (how
-    its samples are made; None: it makes none), and define `state` and `step`."""
+class Pair:
+    """A generator G and a discriminator D trained in turns, as AFM and CAFM train them: each
+    loop step is a D step or a G step (`is_g_step`), and the EMA of G moves after each G step.
+    `dis` is the module D steps call, `critic` what G's loss reads D through: D itself for AFM;
+    for CAFM its flow derivative (afm.FlowDerivative), which DDP wraps whole in D steps."""
 
-    pred = None
-
-    def wrap(self, device, compile_blocks):
-        """Regional compile in place, then DDP around each trained network (as `forward_of`
-        says it is called). The networks keep their plain state-dict keys: checkpoints always
-        save the raw modules."""
-        self.ddp = {}
-        for key, net in self.nets.items():
-            if compile_blocks:
-                net.compile_blocks()
-            self.ddp[key] = self.forward_of(key, net)
-            if dist.is_initialized():
-                ids = None  # gloo on the CPU
-                if device.type == "cuda":
-                    ids = [device.index]
-                self.ddp[key] = nn.parallel.DistributedDataParallel(self.ddp[key],
-                                                                    device_ids=ids)
-
-    def forward_of(self, key, net):
-        """The module whose forward a step calls for network `key`: the network itself."""
-        return net
-
-    def sizes(self):
-        """'model 1,234 parameters, dis 5,678 parameters'."""
-        sizes = []
-        for key, net in self.nets.items():
-            sizes.append(f"{key} {sum(p.numel() for p in net.parameters()):,} parameters")
-        return ", ".join(sizes)
-
-
-class AdversarialPair(Objective):
-    """A generator G and a discriminator D trained in turns: a step is a D step or a G step, as
-    `is_g_step` says. Subclasses set G, D, `critic` (what G's loss reads D through: D itself, or
-    its flow derivative), ema, opt_g, opt_d and `loss` (d_loss and g_loss, of afm.py)."""
+    def __init__(self, s, G, D, dis, critic, loss, is_g_step, betas, weight_decay, device, amp):
+        self.s = s
+        self.G = G
+        self.D = D
+        self.ema = copy.deepcopy(G).requires_grad_(False).eval()
+        self.loss = loss
+        self.is_g_step = is_g_step
+        self.opt_g = adamw(G, s.lr, betas, weight_decay, device)
+        self.opt_d = adamw(D, s.lr_d, betas, weight_decay, device)
+        self.amp = amp
+        if s.compile:  # regional, in place: the state-dict keys stay plain
+            G.compile_blocks()
+            D.compile_blocks()
+        self.gen = ddp(G, device)
+        self.dis = ddp(dis, device)
+        self.critic = critic
 
     def state(self):
-        """Checkpoint key -> object, with the release's keys: "model" is G, "dis" is D."""
-        return {"model": self.G, "dis": self.D, "ema": self.ema, "opt_g": self.opt_g,
-                "opt_d": self.opt_d}
+        """Checkpoint key -> object, with the release's keys: "model" is G, "dis" is D, and
+        "gradnorm" AFM's running gradient scale (afm.GradientNormalization)."""
+        state = {"model": self.G, "dis": self.D, "ema": self.ema, "opt_g": self.opt_g,
+                 "opt_d": self.opt_d}
+        if isinstance(self.loss, AdversarialFlowLoss):
+            state["gradnorm"] = self.loss
+        return state
 
-    def step(self, x0, y, step):
-        if self.is_g_step(step):
-            return self.g_step(x0, y, step)
-        return self.d_step(x0, y, step)
-
-    # Which network is DDP-wrapped in which step, and why. DDP averages the gradients of the
-    # module it wraps, during backward. In the D step only D learns: D runs wrapped, and G runs
-    # plain and without grad (it only makes fakes). In the G step only G learns: G runs wrapped,
-    # and D runs plain and frozen, so gradients flow through D into G while D's weights get none
-    # (and DDP has no D gradients to wait for). D stays frozen through backward too, so that a
-    # recomputation (--grad-checkpoint) sees the same graph.
+    # Which network runs DDP-wrapped in which step, and why. In the D step only D learns: D
+    # runs wrapped; G runs plain and without grad (it only makes fakes). In the G step only G
+    # learns: G runs wrapped, D plain and frozen, so gradients flow through D into G while D's
+    # weights get none (and DDP has no D gradients to wait for). D stays frozen through
+    # backward too, so that a recomputation (--grad-checkpoint) sees the same graph.
     def d_step(self, x0, y, step):
         with self.amp:
-            loss, logs = self.loss.d_loss(self.G, self.ddp["dis"], x0, y, step)
+            loss, logs = self.loss.d_loss(self.G, self.dis, x0, y, step)
         loss.backward()
         logs["grad_norm_d"] = step_optimizer(self.D, self.opt_d, self.s.clip)
         return loss, logs
@@ -290,201 +221,141 @@ class AdversarialPair(Objective):
     def g_step(self, x0, y, step):
         with frozen(self.D):
             with self.amp:
-                loss, logs = self.loss.g_loss(self.ddp["model"], self.critic, x0, y, step)
+                loss, logs = self.loss.g_loss(self.gen, self.critic, x0, y, step)
             loss.backward()
         logs["grad_norm_g"] = step_optimizer(self.G, self.opt_g, self.s.clip)
         ema_update(self.ema, self.G, self.s.ema)  # after each generator update
         return loss, logs
 
 
-class AFMPair(AdversarialPair):
-    """The AFM pair (paper Sec. 3): generator G and discriminator D, their AdamW optimizers
-    (betas (0, 0.9), weight decay 0.01, the release's), the EMA of G, and the loss, whose
-    gradient normalization keeps a running scale."""
+class Single:
+    """One network trained by a plain loss (net, x0, y) -> (loss, logs) of afm.py, with AdamW
+    and an EMA: the guidance classifier and flow matching. Every loop step is its step (the
+    loop calls it g_step); labels become the null class `null` with class dropout."""
 
-    def __init__(self, s, C, H, num_classes, device):
+    def __init__(self, s, net, loss, betas, weight_decay, null, device, amp):
         self.s = s
-        kw = dict(input_size=H, in_channels=C, num_classes=num_classes)
-        # t_src conditioning for multi-step models; t_tgt for any-step ones; the deep generator
-        # (repeat > 1) is 1-NFE and uses its timestep embedder for the repeats.
-        use_t_src = s.steps != 1 and s.repeat == 1
-        use_t_tgt = s.steps == "any"
-        self.G = Generator(**models[s.model], **kw, use_t_src=use_t_src, use_t_tgt=use_t_tgt,
-                           repeat=s.repeat)
-        self.D = Discriminator(**models[s.dis_model], **kw, use_t=s.steps != 1)
-        for net in (self.G, self.D):
-            net.grad_checkpointing = s.grad_checkpoint
-            net.to(device)
-        self.ema = copy.deepcopy(self.G).requires_grad_(False).eval()
-        classifier = None
-        if s.cls:
-            classifier = load_classifier(s, C, H, num_classes, device)
-        self.loss = AdversarialFlowLoss(
-            steps=s.steps, pred=s.pred, ot=s.ot, ot_end=s.ot_end, decay_steps=s.decay_steps,
-            gp=s.gp, gp_ratio=s.gp_ratio, gp_eps=s.gp_eps, cp=s.cp, augment_p=s.augment_p,
-            classifier=classifier, cg=s.cg, cg_range=tuple(s.cg_range), cg_t=s.cg_t,
-            cg_renoise=s.cg_renoise)
-        self.loss.gradnorm.to(device)
-        self.opt_g = adamw(self.G, s.lr, (0.0, 0.9), 0.01, device)
-        self.opt_d = adamw(self.D, s.lr_d, (0.0, 0.9), 0.01, device)
-        self.critic = self.D
-        self.nets = {"model": self.G, "dis": self.D}
-        self.pred = s.pred
-        self.amp = torch.autocast(device.type, torch.bfloat16, enabled=s.precision == "bf16")
+        self.G = net
+        self.ema = copy.deepcopy(net).requires_grad_(False).eval()
+        self.loss = loss
+        self.opt = adamw(net, s.lr, betas, weight_decay, device)
+        self.null = null
+        self.amp = amp
+        if s.compile:
+            net.compile_blocks()
+        self.net = ddp(net, device)
 
     def state(self):
-        """As AdversarialPair's, and "gradnorm": the loss's state (its gradient normalization)."""
-        return {**super().state(), "gradnorm": self.loss}
+        return {"model": self.G, "ema": self.ema, "opt": self.opt}
 
     def is_g_step(self, step):
-        """`ttur` discriminator steps, then one generator step (the release alternates them)."""
-        return step % (1 + self.s.ttur) >= self.s.ttur
+        return True
 
-
-def label_rows(num_classes, class_dropout):
-    """Rows of a network's label table: one per class, and the null class (index num_classes)
-    when labels are dropped. The release builds its SiT networks so: num_classes 1001 with
-    class_dropout_prob 0, the dropout done by the trainer (afm.drop_labels), since in CAFM the
-    generator and the discriminator must see the same dropped labels."""
-    if class_dropout > 0:
-        return num_classes + 1
-    return num_classes
-
-
-class OneNetwork(Objective):
-    """An objective that trains one network by a plain loss, with AdamW and an EMA: the guidance
-    classifier and flow matching. Subclasses set `net`, `ema`, `opt`, `loss` (a function
-    (net, x0, y) -> (loss, logs) of afm.py) and `null` (the null class, for class dropout)."""
-
-    def state(self):
-        return {"model": self.net, "ema": self.ema, "opt": self.opt}
-
-    def step(self, x0, y, step):
+    def g_step(self, x0, y, step):
         if self.s.class_dropout > 0:
             y = drop_labels(y, self.s.class_dropout, self.null)
         with self.amp:
-            loss, logs = self.loss(self.ddp["model"], x0, y)
+            loss, logs = self.loss(self.net, x0, y)
         loss.backward()
-        logs["grad_norm"] = step_optimizer(self.net, self.opt, self.s.clip)
-        ema_update(self.ema, self.net, self.s.ema)
+        logs["grad_norm"] = step_optimizer(self.G, self.opt, self.s.clip)
+        ema_update(self.ema, self.G, self.s.ema)
         return loss, logs
 
 
-class GuidanceClassifier(OneNetwork):
+def afm_pair(s, C, H, K, device, amp):
+    """The AFM pair (paper Sec. 3): G and D, AdamW betas (0, 0.9) and weight decay 0.01 (the
+    release's), and the loss, whose gradient normalization keeps a running scale."""
+    kw = dict(input_size=H, in_channels=C, num_classes=K)
+    # t_src conditioning for multi-step generators, t_tgt for any-step ones; the deep
+    # generator (repeat > 1) is 1-NFE and embeds its repeats instead.
+    G = Generator(**models[s.model], **kw, use_t_src=s.steps != 1 and s.repeat == 1,
+                  use_t_tgt=s.steps == "any", repeat=s.repeat)
+    D = Discriminator(**models[s.dis_model], **kw, use_t=s.steps != 1)
+    for net in (G, D):
+        net.grad_checkpointing = s.grad_checkpoint
+        net.to(device)
+    classifier = load_classifier(s, C, H, K, device) if s.cls else None
+    loss = AdversarialFlowLoss(
+        steps=s.steps, pred=s.pred, ot=s.ot, ot_end=s.ot_end, decay_steps=s.decay_steps,
+        gp=s.gp, gp_ratio=s.gp_ratio, gp_eps=s.gp_eps, cp=s.cp, augment_p=s.augment_p,
+        classifier=classifier, cg=s.cg, cg_range=tuple(s.cg_range), cg_t=s.cg_t,
+        cg_renoise=s.cg_renoise)
+    loss.gradnorm.to(device)
+    # `ttur` D steps, then one G step (the release alternates them)
+    return Pair(s, G, D, D, D, loss, lambda step: step % (1 + s.ttur) >= s.ttur, (0.0, 0.9),
+                0.01, device, amp)
+
+
+def cafm_pair(s, C, H, K, device, amp):
+    """CAFM (the release's train_continuous_adversarial_flow_imagenet.py at 519601d): G is the
+    velocity network, started from --init (a flow-matching run of ours, or SiT's
+    SiT-XL-2-256.pt); D has the same blocks with RMSNorm and starts from the same weights (only
+    its token and head are new). AdamW betas (0, 0.95), no weight decay, for both. Labels keep
+    a null class (the release builds its SiT networks with 1001 classes); a resumed run starts
+    from its checkpoint instead."""
+    flow = load_flow(s) if s.resume is None else None
+    kw = dict(input_size=H, in_channels=C, num_classes=K + 1, sit_time=s.sit_time)
+    G = Generator(**models[s.model], **kw, use_t_src=True, learn_sigma=s.sit_time)
+    D = Discriminator(**models[s.dis_model], **kw, use_t=True, norm="rms")
+    if flow is not None:
+        load_weights(G, flow, f"--init {s.init} (as --model {s.model} on --data {s.data} with "
+                              f"a null class)")
+        discriminator_from_flow(D, flow)
+    # Recomputation is for G only: D runs inside torch.func.jvp, where it does not apply.
+    G.grad_checkpointing = s.grad_checkpoint
+    G.to(device)
+    D.to(device)
+    loss = ContinuousAdversarialFlowLoss(n_dis=s.n_dis, warmup=s.warmup, cp=s.cp, ot=s.ot,
+                                         class_dropout=s.class_dropout, null_class=K)
+    return Pair(s, G, D, FlowDerivative(D), FlowDerivative(D), loss, loss.is_g_step,
+                (0.0, 0.95), 0.0, device, amp)
+
+
+def guidance_classifier(s, C, H, K, device, amp):
     """The noisy-image classifier that guides the -cg recipes (the release's
-    train_classifier.py at dc11741): AdamW betas (0.9, 0.95), weight decay 0.01, and an EMA."""
-
-    def __init__(self, s, C, H, num_classes, device):
-        self.s = s
-        self.net = Classifier(**models[s.model], input_size=H, in_channels=C,
-                              num_classes=num_classes).to(device)
-        self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
-        self.opt = adamw(self.net, s.lr, (0.9, 0.95), 0.01, device)
-        self.loss = classifier_loss
-        self.null = None  # no class dropout
-        self.nets = {"model": self.net}
-        self.amp = torch.autocast(device.type, torch.bfloat16, enabled=s.precision == "bf16")
+    train_classifier.py at dc11741): AdamW betas (0.9, 0.95), weight decay 0.01, an EMA."""
+    net = Classifier(**models[s.model], input_size=H, in_channels=C, num_classes=K)
+    return Single(s, net.to(device), classifier_loss, (0.9, 0.95), 0.01, None, device, amp)
 
 
-class FlowMatching(OneNetwork):
-    """Flow matching, the baseline (the release's train_flow_matching_imagenet.py at 519601d):
-    one velocity network v(x_t, y, t) (a Generator with t_src conditioning), AdamW betas
-    (0.9, 0.999) and no weight decay, an EMA, no gradient clipping."""
-
-    def __init__(self, s, C, H, num_classes, device):
-        self.s = s
-        self.net = Generator(**models[s.model], input_size=H, in_channels=C,
-                             num_classes=label_rows(num_classes, s.class_dropout),
-                             use_t_src=True)
-        self.null = num_classes
-        self.net.grad_checkpointing = s.grad_checkpoint
-        self.net.to(device)
-        self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
-        self.opt = adamw(self.net, s.lr, (0.9, 0.999), 0.0, device)
-        self.loss = flow_matching_loss
-        self.nets = {"model": self.net}
-        self.pred = "v"
-        self.amp = torch.autocast(device.type, torch.bfloat16, enabled=s.precision == "bf16")
+def flow_matching(s, C, H, K, device, amp):
+    """Flow matching, the baseline (the release's train_flow_matching_imagenet.py at
+    519601d): one velocity network v(x_t, y, t), a Generator with t_src conditioning (and a
+    null class with class dropout), AdamW betas (0.9, 0.999), no weight decay, an EMA."""
+    net = Generator(**models[s.model], input_size=H, in_channels=C, use_t_src=True,
+                    num_classes=K + 1 if s.class_dropout > 0 else K)
+    net.grad_checkpointing = s.grad_checkpoint
+    return Single(s, net.to(device), flow_matching_loss, (0.9, 0.999), 0.0, K, device, amp)
 
 
-class CAFMPair(AdversarialPair):
-    """Continuous AFM (arXiv 2604.11521; the release's train_continuous_adversarial_flow_
-    imagenet.py at 519601d): post-training of a flow model. G is the velocity network, started
-    from --init (a flow-matching run of ours, or SiT's SiT-XL-2-256.pt); D is a discriminator of
-    the same blocks with RMSNorm, started from the same weights (only its token and head are
-    new). AdamW betas (0, 0.95), no weight decay, for both; the EMA of G (decay 0.99) moves on
-    G steps only."""
-
-    def __init__(self, s, C, H, num_classes, device):
-        self.s = s
-        flow = None
-        if s.resume is None:  # a new run starts from --init (a resumed one: from its checkpoint)
-            flow, info = load_flow(s.init)
-            # Its conventions, kept in the run's settings so that a resume rebuilds the same
-            # networks: SiT's (time the other way round, learn_sigma's extra head channels) or
-            # ours (DiT's t x 1000).
-            s.sit_time = info["sit_time"]
-        kw = dict(input_size=H, in_channels=C, num_classes=label_rows(num_classes, 0.1),
-                  sit_time=s.sit_time)
-        self.G = Generator(**models[s.model], **kw, use_t_src=True, learn_sigma=s.sit_time)
-        self.D = Discriminator(**models[s.dis_model], **kw, use_t=True, norm="rms")
-        if flow is not None:
-            check_fits(flow, self.G, s)
-            self.G.load_state_dict(flow)
-            discriminator_from_flow(self.D, flow)
-        # Recomputation is for G only: D runs inside torch.func.jvp, where checkpointing does not
-        # apply.
-        self.G.grad_checkpointing = s.grad_checkpoint
-        self.G.to(device)
-        self.D.to(device)
-        self.ema = copy.deepcopy(self.G).requires_grad_(False).eval()
-        self.loss = ContinuousAdversarialFlowLoss(
-            n_dis=s.n_dis, warmup=s.warmup, cp=s.cp, ot=s.ot, class_dropout=s.class_dropout,
-            null_class=num_classes)
-        self.critic = FlowDerivative(self.D)  # D read along the flow, unwrapped (G steps)
-        self.opt_g = adamw(self.G, s.lr, (0.0, 0.95), 0.0, device)
-        self.opt_d = adamw(self.D, s.lr_d, (0.0, 0.95), 0.0, device)
-        self.nets = {"model": self.G, "dis": self.D}
-        self.pred = "v"
-        self.amp = torch.autocast(device.type, torch.bfloat16, enabled=s.precision == "bf16")
-
-    def forward_of(self, key, net):
-        """D's steps call its flow derivative, so DDP wraps FlowDerivative(D): DDP's forward
-        must be the outermost call, not one inside torch.func's transforms (the release wraps
-        its DiscriminatorJVP so)."""
-        if key == "dis":
-            return FlowDerivative(net)
-        return net
-
-    def is_g_step(self, step):
-        """D steps only during the warm-up, then `n_dis` D steps per G step."""
-        return self.loss.is_g_step(step)
+OBJECTIVES = {"afm": afm_pair, "cafm": cafm_pair, "classifier": guidance_classifier,
+              "flow": flow_matching}
 
 
-def load_flow(path):
-    """-> (state dict, info) of the flow model --init names: a flow-matching run's (or
-    checkpoint's) EMA weights, or a bare SiT file (sample.py's reader). Anything else is a
-    one-line error."""
-    try:
-        flow, info = load_generator(path)
-    except ValueError as e:
-        raise SystemExit(f"train.py: error: --init {e}")
-    if not info["flow"]:
-        raise SystemExit(f"train.py: error: --init {path}: not a flow model (a velocity "
-                         f"network: a --recipe fm or fm-digits run, or SiT's checkpoint)")
-    return flow.state_dict(), info
+def load_classifier(s, C, H, K, device):
+    """The frozen guidance classifier: a --recipe classifier run's EMA weights, or the
+    release's bare classifier.pth (its size read from its keys)."""
+    path, ckpt = load_checkpoint(s.cls, "--cls")
+    name = ckpt["args"]["model"] if "args" in ckpt else size_of(ckpt)
+    net = Classifier(**models[name], input_size=H, in_channels=C, num_classes=K)
+    load_weights(net, ckpt.get("ema", ckpt), f"--cls {path} (a {name} classifier on "
+                                             f"{C}x{H}x{H}, {K} classes)")
+    return net.to(device).eval().requires_grad_(False)
 
 
-def check_fits(flow, G, s):
-    """--init must be the velocity network that G is: its size and data, with a null class."""
-    for k, v in G.state_dict().items():
-        if k not in flow or flow[k].shape != v.shape:
-            raise SystemExit(f"train.py: error: --init {s.init} does not fit --model {s.model} "
-                             f"on --data {s.data} with a null class (its {k})")
-
-
-OBJECTIVES = {"afm": AFMPair, "classifier": GuidanceClassifier, "flow": FlowMatching,
-              "cafm": CAFMPair}
+def load_flow(s):
+    """The flow model --init names -> its state dict: a flow-matching (or CAFM) run's EMA
+    weights, or a bare file in SiT's layout (SiT-XL-2-256.pt, the release's CAFM
+    checkpoints). Its time convention is kept in the run's settings (`sit_time`: SiT's runs
+    from noise to data), so that a resume rebuilds the same networks."""
+    path, ckpt = load_checkpoint(s.init, "--init")
+    ours = "args" in ckpt
+    sd = ckpt["ema"] if ours else ckpt
+    s.sit_time = ckpt["args"]["sit_time"] if ours else generator_config(sd)[1]["sit_time"]
+    if not (ckpt["args"]["objective"] in ("flow", "cafm") if ours else s.sit_time):
+        raise SystemExit(f"error: --init {path}: not a flow model (a --recipe fm or fm-digits "
+                         f"run, or SiT's checkpoint)")
+    return sd
 
 
 # --------------------------------------------------------------------------------------
@@ -492,14 +363,13 @@ OBJECTIVES = {"afm": AFMPair, "classifier": GuidanceClassifier, "flow": FlowMatc
 # --------------------------------------------------------------------------------------
 
 
-@releases_locks
 def main(s, ckpt=None, ckpt_path=None):
     """Train with the settings `s` (see resolve); with a checkpoint `ckpt` (read from
     ckpt_path), continue its run exactly."""
     rank, world, device = setup(s.device)
     if s.global_batch_size % world:
-        raise SystemExit(f"train.py: error: --global-batch-size {s.global_batch_size} is not "
-                         f"divisible by {world} processes")
+        raise SystemExit(f"error: --global-batch-size {s.global_batch_size} is not divisible "
+                         f"by the {world} processes")
     settings = [f"{k}={v}" for k, v in sorted(vars(s).items()) if v is not None]
     print0("settings: " + " ".join(settings))
     torch.manual_seed(s.seed * world + rank)  # per-rank seeds
@@ -507,163 +377,160 @@ def main(s, ckpt=None, ckpt_path=None):
 
     # Pixels, or SD-VAE latents: cached, or encoded from each batch of images. A VAE is loaded
     # only for latents, and it also decodes the samples of the grids and evaluations.
-    data, vae, encode_batches, C, H = open_data(s.data, image_size=s.image_size, vae_path=s.vae,
-                                                device=device, unconditional=s.unconditional)
+    data, vae, encode_batches, C, H = open_data(s.data, s.image_size, s.vae, device,
+                                                s.unconditional)
     check_data(s, data, H)
-    trainee = OBJECTIVES[objective_of(s)](s, C, H, data.num_classes, device)
-    step = 0
-    position = 0  # examples this rank has read from its stream
-    if ckpt is not None:
-        step, position = restore(trainee, ckpt, ckpt_path, s, rank=rank, world=world,
-                                 device=device)
-    sampler = sampler_of(s, trainee.pred, vae, device)
-    evaluation = open_evaluation(s, data, sampler, (C, H, H), rank=rank, world=world,
-                                 device=device)
-    run_dir = open_run_dir(s, ckpt_path, step, rank, device)
-    if step >= s.max_steps:
-        print0(f"{run_dir} is finished: step {step} of --max-steps {s.max_steps}. To train it "
-               f"further: --resume {run_dir} --max-steps N (and --decay-steps N to stretch the "
-               f"transport schedule)")
-        cleanup()
-        return
-    print0(f"{s.recipe}: {trainee.sizes()}; input {C}x{H}x{H}; {world} process(es) on {device}; "
-           f"run folder {run_dir}")
-    trainee.wrap(device, s.compile)
+    K = data.num_classes
+    amp = torch.autocast(device.type, torch.bfloat16, enabled=s.precision == "bf16")
+    trainer = OBJECTIVES[s.objective](s, C, H, K, device, amp)
+    # the loop's step, and the examples this rank has read from its stream
+    step, position = restore(trainer, ckpt, ckpt_path, s.seed, world, rank, device)
+
+    # How grids and evaluations sample the EMA generator: velocity fields (flow matching and
+    # CAFM) by their recipe's ODE; AFM in its own --steps (an any-step generator: 1).
+    steps = s.sample_steps or (1 if s.steps == "any" else s.steps)
+
+    def sample(z, y):
+        with amp:
+            return to_images(generate(trainer.ema, z, y, steps, s.pred, s.sample_solver), vae)
+
+    samples = s.objective != "classifier"
+    evaluation = None
+    if samples and s.eval_every and (s.eval_ref or data.in_memory):
+        evaluation = Evaluation(s.eval_samples, K, (C, H, H), local_batch, s.seed, s.eval_ref,
+                                s.inception, data.tensors if data.in_memory else None,
+                                rank, world, device)
+    # The grids: fixed noise and labels, a row of 10 per class (the first 10 classes; one
+    # sample of each with more), or 10 x 10 of an unconditional model.
+    grid = None
+    if samples and s.sample_every and (C != 4 or vae is not None):
+        y = torch.arange(min(K, 10)).repeat_interleave(10 if K <= 10 else 1)
+        y = torch.zeros(100).long() if K == 1 else y
+        z = torch.randn(len(y), C, H, H, generator=torch.Generator().manual_seed(s.seed))
+        grid = (z.to(device), y.to(device))
+
+    run_dir = resumed_run_dir(ckpt_path) if ckpt_path else None
+    if run_dir is None:
+        prefix = {"afm": "", "classifier": "cls-", "flow": "fm-", "cafm": "cafm-"}
+        run_dir = make_run_dir(s.results_dir, prefix[s.objective] + s.model.replace("/", "-"),
+                               vars(s))
+    elif rank == 0:
+        trim_log(run_dir, step)
+    size = sum(p.numel() for p in trainer.G.parameters())
+    print0(f"{s.recipe}: G {size:,} parameters; input {C}x{H}x{H}; {world} process(es) on "
+           f"{device}; run folder {run_dir}")
     stream = IndexStream(len(data), rank, world, s.seed, position)
     data_iter = batches(data, stream, local_batch, s.workers)
-    grid = open_grid(s, sampler, data.num_classes, (C, H, H), device)  # None: no sample grids
-
-    log = Log(run_dir, s.max_steps, rank, device)
-    non_finite = NonFinite(device)
-    start_step = step
-    stop = False
-    with signals_caught() as received:
+    log = Log(run_dir, s.max_steps, world)
+    start = step
+    bad = torch.zeros((), dtype=torch.bool, device=device)  # a non-finite loss since the check
+    with guarded(local_batch) as stop:
         while step < s.max_steps:
             x0, y = next(data_iter)
             x0 = x0.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True).long()
             if encode_batches:
                 x0 = encode(vae, x0)  # SD-VAE latents x 0.18215, a fresh posterior sample
-            loss, terms = train_step(trainee, x0, y, step)
-            non_finite.note(loss, step)
+            if trainer.is_g_step(step):
+                loss, terms = trainer.g_step(x0, y, step)
+            else:
+                loss, terms = trainer.d_step(x0, y, step)
+            bad |= ~torch.isfinite(loss.detach())
             log.add(terms)
             step += 1
             position += local_batch
             last = step == s.max_steps
 
-            # What this step writes: a grid, an evaluation (every eval_every steps, and at the
-            # end of a run that trained at least that long: a short (smoke) run does not spend
-            # longer evaluating than it trained), a log line, a checkpoint.
+            # What this step writes. An evaluation comes every eval_every steps, and at the end
+            # of a run that trained at least that long: a short run is not held up by one.
+            log_due = step % s.log_every == 0
+            ckpt_due = step % s.ckpt_every == 0 or last
             grid_due = grid is not None and (step % s.sample_every == 0 or last)
-            final_eval = last and step - start_step >= s.eval_every
+            final_eval = last and step - start >= s.eval_every
             eval_due = evaluation is not None and (step % s.eval_every == 0 or final_eval)
-            boundary = step % s.log_every == 0 or step % s.ckpt_every == 0 or last
-            # A checkpoint needs every rank: a signal stops the loop at a step all ranks agree on
-            # (checked every 10 steps and at log/checkpoint steps). A non-finite loss stops it
-            # before anything is written; the host waits for the device only at such steps.
-            if world == 1 or step % 10 == 0 or boundary:
-                stop = any_rank(len(received) > 0, device)
-            if boundary or grid_due or eval_due or stop:
-                non_finite.exit_if_any(run_dir, rank, device)
-            if step % s.log_every == 0:
-                log.training(step, data, plot=step % s.ckpt_every == 0 or last)
+            if not (log_due or ckpt_due or grid_due or eval_due or (world == 1 and stop)):
+                continue
+            # One all-reduce, one wait for the device: the log's sums, any rank's non-finite
+            # loss (then nothing of this step is written) and any rank's signal (then all
+            # ranks stop here, after a checkpoint).
+            sums = {"bad": bad, "stop": len(stop)}
+            if log_due:  # the means of the terms since the last line
+                sums.update({k: total / n for k, (total, n) in log.sums.items()})
+            sums = sum_over_ranks(sums, device)
+            if sums.pop("bad"):
+                print(f"[rank {rank}] non-finite loss before step {step}; stopping. The last "
+                      f"checkpoint in {run_dir}/checkpoints is unaffected.", flush=True)
+                raise SystemExit(1)
+            stopping = sums.pop("stop") > 0
+            if log_due:
+                log.training(step, sums, plot=ckpt_due)
             if grid_due and rank == 0:
-                grid.draw(trainee.ema, os.path.join(run_dir, f"samples_{step:07d}.png"))
-            if eval_due and not stop:
-                stop = evaluate(evaluation, trainee.ema, step, log, received)
-            if step % s.ckpt_every == 0 or last or stop:
-                save_checkpoint(trainee, s, run_dir, step=step, position=position, rank=rank,
-                                device=device)
-            if stop:
+                path = os.path.join(run_dir, f"samples_{step:07d}.png")
+                save_grid(sample(*grid), path, nrow=10)
+            if eval_due and not stopping:
+                t0 = time.time()
+                metrics = evaluation(sample)
+                log.evaluation(step, metrics, time.time() - t0)
+            if ckpt_due or stopping:
+                save_checkpoint(trainer, s, run_dir, step, position, rank, device)
+            if stopping:
                 break
-    if stop:
-        print0(f"stopped by a signal at step {step}; resume with --resume {run_dir}")
-        cleanup()
-        exit_on_signal(received)
-    outputs = f"checkpoints in {run_dir}/checkpoints, log.jsonl and curves.png"
-    if grid is not None:
-        outputs += ", sample grids"
-    print0(f"done at step {step}: {outputs} in {run_dir}")
     cleanup()
+    if stop or step < s.max_steps:
+        print0(f"stopped by a signal at step {step}; resume with --resume {run_dir}")
+        raise SystemExit(128 + (stop[0] if stop else signal.SIGINT))
+    print0(f"done at step {step}: checkpoints, log.jsonl, curves.png and grids in {run_dir}")
 
 
 # --------------------------------------------------------------------------------------
-# The loop's parts: checks before the first step, the run folder, checkpoints, logging,
-# sampling and evaluation, signals
+# The loop's parts: the data check, checkpoints, the log, the grids
 # --------------------------------------------------------------------------------------
 
 
 def check_data(s, data, H):
-    """What only the data can tell: the networks' patches tile its inputs, a batch fits in it, and
-    an in-memory evaluation asks for no more samples than the data has (capped, said so)."""
+    """What only the data can tell: the networks' patches tile its inputs, a batch fits in it,
+    and an in-memory evaluation asks for no more samples than the data has (capped, said so)."""
     patch = models[s.model]["patch_size"]
     if H % patch:
-        raise SystemExit(f"train.py: error: --data {s.data}: its {H}x{H} inputs do not split into "
-                         f"the {patch}x{patch} patches of --model {s.model} (--image-size?)")
+        raise SystemExit(f"error: --data {s.data}: its {H}x{H} inputs do not split into the "
+                         f"{patch}x{patch} patches of --model {s.model} (--image-size?)")
     if s.global_batch_size > len(data):
-        raise SystemExit(f"train.py: error: --global-batch-size {s.global_batch_size} is larger "
-                         f"than the {len(data)} examples of --data {s.data}")
+        raise SystemExit(f"error: --global-batch-size {s.global_batch_size} is larger than the "
+                         f"{len(data)} examples of --data {s.data}")
     K = data.num_classes
     if data.in_memory and s.eval_every and s.eval_samples > len(data):
-        capped = max(len(data) // K, 1) * K
-        print0(f"--eval-samples {s.eval_samples} is more than the {len(data)} examples of --data: "
-               f"evaluating {capped}")
-        s.eval_samples = capped
+        s.eval_samples = max(len(data) // K, 1) * K
+        print0(f"--eval-samples: the data has {len(data)} examples; evaluating "
+               f"{s.eval_samples}")
 
 
-def restore(trainee, ckpt, path, s, rank, world, device):
-    """Load every part of the objective and this rank's RNG from a checkpoint
-    -> (step, this rank's data position)."""
+def restore(trainer, ckpt, path, seed, world, rank, device):
+    """Every part of the objective and this rank's RNG from a checkpoint (if any) -> (step,
+    this rank's data position). With another number of processes the data order is kept, the
+    noise is new."""
+    if ckpt is None:
+        return 0, 0
     try:
-        for key, part in trainee.state().items():
+        for key, part in trainer.state().items():
             part.load_state_dict(ckpt[key])
-    except (RuntimeError, ValueError, KeyError) as e:  # e.g. another --model or --data
-        old = ckpt["args"]
-        raise SystemExit(f"train.py: error: --resume {path}: the run's networks (--model "
-                         f"{old.get('model')}, --data {old.get('data')}) do not fit --model "
-                         f"{s.model} on --data {s.data}: {first_line(e, 120)}")
+    except RuntimeError as e:  # e.g. another --model on the command line than in the run
+        why = str(e).strip().split("\n")[-1].strip()[:150]
+        raise SystemExit(f"error: --resume {path}: does not fit the networks ({why})") from None
     if len(ckpt["rng"]) == world:
         torch.set_rng_state(ckpt["rng"][rank]["cpu"])
         if device.type == "cuda" and "cuda" in ckpt["rng"][rank]:
             torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
-    else:  # another number of processes: the data order is kept, the noise is new
+    else:
         print0(f"resume: {len(ckpt['rng'])} RNG states for {world} processes; reseeding")
-        torch.manual_seed((s.seed + ckpt["step"]) * world + rank)
+        torch.manual_seed((seed + ckpt["step"]) * world + rank)
     print0(f"resumed from {path} at step {ckpt['step']}")
     return ckpt["step"], ckpt["data_position"]
 
 
-def open_run_dir(s, ckpt_path, step, rank, device):
-    """The run folder: a resumed run's own where it continues in place (its log.jsonl cut back to
-    `step`), else a new results/NNN-TAG. Checked writable now, not at the first checkpoint."""
-    run_dir = None
-    if ckpt_path is not None:
-        run_dir = resumed_run_dir(s.resume, ckpt_path)
-    if run_dir is None:
-        prefix = {"classifier": "cls-", "flow": "fm-", "cafm": "cafm-", "afm": ""}[objective_of(s)]
-        tag = prefix + s.model.replace("/", "-")
-        try:
-            run_dir = make_run_dir(s.results_dir, tag, vars(s), rank)
-        except OSError as e:
-            raise SystemExit(f"train.py: error: --results-dir {s.results_dir}: {e.strerror}")
-    why = why_unwritable(os.path.join(run_dir, "checkpoints"), device)
-    if why:
-        raise SystemExit(f"train.py: error: {run_dir}/checkpoints cannot be written ({why}): no "
-                         f"checkpoint could be saved")
-    # one run at a time in a folder: two resumes of one run would log its steps twice
-    holder = take_lock(os.path.join(run_dir, ".lock"))
-    if holder:
-        raise SystemExit(f"train.py: error: {run_dir} is in use by {holder}: wait for it to "
-                         f"end, or stop it")
-    if ckpt_path is not None and rank == 0:
-        trim_log(run_dir, step)
-    return run_dir
-
-
-def save_checkpoint(trainee, s, run_dir, step, position, rank, device):
+def save_checkpoint(trainer, s, run_dir, step, position, rank, device):
     """Plain tensors and plain Python (torch.load(weights_only=True) reads it), written
-    atomically; with every rank's RNG state, gathered to rank 0 (a collective: every rank calls
-    this), for an exact resume."""
+    atomically, with every rank's RNG state (gathered to rank 0: every rank calls this) for an
+    exact resume."""
     mine = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         mine["cuda"] = torch.cuda.get_rng_state(device)
@@ -672,72 +539,26 @@ def save_checkpoint(trainee, s, run_dir, step, position, rank, device):
         rng = [None] * dist.get_world_size()
         dist.all_gather_object(rng, mine)
     if rank == 0:
-        ckpt = {key: part.state_dict() for key, part in trainee.state().items()}
+        ckpt = {key: part.state_dict() for key, part in trainer.state().items()}
         ckpt.update(args=vars(s), step=step, data_position=position, rng=rng)
         path = os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
         save_atomic(ckpt, path)
         print0(f"saved checkpoint {path}")
 
 
-def train_step(trainee, x0, y, step):
-    """The objective's step -> (loss, logged terms). Out of memory: one line saying what to
-    lower."""
-    try:
-        return trainee.step(x0, y, step)
-    except RuntimeError as e:
-        # CUDA's OutOfMemoryError, or the CPU allocator's "can't allocate memory"
-        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
-            raise
-        raise SystemExit(f"train.py: error: out of memory at step {step} with {len(x0)} "
-                         f"examples per process: lower --global-batch-size (or try "
-                         f"--grad-checkpoint, --precision bf16)")
-
-
-class NonFinite:
-    """The first step whose loss was not finite, noted on the device: reading the loss on the
-    host every step would make each step wait for the accelerator. The loop looks at it only
-    before it writes something (a grid, an evaluation, a log line, a checkpoint)."""
-
-    def __init__(self, device):
-        self.seen = torch.zeros((), dtype=torch.bool, device=device)
-        self.first_step = torch.zeros((), dtype=torch.long, device=device)
-
-    def note(self, loss, step):
-        new = ~self.seen & ~torch.isfinite(loss.detach())
-        self.first_step = torch.where(new, step, self.first_step)
-        self.seen = self.seen | new
-
-    def exit_if_any(self, run_dir, rank, device):
-        """Exit (status 1) on every rank if any rank has seen one (a collective)."""
-        if not any_rank(self.seen, device):
-            return
-        where = "on another rank"
-        if self.seen:
-            where = f"at step {int(self.first_step)}"
-        print(f"[rank {rank}] non-finite loss {where}; stopping. The last good checkpoint in "
-              f"{run_dir}/checkpoints is unaffected.", flush=True)
-        raise SystemExit(1)
-
-
-# curves.png: the evaluations' panels first, in this order, then the training terms by name
-EVAL_PANELS = ("agreement", "diversity", "pixel_fd", "fid", "inception_score")
-
-
 class Log:
     """The printed lines and log.jsonl (rank 0 writes): the training terms averaged over the
     steps since the last line (D-step and G-step terms each over its own steps) and over the
-    ranks, the speed of training (evaluations excluded) and the time left; and the evaluations.
-    curves.png is redrawn at checkpoints and evaluations: a long run's log is long."""
+    ranks, the training speed (evaluations excluded) and the time left; and the evaluations."""
 
-    def __init__(self, run_dir, max_steps, rank, device):
+    def __init__(self, run_dir, max_steps, world):
         self.run_dir = run_dir
         self.max_steps = max_steps
-        self.rank = rank
-        self.device = device
+        self.world = world
         self.restart()
 
     def restart(self):
-        self.sums = {}  # name -> (sum, count)
+        self.sums = {}  # name -> (sum on the device, count)
         self.steps = 0
         self.start = time.time()
 
@@ -747,370 +568,157 @@ class Log:
             self.sums[k] = (total + v.detach().float(), count + 1)
         self.steps += 1
 
-    def training(self, step, data, plot):
-        """The line of `step` (a collective: the means are all-reduced), then a new window."""
-        means = {k: total / count for k, (total, count) in self.sums.items()}
-        means = mean_over_ranks(means, self.device)
-        if isinstance(data, ImageFolder):  # unreadable images met so far, all ranks together
-            means["skipped_images"] = sum_over_ranks({"n": data.skipped}, self.device)["n"]
+    def training(self, step, sums, plot):
+        """The line of `step` from the means summed over ranks; then a new window."""
+        means = {k: v / self.world for k, v in sums.items()}
         means["it_per_s"] = self.steps / (time.time() - self.start)
         eta = (self.max_steps - step) / means["it_per_s"]
         terms = " ".join(f"{k} {v:.4g}" for k, v in means.items())
-        print0(f"step {step:07d} | {terms} | eta {hms(eta)}")
+        print0(f"step {step:07d} | {terms} | eta {eta / 3600:.0f}h{eta % 3600 / 60:02.0f}m")
         self.write({"step": step, **means}, plot)
         self.restart()
 
-    def pause(self, seconds):
-        """Take `seconds` out of the training time of this window (an evaluation's)."""
-        self.start += seconds
-
     def evaluation(self, step, metrics, seconds):
+        self.start += seconds  # evaluation time is not training time: excluded from it/s
         terms = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         print0(f"eval {step:07d} | {terms} | {seconds:.1f} s")
         self.write({"step": step, **metrics, "eval_seconds": seconds}, plot=True)
 
     def write(self, record, plot):
-        if self.rank != 0:
+        if os.environ.get("RANK", "0") != "0":
             return
-        write_log(self.run_dir, record)
+        with open(os.path.join(self.run_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
         if plot:
-            plot_curves(self.run_dir, first=EVAL_PANELS, skip=("eval_samples", "eval_seconds"))
-
-
-def hms(seconds):
-    """1h02m03s."""
-    return f"{seconds // 3600:.0f}h{seconds % 3600 // 60:02.0f}m{seconds % 60:02.0f}s"
-
-
-def sampler_of(s, pred, vae, device):
-    """How the grids and evaluations sample: flow matching with its recipe's NFE and solver; AFM
-    with --sample-steps if given, else its own --steps (an any-step generator: 1)."""
-    amp = torch.autocast(device.type, torch.bfloat16, enabled=s.precision == "bf16")
-    if objective_of(s) in ("flow", "cafm"):  # velocity fields: an ODE, any NFE
-        return Sampler(pred, s.sample_steps, solver=s.sample_solver, vae=vae, amp=amp)
-    steps = s.steps
-    if s.sample_steps:
-        steps = s.sample_steps
-    elif s.steps == "any":
-        steps = 1
-    return Sampler(pred, steps, vae=vae, amp=amp)
-
-
-def open_grid(s, sampler, K, shape, device):
-    """The sample grids (a Grid), or None: the objective makes no samples, --sample-every 0, or
-    latents without a VAE to decode them (said so)."""
-    if sampler.pred is None or s.sample_every == 0:
-        return None
-    if shape[0] == 4 and sampler.vae is None:
-        print0("no --vae: the latent samples cannot be decoded, so no sample grids are drawn")
-        return None
-    return Grid(sampler, K, shape, s.seed, device)
-
-
-class Grid:
-    """Fixed noise and labels, sampled into one PNG: a row of 10 per class (10 classes at most),
-    or 10 x 10 of an unconditional model."""
-
-    def __init__(self, sampler, K, shape, seed, device):
-        if K > 1:
-            per_class = 10
-            if K > 10:
-                per_class = 1
-            y = torch.arange(min(K, 10)).repeat_interleave(per_class)
-        else:
-            y = torch.zeros(100).long()
-        noise = torch.Generator().manual_seed(seed)
-        z = torch.randn(len(y), *shape, generator=noise)  # (N, C, H, W)
-        self.sampler = sampler
-        self.z = z.to(device)
-        self.y = y.to(device)
-
-    def draw(self, G, path):
-        save_grid(self.sampler(G, self.z, self.y), path, nrow=10)
-
-
-def open_evaluation(s, data, sampler, shape, rank, world, device):
-    """sample.py's Evaluation, or None: with --eval-every, an objective that makes samples, and
-    something to score them against (--eval-ref, or data held in memory)."""
-    if sampler.pred is None or s.eval_every == 0:
-        return None
-    if not s.eval_ref and not data.in_memory:
-        return None
-    try:
-        return Evaluation(sampler, data, shape, num_samples=s.eval_samples,
-                          batch_size=s.global_batch_size // world, seed=s.seed, ref=s.eval_ref,
-                          inception=s.inception, rank=rank, world=world, device=device)
-    except ValueError as e:
-        raise SystemExit(f"train.py: error: {e}")
-
-
-def evaluate(evaluation, G, step, log, received):
-    """One evaluation, printed and logged; True if a signal stopped it."""
-    start = time.time()
-    metrics = evaluation(G, received)
-    seconds = time.time() - start
-    log.pause(seconds)  # evaluation time is not training time: excluded from it/s
-    if metrics is None:
-        print0(f"eval {step:07d} | interrupted by a signal")
-        return True
-    log.evaluation(step, metrics, seconds)
-    return False
-
-
-@contextlib.contextmanager
-def signals_caught():
-    """Inside the `with`, SIGINT and SIGTERM only append their number to the list it gives: the
-    loop stops at the next step all ranks agree on, after a checkpoint."""
-    received = []
-    handlers = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        handlers[sig] = signal.signal(sig, lambda signum, frame: received.append(signum))
-    try:
-        yield received
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-
-
-def exit_on_signal(received):
-    """Exit with status 128 + the signal's number, as a shell reports a killed command: a script
-    running `train.py && sample.py` does not go on as if training had finished. A rank that the
-    signal did not reach stopped with the others and exits 0: torchrun's report then names the
-    ranks that were signalled (and torchrun exits 1)."""
-    if not received:
-        raise SystemExit(0)
-    raise SystemExit(128 + received[0])
+            plot_curves(self.run_dir)
 
 
 # --------------------------------------------------------------------------------------
-# Command line: the flags, then the settings (recipe, resumed run, flags given), checked
+# Command line: the flags, then the settings (recipe or resumed run, then the flags given)
 # --------------------------------------------------------------------------------------
-
-
-# The largest --seed: the noise of the evaluations is seeded by seed * 10**8 + i, the data order
-# by seed * 100003 + epoch, and both must stay inside torch's 64-bit seeds.
-SEED_MAX = 2**31 - 1
-# The largest step count or interval: far past any run (the release's longest is 5M steps).
-STEPS_MAX = 10**10
-
-
-def steps_type(text):
-    if text != "any" and not text.lstrip("-").isdigit():
-        raise argparse.ArgumentTypeError(f'expected 1, 2, ... or "any", got {text!r}')
-    if text == "any":
-        return text
-    return int(text)
 
 
 def parser():
-    """Every flag defaults to None: unset flags come from the recipe (or the resumed run), see
-    `resolve`."""
-    p = ArgumentParser(prog="train.py", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Every flag is optional: unset ones come from the recipe, or from the resumed run."""
+    p = argparse.ArgumentParser(description=__doc__, usage=argparse.SUPPRESS,
+                                argument_default=argparse.SUPPRESS,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--recipe", choices=list(METHOD),
-      help="the release's configuration (default: digits for --data digits, else 1nfe); flags "
-           "given explicitly override its values")
+    a("--recipe", choices=list(RECIPES), help="default: digits for --data digits, else 1nfe")
+    a("--resume", help="a run folder or checkpoint to continue exactly")
+    a("--init", help="CAFM: the flow model to post-train (an fm run, SiT-XL-2-256.pt)")
     # Data and networks.
-    a("--data", help='"digits" (built-in), an image folder (class sub-folders or flat), an npz of '
-                     'images (arr_0, arr_1 labels), or a latent cache (dataset.py)')
-    a("--unconditional", action="store_true", default=None,
-      help="ignore class folders / labels: one class")
-    a("--vae", help="SD-VAE weights (sd-vae-ft-mse): encode images / decode sample grids")
-    a("--image-size", type=integer(1, 8192),
-      help="image folders: crop size (256); other data: their own size (checked if given)")
-    a("--model", choices=list(models), help="generator (or classifier) size")
-    a("--dis-model", choices=list(models), help="discriminator size (default: as --model)")
-    a("--repeat", type=integer(1, 64),
-      help="deep generator: run the blocks this many times (2: 56, 4: 112 layers)")
-    a("--grad-checkpoint", action="store_true", default=None,
-      help="recompute activations in backward (memory)")
-    # The method (paper Sec. 3).
-    a("--steps", type=steps_type, help='NFE the generator is trained for: 1, k or "any"')
-    a("--pred", choices=["x", "v"], help="x-prediction (1 NFE) or velocity (multi-step)")
-    a("--ot", type=float, help="transport weight at step 0")
-    a("--ot-end", type=float, help="transport weight after the cosine decay")
-    a("--decay-steps", type=integer(1, STEPS_MAX), help="length of the cosine decay in loop steps")
-    a("--gp", type=float, help="R1/R2 weight")
-    a("--gp-ratio", type=float, help="fraction of the batch used for R1/R2")
-    a("--gp-eps", type=float, help="finite-difference step of R1/R2")
-    a("--cp", type=float, help="logit-centering weight")
-    a("--augment-p", type=float, help="discriminator augmentation probability")
-    a("--ttur", type=integer(1, 1000), help="discriminator steps per generator step")
-    a("--n-dis", type=integer(1, 1000),
-      help="CAFM: discriminator steps per generator step after the warm-up")
-    a("--warmup", type=integer(0, STEPS_MAX), help="CAFM: discriminator-only steps at the start")
-    a("--lr", type=float, help="generator (or classifier, or flow) learning rate")
-    a("--lr-d", type=float, help="discriminator learning rate")
-    a("--clip", type=float, help="gradient-norm clipping")
-    a("--ema", type=float, help="EMA decay of the generator (or classifier, or flow)")
-    a("--cls", help="guidance classifier: a --recipe classifier run or checkpoint, or the "
-                    "release's classifier.pth")
-    a("--cls-model", choices=list(models), help="classifier size of a bare state dict (B/2)")
-    a("--cg", type=float, help="guidance weight")
-    a("--cg-range", type=float, nargs=2, help="t_cg range LO HI")
-    a("--cg-t", choices=["uniform", "tgt"], help="t_cg ~ U(range) (1 NFE) or t_tgt (k NFE)")
+    a("--data", help='"digits", an image folder, an npz of images, a latent cache')
+    a("--unconditional", action="store_true", help="ignore class folders or labels")
+    a("--vae", help="SD-VAE weights: encode images, decode samples")
+    a("--image-size", type=positive, help="image folders: the crop size (256)")
+    a("--model", choices=list(models), help="G's size (or the one network's)")
+    a("--dis-model", choices=list(models), help="AFM, CAFM: D's size (--model's)")
+    a("--repeat", type=positive, help="AFM deep: block repeats (2: 56, 4: 112 layers)")
+    a("--grad-checkpoint", action="store_true", help="recompute activations in backward")
+    # The method (paper Sec. 3): AFM's; CAFM reads --ot, --cp, --n-dis and --warmup.
+    a("--steps", type=lambda t: t if t == "any" else positive(t),
+      help='AFM: NFE G is trained for: 1, k or "any"')
+    a("--pred", choices=["x", "v"], help="AFM: x-prediction (1 NFE) or velocity")
+    a("--ot", type=float, help="AFM: transport weight at step 0; CAFM: of mean(v^2)")
+    a("--ot-end", type=float, help="AFM: transport weight after the cosine decay")
+    a("--decay-steps", type=positive, help="AFM: length of the cosine decay")
+    a("--gp", type=float, help="AFM: R1/R2 weight")
+    a("--gp-ratio", type=float, help="AFM: share of the batch for R1/R2")
+    a("--gp-eps", type=float, help="AFM: finite-difference step of R1/R2")
+    a("--cp", type=float, help="AFM: logit centering; CAFM: D's centering")
+    a("--augment-p", type=float, help="AFM: discriminator augmentation probability")
+    a("--ttur", type=positive, help="AFM: D steps per G step")
+    a("--n-dis", type=positive, help="CAFM: D steps per G step after the warm-up")
+    a("--warmup", type=int, help="CAFM: D-only steps at the start")
+    a("--cls", help="AFM: guidance classifier (a classifier run, classifier.pth)")
+    a("--cg", type=float, help="AFM: guidance weight")
+    a("--cg-range", type=float, nargs=2, help="AFM: t_cg range LO HI")
+    a("--cg-t", choices=["uniform", "tgt"], help="AFM: t_cg ~ U(range) (1 NFE), or t_tgt")
     a("--cg-renoise", action=argparse.BooleanOptionalAction,
-      help="re-noise the fake to t_cg before the classifier (default; see "
-           "afm.AdversarialFlowLoss.guidance)")
-    # The loop.
-    a("--global-batch-size", type=integer(1, 2**30), help="split over processes")
-    a("--max-steps", type=integer(1, STEPS_MAX), help="loop steps (each a D or a G step)")
-    a("--precision", choices=["fp32", "bf16"],
-      help="bf16 autocast or fp32 (+TF32 on GPU; the default)")
-    a("--compile", action="store_true", default=None,
-      help="torch.compile the transformer blocks (regional)")
-    a("--device", choices=["auto", "cpu"], help="auto: the GPU when there is one (the default)")
-    a("--workers", type=integer(0, 64),
-      help="DataLoader workers per process (image folders, caches; 4)")
-    a("--seed", type=integer(0, SEED_MAX),
-      help="seeds the weights, the data order and the noise of grids and evaluations (0)")
+      help="AFM: re-noise the fake to t_cg (default; see afm.py's guidance)")
+    # Optimizers and the loop.
+    a("--lr", type=float, help="G's (or the one network's) learning rate")
+    a("--lr-d", type=float, help="AFM, CAFM: D's learning rate (--lr's)")
+    a("--clip", type=float, help="gradient-norm clipping")
+    a("--ema", type=float, help="EMA decay of G (or the one network)")
+    a("--global-batch-size", type=positive, help="split over the processes")
+    a("--max-steps", type=positive, help="loop steps (a D step and a G step are two)")
+    a("--precision", choices=["fp32", "bf16"], help="fp32 (+TF32 on GPU) or bf16")
+    a("--compile", action="store_true", help="torch.compile the transformer blocks")
+    a("--device", choices=["auto", "cpu"], help="auto: a GPU when there is one")
+    a("--workers", type=int, help="DataLoader workers per process (4)")
+    a("--seed", type=int, help="weights, data order, grid and evaluation noise (0)")
     a("--results-dir", help="where run folders are made (results)")
-    a("--resume", help="a run folder or a checkpoint file to continue from")
-    a("--init", help="CAFM: the flow model to post-train (a --recipe fm or fm-digits run or "
-                     "checkpoint, or SiT-XL-2-256.pt); G, its EMA and D start from it")
-    a("--log-every", type=integer(1, STEPS_MAX),
-      help="print the training terms, and add them to log.jsonl, every N steps")
-    a("--sample-every", type=integer(0, STEPS_MAX), help="sample grid from fixed noise (0: never)")
-    a("--sample-steps", type=int,
-      help="NFE of the grids and evaluations (AFM default: --steps, any-step 1; flow matching: "
-           "its recipe's)")
-    a("--sample-solver", choices=["euler", "heun"],
-      help="flow matching's sampler for grids and evaluations (Heun: NFE = --sample-steps)")
-    a("--ckpt-every", type=integer(1, STEPS_MAX),
-      help="save a checkpoint every N steps (and at the end)")
-    a("--eval-every", type=integer(0, STEPS_MAX),
-      help="evaluate the EMA generator every N steps (0: never); digits: the pixel report")
-    a("--eval-samples", type=int,
-      help="class-balanced samples per evaluation (the release's FID: 50000)")
-    a("--eval-ref", help="FID reference: an ADM batch (VIRTUAL_imagenet256_labeled.npz) or "
-                         "fid.py --make-ref output")
-    a("--inception", help="FID Inception weights (default: fid.py's cache, ~/.cache/afm)")
+    a("--log-every", type=positive, help="print and log the training terms")
+    a("--sample-every", type=int, help="a grid of samples from fixed noise (0: never)")
+    a("--sample-steps", type=positive, help="NFE of grids and evaluations")
+    a("--sample-solver", choices=["euler", "heun"], help="flow, CAFM: the grids' solver")
+    a("--ckpt-every", type=positive, help="save a checkpoint (and at the end)")
+    a("--eval-every", type=int, help="evaluate the EMA generator (0: never)")
+    a("--eval-samples", type=positive, help="class-balanced samples per evaluation")
+    a("--eval-ref", help="FID reference: an ADM batch, or fid.py --make-ref's")
+    a("--inception", help="FID Inception weights (default: ~/.cache/afm)")
     return p
 
 
 def resolve(argv=None):
-    """-> (settings, checkpoint or None, its path). Settings: the recipe's values, then (with
-    --resume) the run's own, then every flag given explicitly now. Flag combinations the release
-    never uses are errors."""
-    p = parser()
-    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    """-> (settings, checkpoint or None, its file). A new run: its recipe's values, then the
+    flags given. A resumed run: the settings saved in its checkpoint, then the flags given."""
+    given = vars(parser().parse_args(argv))
     ckpt = None
     path = None
     if "resume" in given:
-        try:
-            path, ckpt = load_checkpoint(given["resume"], "--resume")
-        except ValueError as e:
-            raise SystemExit(f"train.py: error: {e}")
-        if {"args", "step", "model", "ema", "rng", "data_position"} - set(ckpt):
-            raise SystemExit(f"train.py: error: --resume {path}: not a checkpoint of train.py "
-                             f"(a bare state dict has no optimizer, step or data position to "
-                             f"resume; sample from it with sample.py)")
-        name = ckpt["args"].get("recipe")
-        if name not in METHOD:
-            raise SystemExit(f"train.py: error: --resume {path}: made with --recipe {name}, "
-                             f"which is none of {', '.join(METHOD)}")
-        known = set(DEFAULTS) | set(recipe(name))  # a setting no longer used is dropped
-        base = {k: v for k, v in ckpt["args"].items() if k in known}
-        for k, v in recipe(name).items():  # settings added since the run take its recipe's
-            base.setdefault(k, v)
+        path, ckpt = load_checkpoint(given["resume"], "--resume")
+        if "args" not in ckpt:
+            raise SystemExit(f"error: --resume {path}: a bare state dict has no step, optimizer "
+                             f"or data position to resume; sample from it with sample.py")
+        base = ckpt["args"]
     else:
-        default = "1nfe"  # the release's; for the built-in digits, ours
-        if given.get("data", "digits") == "digits":
-            default = "digits"
-        name = given.get("recipe", default)
-        base = recipe(name, given.get("steps"))
+        digits = given.get("data", "digits") == "digits"
+        name = given.get("recipe", "digits" if digits else "1nfe")
+        base = {**DEFAULTS, **RECIPES[name], "recipe": name}
+        if name in OURS and given.get("steps", 1) != 1:
+            base.update(MULTI_STEP)
         if name == "deep" and "lr" not in given:
-            base["lr"] = 1e-4 / given.get("repeat", 2)  # "lr / depth"
-    s = argparse.Namespace(**{**DEFAULTS, **base, **given})
-    if s.dis_model is None:
-        s.dis_model = s.model  # the discriminator defaults to the generator's size
-    if s.lr_d is None:
-        s.lr_d = s.lr  # the release: dis_lr = gen_lr, except in the deep recipe
-    error = check(s, given, ckpt is not None)
+            base["lr"] = 1e-4 / given.get("repeat", 2)  # the release's "lr / depth"
+    s = argparse.Namespace(**{**base, **given})
+    s.dis_model = s.dis_model or s.model  # D defaults to G's size
+    s.lr_d = s.lr_d or s.lr  # the release: dis_lr = gen_lr, except in the deep recipe
+    error = check(s, ckpt is not None)
     if error:
-        p.error(error)
+        raise SystemExit(f"error: {error}")
     return s, ckpt, path
 
 
-# Flags that must be positive, >= 0, or within a range: (names, test, what is expected).
-RANGES = [
-    ("global_batch_size max_steps log_every ckpt_every decay_steps repeat ttur lr lr_d clip gp_eps "
-     "sample_steps n_dis", lambda v: v > 0, "positive"),
-    ("ot ot_end gp cp cg sample_every workers eval_every warmup", lambda v: v >= 0, ">= 0"),
-    ("eval_samples", lambda v: v > 0, "positive (turn evaluation off with --eval-every 0)"),
-    ("gp_ratio augment_p", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("ema", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("cg_range", lambda v: 0 <= v[0] <= v[1] <= 1, "LO HI with 0 <= LO <= HI <= 1"),
-]
-
-
-# Flags an objective does not read, by objective: given explicitly, each would do nothing, so it
-# is refused. (--init is CAFM's; check says so.)
-GUIDANCE = "cls cls_model cg cg_range cg_t cg_renoise"
-ONE_NETWORK = (f"steps pred ot ot_end decay_steps gp gp_ratio gp_eps cp augment_p ttur {GUIDANCE} "
-               f"repeat lr_d dis_model n_dis warmup")
-IGNORED = {
-    "afm": "n_dis warmup sample_solver",
-    "classifier": ONE_NETWORK,
-    "flow": ONE_NETWORK,
-    "cafm": f"steps pred ot_end decay_steps gp gp_ratio gp_eps augment_p ttur {GUIDANCE} repeat",
-}
-
-
-def check(s, given, resumed):
-    """The first problem with these settings (a one-line message), or None. `given`: the flags
-    given explicitly."""
-    objective = objective_of(s)
-    for key in IGNORED[objective].split():
-        if key in given:
-            return (f"--{key.replace('_', '-')} does nothing in --recipe {s.recipe} "
-                    f"({objective} training): leave it out")
-    for names, ok, want in RANGES:
-        for key in names.split():
-            value = getattr(s, key, None)  # n_dis, warmup: CAFM's recipes only
-            if value is not None and not ok(value):
-                return f"--{key.replace('_', '-')} must be {want}, got {value}"
-    if s.steps is not None and s.steps != "any" and s.steps < 1:
-        return f"--steps must be 1, 2, ... or any, got {s.steps}"
-    files = [("--vae", s.vae), ("--cls", s.cls), ("--eval-ref", s.eval_ref),
-             ("--inception", s.inception), ("--init", s.init)]
-    if s.data != "digits":
-        files.append(("--data", s.data))
-    for flag, path in files:
-        if path and not os.path.exists(path):
-            return f"{flag} {path}: no such file or folder"
-    if os.path.exists(s.results_dir) and not os.path.isdir(s.results_dir):
-        return f"--results-dir {s.results_dir} is a file, not a folder"
-    if objective in ("flow", "cafm") and s.sample_solver == "heun" and s.sample_steps % 2:
-        return f"--sample-solver heun takes an even --sample-steps (its NFE), got {s.sample_steps}"
-    if objective == "afm" and s.sample_steps is not None and s.steps == 1 and s.sample_steps != 1:
-        return (f"--sample-steps {s.sample_steps}: a 1-NFE generator (--steps 1) samples in one "
-                f"step only")
-    if objective == "cafm" and not resumed and s.init is None:
-        return (f"--recipe {s.recipe} post-trains a flow model: give it with --init (a --recipe "
-                f"fm-digits or fm run, or SiT-XL-2-256.pt)")
-    if s.init is not None and objective != "cafm":
-        return f"--init starts a CAFM run (--recipe cafm or cafm-digits), not --recipe {s.recipe}"
-    if objective != "afm" or resumed:
+def check(s, resumed):
+    """The first problem with these settings, in one line, or None: a file that is not
+    there, or a flag combination that the release does not have."""
+    files = ["vae", "cls", "eval_ref", "inception", "data"] + ([] if resumed else ["init"])
+    for key in files:
+        path = getattr(s, key)
+        if path and path != "digits" and not os.path.exists(path):
+            return f"--{key.replace('_', '-')} {path}: no such file or folder"
+    if s.objective == "cafm" and s.init is None:
+        return f"--recipe {s.recipe} post-trains a flow model: name it with --init"
+    if s.init is not None and s.objective != "cafm":
+        return f"--init starts a CAFM run (--recipe cafm or cafm-digits), not {s.recipe}"
+    if s.objective != "afm" or resumed:
         return None
     kind = {1: "1nfe", "any": "any"}
-    if s.recipe not in OURS:
-        wanted = kind.get(s.steps, "knfe")
-        if wanted != kind.get(METHOD[s.recipe][0], "knfe"):
-            return f"--steps {s.steps} does not fit --recipe {s.recipe}: use --recipe {wanted}"
+    wanted = kind.get(s.steps, "knfe")
+    if s.recipe not in OURS and wanted != kind.get(RECIPES[s.recipe]["steps"], "knfe"):
+        return f"--steps {s.steps} does not fit --recipe {s.recipe}: use --recipe {wanted}"
     if (s.repeat > 1) != (s.recipe == "deep"):
-        return ("--recipe deep is the deep generator, with --repeat 2 or 4; other recipes have "
-                "--repeat 1")
+        return "--repeat: the deep generator is --recipe deep (--repeat 2 or 4); others have 1"
     if s.cls and s.cg <= 0:
-        return (f"--cls without a guidance weight (--recipe {s.recipe} has cg 0): use --recipe "
-                f"1nfe-cg or knfe-cg")
+        return "--cls without a guidance weight: use --recipe 1nfe-cg or knfe-cg, or --cg"
     if s.cg > 0 and not s.cls:
-        return (f"--recipe {s.recipe} has guidance weight {s.cg}: it needs --cls (train one with "
-                f"--recipe classifier)")
+        return f"--recipe {s.recipe} guides with a classifier: name it with --cls"
+    if s.steps == 1 and (s.sample_steps or 1) != 1:
+        return f"--sample-steps {s.sample_steps}: a 1-NFE generator samples in one step only"
     return None
 
 
 if __name__ == "__main__":
-    with one_line_errors("train.py"):
-        main(*resolve())
+    main(*resolve())

@@ -415,6 +415,19 @@ def decode(vae, z):
     return vae.decode(z / SCALE).float().clamp(-1, 1)
 
 
+def to_images(x, vae=None):
+    """Samples -> RGB images in [-1, 1], (N, 3, H, W): latents (x SCALE) decoded by the VAE,
+    pixels clamped; one channel (the digits) repeated three times, as ADM's suite and the
+    Inception take RGB. Under the caller's autocast."""
+    if vae is not None:
+        x = decode(vae, x)
+    else:
+        x = x.float().clamp(-1, 1)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return x
+
+
 # --------------------------------------------------------------------------------------
 # Self-check
 # --------------------------------------------------------------------------------------
