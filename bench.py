@@ -30,7 +30,7 @@ from afm import ContinuousAdversarialFlowLoss, FlowDerivative, ema_update, flow_
 from dataset import ImageFolder, LatentCache, build_cache
 from model import Discriminator, Generator, models
 from plumbing import save_atomic, save_text
-from sample import sample_images, sample_indices, to_uint8
+from sample import sample_images, sample_indices
 from vae import AutoencoderKL, encode, load_vae
 
 
@@ -283,7 +283,7 @@ def bench_fid(args, device):
         y = labels[i:i + B].tolist()
         x = sample_indices(G, idx, y, (C, H, H), steps=1, pred="x", seed=0, batch_size=B,
                            vae=vae, amp=amp)
-        images.append(to_uint8(x))
+        images.append(fid.to_uint8(x))
     images = np.concatenate(images)
     sync(device)
     stage = "sampling"
