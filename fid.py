@@ -11,36 +11,40 @@ other numbers).
     python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz    # FID, sFID, IS, precision, recall
     python fid.py samples.npz ref.npz --inception weights.pth --batch-size 250 --device cuda
     python fid.py --make-ref FOLDER_OR_NPZ --out ref.npz           # a reference batch, ADM's format
+    python fid.py samples.npz --pixel-ref digits                   # small pixel data, no Inception
 
 Weights: --inception PATH, else torch-fidelity's or pytorch-fid's file (WEIGHT_NAMES) in
 $AFM_CACHE (~/.cache/afm/), else downloaded there from URL. Samples: npz `arr_0` uint8
 (N, H, W, 3), shuffled (IS is taken over 5,000-sample chunks in file order: class-sorted files
-score far lower), or a folder of same-size PNG/JPEG files (sorted paths; nothing is resized or
-cropped here).
+score far lower), or a folder of same-size images (dataset.walk_images's order; nothing is
+resized or cropped here).
 
-Bad input stops the command with one line, `fid.py: error: ...`, before any long work: npz files
-are read and checked and folders listed first, then the Inception weights load, then the folders'
-images are decoded, and only then Inception runs. An unreadable or truncated image is refused,
-not skipped (an FID over a silently smaller set compares with nothing); --out is never
-overwritten. Ctrl-C: "fid.py: interrupted", exit status 130.
+Bad input is one line, `error: ...`, and the files are read and checked before the Inception
+loads. An unreadable image is refused, not skipped (an FID over a silently smaller set compares
+with nothing); --out is never overwritten.
+
+The evaluation protocol that sample.py's files and train.py's evaluations share is here too:
+to_uint8 (the release's truncation), noise_of (per-sample noise), file_order (the release's
+shuffle of an npz) and Evaluation (class-balanced samples of a network, scored).
 """
 
+import argparse
 import contextlib
+import math
 import os
-import sys
 import warnings
-
-# first, before torch: from its import on, Ctrl-C is one line (plumbing.interrupted)
-from plumbing import (ArgumentParser, first_line, one_line_errors, positive, read_checkpoint,
-                      save_npz)
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
+
+from dataset import UNREADABLE, ArrayImages, load_digits, read_npz, rgb, walk_images
+from plumbing import check_out, load_checkpoint, load_weights, save_npz
 
 URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
        "weights-inception-2015-12-05-6726825d.pth")
@@ -48,9 +52,7 @@ WEIGHT_NAMES = ("weights-inception-2015-12-05-6726825d.pth",
                 "pt_inception-2015-12-05-6726825d.pth")
 # Feature sizes of FID and sFID (ADM's pool_3 and mixed_6/conv[..., :7])
 POOL3, SPATIAL = 2048, 17 * 17 * 7
-# --pixel-ref: the built-in digits (8x8, ink 0..16), and the largest npz it reads
-DIGITS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.npz")
-MAX_PIXEL_REF = 512 << 20
+STATS = ("mu", "sigma", "mu_s", "sigma_s")  # a reference batch's statistics (ADM's names)
 
 # --------------------------------------------------------------------------------------
 # The 2015-12-05 Inception graph (block layout of torchvision, patched like pytorch-fid to
@@ -87,9 +89,7 @@ class BasicConv2d(nn.Module):
 
     def __init__(self, cin, cout, kernel=1, stride=1, same=True):
         super().__init__()
-        padding = 0
-        if same and stride == 1:
-            padding = "same"
+        padding = "same" if same and stride == 1 else 0
         self.conv = nn.Conv2d(cin, cout, kernel, stride, padding, bias=False)
         self.bn = FrozenBatchNorm2d(cout)
 
@@ -183,10 +183,7 @@ class InceptionE(Convs):  # Mixed_7b, 7c, 8x8
         bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         # The FID graph's quirk: Mixed_7c pools with max, not average (pytorch-fid's
         # FIDInceptionE_2)
-        if self.pool == "max":
-            pooled = F.max_pool2d(x, 3, stride=1, padding=1)
-        else:
-            pooled = avg_pool(x)
+        pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.pool == "max" else avg_pool(x)
         return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
                           self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd),
                           self.branch_pool(pooled)], 1)
@@ -260,57 +257,32 @@ def default_device(device=None):
     """`device` when given, else cuda when available, else cpu."""
     if device:
         return device
-    if torch.cuda.is_available():
-        return "cuda"
-    return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_inception(path=None, device="cpu"):
-    """The pretrained Inception in eval mode, fp32, no grad. Looks in $AFM_CACHE (~/.cache/afm)
-    when no path."""
+    """The pretrained Inception in eval mode, fp32, no grad, from `path`; without one, from
+    $AFM_CACHE (~/.cache/afm), where it is downloaded the first time."""
     if path is None:
         cache = os.path.expanduser(os.environ.get("AFM_CACHE", "~/.cache/afm"))
-        found = []
-        for name in WEIGHT_NAMES:
-            if os.path.isfile(os.path.join(cache, name)):
-                found.append(os.path.join(cache, name))
-        if found:
-            path = found[0]
-        else:
-            path = os.path.join(cache, WEIGHT_NAMES[0])
+        path = os.path.join(cache, WEIGHT_NAMES[0])
+        other = os.path.join(cache, WEIGHT_NAMES[1])  # pytorch-fid's file
+        if not os.path.isfile(path) and os.path.isfile(other):
+            path = other
+        if not os.path.isfile(path):
             try:
                 os.makedirs(cache, exist_ok=True)
                 torch.hub.download_url_to_file(URL, path)
             except Exception as e:
-                raise FileNotFoundError(f"no Inception weights in {cache}/ and the download of "
-                                        f"{URL} failed ({type(e).__name__}); put the file there "
-                                        f"or pass --inception PATH") from None
-    sd = read_checkpoint(path, "--inception")
-    not_fid = (f"--inception {path}: not the FID Inception weights (torch-fidelity's or "
-               f"pytorch-fid's 2015-12-05 file)")
-    if not all(torch.is_tensor(v) for v in sd.values()):
-        raise ValueError(f"{not_fid}: it holds entries that are not tensors")
+                raise SystemExit(f"error: --inception: no weights in {cache}/ and their download "
+                                 f"failed ({type(e).__name__}); put the file there or pass "
+                                 f"--inception PATH") from None
+    path, sd = load_checkpoint(path, "--inception")
+    # pytorch-fid's file adds BatchNorm's num_batches_tracked, unused in inference
+    sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
     with torch.device("meta"):  # no random init: every tensor comes from the file
         model = InceptionV3()
-    own = set(model.state_dict())
-    given = {k for k in sd if not k.endswith(".num_batches_tracked")}  # pytorch-fid's extra
-    missing = sorted(own - given)
-    unexpected = sorted(given - own)
-    # Another network: counts and an example, so that the line stays short
-    found = []
-    if missing:
-        found.append(f"{len(missing)} of its {len(own)} tensors missing (e.g. {missing[0]})")
-    if unexpected:
-        found.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-    if found:
-        raise ValueError(f"{not_fid}: " + ", ".join(found))
-    for k, v in sd.items():  # fp16 files load as fp32
-        if v.is_floating_point():
-            sd[k] = v.float()
-    try:
-        model.load_state_dict(sd, assign=True)
-    except RuntimeError as e:  # the right names with the wrong shapes
-        raise ValueError(f"{not_fid}: {first_line(e)}") from None
+    load_weights(model, sd, f"--inception {path}")
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -366,110 +338,50 @@ def compute_features(model, images, batch_size=250, device=None, progress=True):
     return out
 
 
-def _image_paths(folder):
-    """The PNG/JPEG files under folder, sorted by path."""
-    paths = []
-    for d, _, names in os.walk(folder):
-        for n in names:
-            if n.lower().endswith((".png", ".jpg", ".jpeg")):
-                paths.append(os.path.join(d, n))
-    return sorted(paths)
-
-
-def _decode_files(paths):
-    """Image files -> uint8 (N, H, W, 3). A file PIL cannot decode (not an image, truncated) or of
-    another size stops the read, named: skipping it would give an FID over a smaller set than
-    the one asked for."""
+def read_folder(folder, flag):
+    """The images below `folder` (dataset.walk_images's order) -> uint8 (N, H, W, 3). A file
+    that cannot be read, or of another size, is an error naming it: skipping it would give an
+    FID over a smaller set than the one asked for."""
+    files = walk_images(folder)
+    if not files:
+        raise SystemExit(f"error: {flag} {folder}: no images in this folder")
     images = []
-    for p in tqdm(paths, unit="img", desc="reading"):
+    for path in tqdm(files, unit="img", desc="reading"):
         try:
-            with Image.open(p) as im:
-                image = np.asarray(im.convert("RGB"))
-        except Exception as e:  # PIL raises OSError, SyntaxError or ValueError, by format
-            raise ValueError(f"{p}: not a readable image ({first_line(e, 150)}); "
-                             f"replace or remove it") from None
-        if images and image.shape != images[0].shape:
-            raise ValueError(f"{p}: size {image.shape[:2]} differs from {paths[0]}'s "
-                             f"{images[0].shape[:2]}; all images must have one size "
-                             f"(resize or crop them first)")
-        images.append(image)
+            with Image.open(path) as img:
+                images.append(np.asarray(rgb(img)))  # (H, W, 3)
+        except UNREADABLE as e:
+            raise SystemExit(f"error: {flag} {path}: not a readable image ({e})") from None
+        if images[-1].shape != images[0].shape:
+            raise SystemExit(f"error: {flag} {path}: {images[-1].shape[:2]} pixels, not "
+                             f"{images[0].shape[:2]} as {files[0]}: all need one size")
     return np.stack(images)  # (N, H, W, 3)
 
 
-def _listed(path):
-    """The cheap half of _read_batch: an npz is read and checked; a folder is only listed,
-    {"paths": sorted image paths}, for _decoded to read once the cheap checks have passed."""
-    if not os.path.isdir(path):
-        return _read_npz(path)
-    paths = _image_paths(path)
-    if not paths:
-        raise ValueError(f"{path}: no PNG/JPEG images in this folder")
-    return {"paths": paths}
-
-
-def _decoded(data):
-    """_listed's dict with a folder's images read into `arr_0`; an npz's dict as it is."""
-    if "paths" in data:
-        data = {"arr_0": _decode_files(data["paths"])}
+def read_batch(path, flag, images=True):
+    """A batch in ADM's format, an npz (samples or a reference) or an image folder -> dict of
+    `arr_0` uint8 (N, H, W, 3) with N >= 2 and/or, in a reference (images=False), all four
+    STATS. Anything else is one line naming flag and path."""
+    data = {"arr_0": read_folder(path, flag)} if os.path.isdir(path) else read_npz(path, flag)
+    if "arr_0" not in data and (images or not all(k in data for k in STATS)):
+        raise SystemExit(f"error: {flag} {path}: no images in arr_0 (a reference may hold mu, "
+                         f"sigma, mu_s, sigma_s instead); found {sorted(data)}")
+    x = data.get("arr_0")
+    if x is not None and (x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3 or len(x) < 2):
+        raise SystemExit(f"error: {flag} {path}: arr_0 should hold 2 or more uint8 images "
+                         f"(N, H, W, 3), got {x.dtype} {x.shape}")
+    for k in STATS:
+        if k in data and not np.isfinite(data[k]).all():
+            raise SystemExit(f"error: {flag} {path}: {k} holds NaN or inf")
     return data
-
-
-def _read_batch(path):
-    """A batch in ADM's format, an npz (samples or a reference) or a folder of PNG/JPEG files
-    (sorted paths, one size) -> dict of `arr_0` uint8 (N, H, W, 3) images and/or all of the
-    statistics mu, sigma, mu_s, sigma_s."""
-    return _decoded(_listed(path))
-
-
-def _read_npz(path):
-    """_read_batch of an npz file."""
-    stat_shapes = {"mu": (POOL3,), "sigma": (POOL3, POOL3),
-                   "mu_s": (SPATIAL,), "sigma_s": (SPATIAL, SPATIAL)}
-    try:
-        # a bare .npy array has no `with`: also an error
-        with np.load(path, allow_pickle=False) as f:
-            files = f.files
-            # in the checks' order below
-            data = {k: f[k] for k in (*stat_shapes, "arr_0") if k in files}
-    except Exception:
-        why = "no such file"
-        if os.path.exists(path):
-            why = "not a readable .npz file"
-        raise ValueError(f"{path}: {why}") from None
-    n_stats = len([k for k in data if k != "arr_0"])
-    if not data or n_stats not in (0, 4):  # images, all four statistics, or both
-        raise ValueError(f"{path}: expected 'arr_0' (uint8 images N,H,W,3) and/or all of mu, "
-                         f"sigma, mu_s, sigma_s; found keys {sorted(files)}")
-    for k, v in data.items():
-        if k == "arr_0":
-            if v.dtype != np.uint8 or v.ndim != 4 or v.shape[-1] != 3:
-                raise ValueError(f"{path}: 'arr_0' should be uint8 images (N, H, W, 3), "
-                                 f"got {v.dtype} {v.shape}")
-            continue
-        if v.shape != stat_shapes[k] or v.dtype.kind != "f":
-            raise ValueError(f"{path}: '{k}' should be float {stat_shapes[k]}, "
-                             f"got {v.dtype} {v.shape}")
-        if not np.isfinite(v).all():
-            raise ValueError(f"{path}: '{k}' holds non-finite values (NaN or inf)")
-    return data
-
-
-def read_images(path):
-    """uint8 (N, H, W, 3) from an npz's `arr_0` or from a folder of PNG/JPEG files (sorted paths,
-    one size)."""
-    data = _read_batch(path)
-    if "arr_0" not in data:
-        raise ValueError(f"{path}: expected images in 'arr_0' (uint8 N,H,W,3); "
-                         f"found only statistics")
-    return data["arr_0"]
 
 
 def feature_stats(features):
     """ADM's statistics in float64: np.mean(axis=0) and the unbiased np.cov(rowvar=False)."""
     p = features["pool3"].astype(np.float64)
     s = features["spatial"].astype(np.float64)
-    if len(p) < 2:  # one sample has no covariance (NaN), and sqrtm of NaN never returns
-        raise ValueError(f"statistics need at least 2 images, got {len(p)}")
+    if len(p) < 2:  # one sample has no covariance (NaN)
+        raise SystemExit(f"error: FID statistics need at least 2 images, got {len(p)}")
     if len(p) < p.shape[1]:
         warnings.warn(f"{len(p)} images give a covariance of rank < {p.shape[1]}: the FID is "
                       f"biased high; use at least {p.shape[1]} (ADM: 50,000)")
@@ -477,16 +389,14 @@ def feature_stats(features):
                 mu_s=s.mean(axis=0), sigma_s=np.cov(s, rowvar=False))
 
 
-def reference_stats(path, model=None, batch_size=250, device=None, pool3=True):
-    """A reference batch (a path as _read_batch reads them, or its dict) -> dict(mu, sigma, mu_s,
-    sigma_s, pool3). Stored statistics win, as in ADM; pool3 (for precision/recall) comes from
-    the images in arr_0, and is None without them (or with pool3=False, when stored statistics
-    suffice)."""
-    data = path
-    if not isinstance(path, dict):
-        data = _read_batch(path)
+def reference_stats(path, model=None, batch_size=250, device=None, pool3=True, flag="ref"):
+    """A reference batch (a path as read_batch reads them, named by `flag` in errors, or its
+    dict) -> dict(mu, sigma, mu_s, sigma_s, pool3). Stored statistics win, as in ADM; pool3 (for
+    precision/recall) comes from the images in arr_0, and is None without them (or with
+    pool3=False, when stored statistics suffice)."""
+    data = path if isinstance(path, dict) else read_batch(path, flag, images=False)
     ref = {}
-    for k in ("mu", "sigma", "mu_s", "sigma_s"):
+    for k in STATS:
         if k in data:
             ref[k] = data[k].astype(np.float64)
     ref["pool3"] = None
@@ -690,145 +600,169 @@ def pixel_report_of(images, labels, real, real_labels):
 
 
 # --------------------------------------------------------------------------------------
+# The evaluation protocol: sample.py's files and train.py's evaluations
+# --------------------------------------------------------------------------------------
+
+
+def to_uint8(x):
+    """[-1, 1] (N, 3, H, W) -> uint8 (N, H, W, 3) as the release's generate.py:
+    to_pil_image(x.mul(0.5).add(0.5).clamp(0, 1)), and torchvision's to_pil_image does
+    .mul(255).byte(): truncation, not rounding (255 only for exactly 1.0)."""
+    x = x.mul(0.5).add(0.5).clamp(0, 1).mul(255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def noise_of(indices, shape, seed):
+    """The noise of the samples `indices`: (len(indices), *shape) float32 on the CPU, sample i's
+    from its own generator seeded by (seed, i), so that it is the same on any device, process
+    count or batch."""
+    noise = []
+    for i in indices:
+        g = torch.Generator().manual_seed(seed * 10**8 + int(i))
+        noise.append(torch.randn(shape, generator=g))
+    return torch.stack(noise)  # (n, *shape)
+
+
+def file_order(n):
+    """The order of n samples in an npz file, the release's misc/pack_npz.py shuffle (the
+    Inception Score is taken over 5,000-sample chunks in file order)."""
+    return np.random.RandomState(42).permutation(n)
+
+
+class Evaluation:
+    """Samples of a network scored as sample.py's npz files are: `num_samples` class-balanced
+    samples (sample i has class i // (N / K) and the noise noise_of([i]), the same at every
+    evaluation), split over the ranks (rank r makes samples r, r + world, ...), as uint8 images
+    -> FID and Inception Score against the reference batch `ref` (with the Inception weights
+    `inception`), and, given real=(images, labels) (data held in memory), pixel_report against
+    them.
+
+    The Inception and the reference are loaded here, before the caller's long work: a bad one is
+    one line naming --eval-ref or --inception. Every rank builds one and calls it."""
+
+    def __init__(self, num_samples, num_classes, shape, batch_size, seed, ref=None,
+                 inception=None, real=None, rank=0, world=1, device="cpu"):
+        if num_samples % num_classes:
+            raise SystemExit(f"error: --eval-samples {num_samples}: not divisible by the "
+                             f"{num_classes} classes")
+        self.inception = None
+        self.ref = None
+        if ref:
+            self.inception = load_inception(inception, device)
+            self.ref = reference_stats(ref, self.inception, device=device, pool3=False,
+                                       flag="--eval-ref")
+        self.real = real
+        self.labels = np.arange(num_samples) // (num_samples // num_classes)
+        self.shape = shape
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world = world
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, sample):
+        """sample(z, y): noise (n, *shape) on the device and labels (n,) -> images (n, 3, H, W)
+        in [-1, 1]. The numbers {name: value} on rank 0, {} on the other ranks."""
+        B = self.batch_size
+        mine = list(range(self.rank, len(self.labels), self.world))
+        images = []
+        # progress only for an evaluation that lasts (delay: shown after 3 s)
+        for start in tqdm(range(0, len(mine), B), desc="evaluating", unit="batch", leave=False,
+                          delay=3, disable=self.rank != 0):
+            idx = mine[start:start + B]
+            n = len(idx)
+            # A short batch is padded with its last sample: every batch has one shape (one
+            # compiled graph, the same kernels).
+            idx = idx + idx[-1:] * (B - n)
+            z = noise_of(idx, self.shape, self.seed).to(self.device)  # (B, C, h, w)
+            y = torch.tensor(self.labels[idx], device=self.device)
+            images.append(to_uint8(sample(z, y)[:n]))
+        images = np.concatenate(images)  # (n, H, W, 3)
+        part = {"idx": mine}
+        if self.inception is not None:
+            feats = compute_features(self.inception, images, device=self.device,
+                                     progress=False)
+            part["pool3"] = feats["pool3"]
+            part["logits"] = feats["logits"]
+        if self.real is not None:
+            part["images"] = images
+        parts = [part]
+        if dist.is_initialized():
+            parts = [None] * self.world if self.rank == 0 else None  # rank 0 receives them all
+            dist.gather_object(part, parts, dst=0)
+        if self.rank != 0:
+            return {}
+        return self.score(parts)
+
+    def score(self, parts):
+        """Every rank's share -> the numbers. sFID and precision/recall: fid.py on an npz."""
+        cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        out = {"eval_samples": len(cat["idx"])}
+        if self.inception is not None:
+            pool3 = np.empty_like(cat["pool3"], np.float64)  # in sample order
+            logits = np.empty_like(cat["logits"])
+            pool3[cat["idx"]] = cat["pool3"]
+            logits[cat["idx"]] = cat["logits"]
+            sigma = np.cov(pool3, rowvar=False)
+            out["fid"] = frechet_distance(pool3.mean(0), sigma, self.ref["mu"],
+                                          self.ref["sigma"])
+            # IS in the order of an npz of these samples (the release's shuffled order)
+            out["inception_score"] = inception_score(logits[file_order(len(self.labels))])
+        if self.real is not None:
+            real, real_labels = self.real
+            labels = self.labels[cat["idx"]]
+            out.update(pixel_report_of(cat["images"], labels, real, real_labels))
+        return out
+
+
+# --------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------
 
 
-def _listed_images(path):
-    """_listed, for inputs that must hold images (samples, --make-ref), with at least 2."""
-    data = _listed(path)
-    if "arr_0" not in data and "paths" not in data:
-        raise ValueError(f"{path}: expected images in 'arr_0' (uint8 N,H,W,3); "
-                         f"found only statistics")
-    n = _count(data)
-    if n < 2:
-        raise ValueError(f"{path}: {n} image(s); statistics need at least 2")
-    return data
-
-
-def _count(data):
-    """The number of images of a _listed dict (0 for statistics alone)."""
-    if "paths" in data:
-        return len(data["paths"])
-    if "arr_0" in data:
-        return len(data["arr_0"])
-    return 0
-
-
-def _check_reference(path, ref, samples_path, n_samples):
-    """Image counts that would fail only after Inception had run, checked before."""
-    n = _count(ref)
-    if "mu" not in ref and n < 2:  # the statistics come from the reference's images
-        raise ValueError(f"{path}: {n} image(s); statistics need at least 2")
-    if "arr_0" not in ref and "paths" not in ref:
-        return  # statistics alone: no precision/recall
-    # precision/recall: each point's k=3 nearest neighbours in its own set, besides itself
-    for p, count in ((path, n), (samples_path, n_samples)):
-        if count < 4:
-            raise ValueError(f"{p}: {count} image(s); precision/recall against a reference "
-                             f"with images needs at least 4")
-
-
-def _refuse_out(path):
-    """None when --out can be written (its folder exists, the file does not), else the reason."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        return f"--out {path}: the folder {folder} does not exist"
-    if not os.access(folder, os.W_OK):
-        return f"--out {path}: the folder {folder} is not writable"
-    if os.path.lexists(path):
-        return (f"--out {path}: the file exists and fid.py never overwrites; remove it or "
-                f"choose another --out")
-    return None
-
-
-def _pixel_reference(name):
+def pixel_reference(name):
     """--pixel-ref's real images -> (images (M, C, H, W) float32 in [-1, 1], labels (M,) int64),
-    mapped as dataset.py maps them: "digits" (digits.npz beside this file, ink 0..16), or an npz
-    of uint8 images arr_0 (N, H, W, C), C 1 or 3, with int labels arr_1 (without: one class)."""
+    as dataset.py reads them: "digits", or an npz of images (arr_0 uint8 (N, H, W, C), C 1 or 3;
+    arr_1 labels, or one class)."""
     if name == "digits":
-        with np.load(DIGITS) as d:
-            images = torch.from_numpy(d["images"]).float()[:, None] / 8 - 1  # (M, 1, 8, 8)
-            return images, torch.from_numpy(d["labels"]).long()
-    flag = f"--pixel-ref {name}"
-    if not name.endswith(".npz") or not os.path.isfile(name):
-        raise ValueError(f'{flag}: neither "digits" nor an .npz file of images (arr_0 uint8 '
-                         f'N, H, W, C; arr_1 labels)')
-    size = os.path.getsize(name)
-    if size > MAX_PIXEL_REF:  # pixel_report holds the images as float64
-        raise ValueError(f"{flag}: {size >> 20} MiB; the pixel report reads at most "
-                         f"{MAX_PIXEL_REF >> 20} MiB (small pixel data: the digits, CIFAR-10)")
-    try:
-        with np.load(name, allow_pickle=False) as f:
-            x = f["arr_0"]
-            y = np.zeros(len(x), np.int64)  # no arr_1: one class
-            if "arr_1" in f.files:
-                y = f["arr_1"]
-    except KeyError:
-        raise ValueError(f"{flag}: no arr_0 (uint8 images N, H, W, C)") from None
-    except Exception as e:  # not an npz, or arr_0 of objects (pickles are refused)
-        raise ValueError(f"{flag}: not a readable .npz ({first_line(e)})") from None
-    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] not in (1, 3) or not len(x):
-        raise ValueError(f"{flag}: arr_0 should be uint8 images (N, H, W, C) with C 1 or 3, "
-                         f"got {x.dtype} {x.shape}")
-    if y.dtype.kind not in "iu" or y.shape != (len(x),) or y.min() < 0:
-        raise ValueError(f"{flag}: arr_1 should be {len(x)} integer labels >= 0, got "
-                         f"{y.dtype} {y.shape}")
-    images = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1  # (M, C, H, W)
-    return images, torch.from_numpy(y.astype(np.int64))
+        return load_digits()
+    return ArrayImages(name, flip=False, max_memory=math.inf, flag="--pixel-ref").tensors
 
 
-def _pixel_command(args):
-    """fid.py SAMPLES.npz --pixel-ref DATA: the nearest-real-image report of small pixel data,
+def pixel_command(args):
+    """fid.py SAMPLES --pixel-ref DATA: the nearest-real-image report of small pixel data,
     no Inception."""
-    if os.path.isdir(args.samples):  # the report is per class: labels only an npz carries
-        raise ValueError(f"{args.samples}: --pixel-ref needs the samples as an npz (arr_0 "
-                         f"images, arr_1 labels, as sample.py writes), not a folder")
-    images = _listed_images(args.samples)["arr_0"]  # (N, H, W, 3)
-    with np.load(args.samples) as f:
-        labels = np.zeros(len(images), np.int64)  # arr_1 absent: unconditional, one class
-        if "arr_1" in f.files:
-            labels = f["arr_1"]
-    if labels.shape != (len(images),):
-        raise ValueError(f"{args.samples}: arr_1 should hold {len(images)} labels, "
-                         f"got {labels.dtype} {labels.shape}")
-    real, real_labels = _pixel_reference(args.pixel_ref)  # (M, C, H, W) in [-1, 1], (M,)
+    samples = read_batch(args.samples, "samples")
+    images = samples["arr_0"]  # (N, H, W, 3)
+    labels = samples.get("arr_1", np.zeros(len(images), np.int64))  # none: one class
+    real, real_labels = pixel_reference(args.pixel_ref)  # (M, C, H, W) in [-1, 1], (M,)
     # a label the reference has no images of would score agreement 0 and diversity NaN
     classes = np.unique(real_labels.numpy())
-    if labels.dtype.kind not in "iu" or not np.isin(labels, classes).all():
-        raise ValueError(f"{args.samples}: arr_1 should hold labels of the classes of "
-                         f"--pixel-ref {args.pixel_ref} ({classes.min()} to {classes.max()}), "
-                         f"got {labels.dtype} from {labels.min()} to {labels.max()}")
-    if tuple(real.shape[2:]) != images.shape[1:3]:
-        raise ValueError(f"--pixel-ref {args.pixel_ref}: its images are "
-                         f"{tuple(real.shape[2:])}, the samples' in {args.samples} "
-                         f"{images.shape[1:3]}; both must have one size")
+    if not np.isin(labels, classes).all():
+        raise SystemExit(f"error: samples {args.samples}: arr_1 holds labels that --pixel-ref "
+                         f"{args.pixel_ref} has no images of (its classes: {classes.min()} to "
+                         f"{classes.max()})")
     for k, v in pixel_report_of(images, labels, real, real_labels).items():
         print(f"{k}: {v:.4f}")
 
 
-def _make_ref_command(args, device):
+def make_ref_command(args, device):
     """fid.py --make-ref IMAGES --out REF.npz: a reference batch in ADM's format."""
-    data = _listed_images(args.make_ref)
-    model = load_inception(args.inception, device)  # wrong weights: before the long reads
-    images = _decoded(data)["arr_0"]  # (N, H, W, 3)
+    images = read_batch(args.make_ref, "--make-ref")["arr_0"]  # (N, H, W, 3)
+    model = load_inception(args.inception, device)
     stats = feature_stats(compute_features(model, images, args.batch_size))
-    refused = _refuse_out(args.out)  # checked again: a file may have appeared meanwhile
-    if refused:
-        raise ValueError(refused)
     save_npz(args.out, **stats, arr_0=images)
     print(f"wrote {args.out}: mu, sigma, mu_s, sigma_s and arr_0 {images.shape} "
           f"from {args.make_ref}")
 
 
-def _score_command(args, device):
+def score_command(args, device):
     """fid.py SAMPLES REF: FID, sFID, IS, precision and recall, printed."""
-    samples = _listed_images(args.samples)
-    ref = _listed(args.ref)
-    _check_reference(args.ref, ref, args.samples, _count(samples))
-    model = load_inception(args.inception, device)  # wrong weights: before the long reads
-    images = _decoded(samples)["arr_0"]  # a corrupt image: before Inception runs
-    ref = reference_stats(_decoded(ref), model, args.batch_size)
+    images = read_batch(args.samples, "samples")["arr_0"]  # (N, H, W, 3)
+    ref = read_batch(args.ref, "ref", images=False)
+    model = load_inception(args.inception, device)
+    ref = reference_stats(ref, model, args.batch_size)
     m = evaluate(compute_features(model, images, args.batch_size), ref, device, progress=True)
     print(f"Inception Score: {m['inception_score']:.4f}")
     print(f"FID: {m['fid']:.4f}")
@@ -842,29 +776,26 @@ def _score_command(args, device):
 
 def main(args):
     device = torch.device(default_device(args.device))
-    try:
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: no CUDA device here")
-        if args.pixel_ref:
-            _pixel_command(args)
-        elif args.make_ref:
-            _make_ref_command(args, device)
-        else:
-            _score_command(args, device)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"fid.py: error: {e}")
+    if args.pixel_ref:
+        pixel_command(args)
+    elif args.make_ref:
+        make_ref_command(args, device)
+    else:
+        score_command(args, device)
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(prog="fid.py", description="ADM-suite FID, sFID, IS, precision/recall.",
-                       epilog="e.g. python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz")
+    p = argparse.ArgumentParser(prog="fid.py",
+                                description="ADM-suite FID, sFID, IS, precision/recall.",
+                                epilog="e.g. python fid.py samples.npz "
+                                       "VIRTUAL_imagenet256_labeled.npz")
     p.add_argument("samples", nargs="?",
                    help="npz with arr_0 uint8 (N, H, W, 3), or an image folder")
     p.add_argument("ref", nargs="?",
                    help="ADM reference batch npz (mu, sigma, mu_s, sigma_s, arr_0) or folder")
     p.add_argument("--inception",
                    help="weights file (default: $AFM_CACHE or ~/.cache/afm, else download)")
-    p.add_argument("--batch-size", type=positive, default=250, help="Inception batch size")
+    p.add_argument("--batch-size", type=int, default=250, help="Inception batch size")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--make-ref", metavar="FOLDER_OR_NPZ",
                    help="write a reference batch from these images")
@@ -879,20 +810,10 @@ def parse_args(argv=None):
         p.error("--out is the output of --make-ref; the scores are printed")
     if not (args.make_ref or (args.samples and (args.ref or args.pixel_ref))):
         p.error("give samples.npz and ref.npz, samples.npz --pixel-ref DATA, or --make-ref")
-    if args.inception and os.path.isdir(args.inception):
-        p.error(f"--inception {args.inception} is a folder, not a file")
-    if args.out:  # before any work, not after it
-        refused = _refuse_out(args.out)
-        if refused:
-            p.error(refused)
-    if args.device:
-        try:
-            torch.device(args.device)
-        except RuntimeError:
-            p.error(f"--device {args.device}: expected cpu, cuda or cuda:N")
+    if args.out:
+        check_out(args.out)  # before any work, not after it
     return args
 
 
 if __name__ == "__main__":
-    with one_line_errors("fid.py"):
-        main(parse_args())
+    main(parse_args())
