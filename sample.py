@@ -79,6 +79,7 @@ def load_generator(args):
     K = kw["num_classes"] - null  # the null class, if any, is the last row
     how = dict(steps=args.steps or (1 if steps == "any" else steps), pred=args.pred or pred,
                solver=args.solver or solver, classes=K, null=K if null else None,
+               size=kw["input_size"],
                vae=args.vae or (a["vae"] if a else None),
                about=f"{path} ({name} on {kw['in_channels']}x{kw['input_size']}^2, {K} classes)")
     if how["steps"] > 1 and not (flow or kw["use_t_src"] or kw["use_t_tgt"]):
@@ -129,7 +130,7 @@ def main(args):
         --batch-size, so that every batch has one shape (one compiled graph, the same
         kernels)."""
         pad = args.batch_size - len(idx)
-        z = fid.noise_of(idx + idx[-1:] * pad, (C, G.input_size, G.input_size), args.seed)
+        z = fid.noise_of(idx + idx[-1:] * pad, (C, how["size"], how["size"]), args.seed)
         y = torch.tensor(y + y[-1:] * pad, device=device)
         with amp:
             x = generate(G, z.to(device), y, how["steps"], how["pred"], how["solver"], args.cfg,

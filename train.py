@@ -90,7 +90,9 @@ K_NFE = dict(ONE_NFE, steps=2, pred="v", ot=0.25, clip=5, cg_t="tgt", cg_range=[
 # Flow matching (fm/*.yaml at 519601d): one velocity network, no clipping, class dropout 0.1,
 # checkpoints every 25,000 steps, evaluations every 50,000, grids by Heun at 256 NFE (the
 # release validates its flow models so).
-FLOW = dict(ONE_NFE, objective="flow", pred="v", clip=None, class_dropout=0.1,
+# The values of the AFM pair's method that one network does not read are None.
+ONE_NETWORK = dict(steps=None, ot=None, ot_end=None, augment_p=None, cg=None, cg_t=None)
+FLOW = dict(ONE_NFE, **ONE_NETWORK, objective="flow", pred="v", clip=None, class_dropout=0.1,
             max_steps=1_000_000, ckpt_every=25_000, eval_every=50_000, sample_steps=256,
             sample_solver="heun")
 # CAFM (cafm/train_cafm_sit.yaml at 519601d): post-training of SiT-XL/2 at lr 1e-5, clipping
@@ -114,7 +116,8 @@ RECIPES = {
     "knfe-cg": dict(K_NFE, augment_p=0.4, cg=0.02),  # train_fix_nfe_cg.yaml
     "any": dict(K_NFE, steps="any", model="B/2", global_batch_size=32),  # train_any_nfe.yaml
     "deep": dict(ONE_NFE, repeat=2, lr=5e-5, lr_d=1e-4, clip=5),  # train_1nfe_deep.yaml
-    "classifier": dict(ONE_NFE, objective="classifier", model="B/2", ema=0.9995),
+    "classifier": dict(ONE_NFE, **ONE_NETWORK, objective="classifier", pred=None, model="B/2",
+                       ema=0.9995),  # train_classifier.yaml
     "fm": FLOW,
     "digits": dict(ONE_NFE, **DIGITS, ot=0.25, ot_end=0.25, max_steps=16_000, eval_every=1000),
     "pixel32": PIXEL32,
@@ -122,9 +125,10 @@ RECIPES = {
     "fm-digits": dict(FLOW, **DIGITS, max_steps=36_000, eval_every=2000, sample_steps=32,
                       sample_solver="euler"),  # the AFM digits run's time
     "cafm": CAFM,
-    "cafm-digits": dict(CAFM, **DIGITS, lr=1e-5, lr_d=5e-5, ema=0.99, warmup=500,
+    "cafm-digits": dict(CAFM, model="T/2", global_batch_size=32, lr_d=5e-5, warmup=500,
                         max_steps=4_400, log_every=250, sample_every=1100, ckpt_every=1100,
-                        eval_every=1100, sample_steps=32, sample_solver="euler"),
+                        eval_every=1100, eval_samples=1000, sample_steps=32,
+                        sample_solver="euler"),  # ours: NOTES.md, "CAFM on the digits"
 }
 # Our recipes are 1-NFE; given --steps k or "any" they take what the release's multi-step
 # recipes change.
