@@ -14,8 +14,8 @@ that first uses it.
    generator.
 3. Every loss term equals a hand-computed value (the adversarial and the flow-matching losses);
    gradient normalization, schedule, sampler (Euler and Heun), augmentation.
-4. The 1-D toy (afm.py's own): AFM and flow matching learn the monotone (W2-optimal) quantile
-   map; afm.py imports torch only and trains the toy on its own.
+4. The 1-D toy (toy.py): AFM and flow matching learn the monotone (W2-optimal) quantile map;
+   afm.py imports torch only, and toy.py trains the toy on its own.
 5. Recipes resolve to the release's values (flow matching's too).
 6. Data: ADM's center crop, image folders, npz files, the latent cache and its posterior
    sampling; bad data (mixed labellings, truncated shards, stray or corrupt images, sizes and
@@ -67,6 +67,7 @@ import fid
 import model as M
 import plumbing as P
 import sample as S
+import toy
 import train as T
 import vae as V
 
@@ -1041,21 +1042,21 @@ def test_heun_and_euler_integrate_a_known_velocity():
 
 
 # --------------------------------------------------------------------------------------
-# 4. The 1-D toy (afm.py's): AFM and flow matching learn the monotone (W2-optimal) quantile map
+# 4. The 1-D toy (toy.py): AFM and flow matching learn the monotone (W2-optimal) quantile map
 # --------------------------------------------------------------------------------------
 
 
 def test_1d_toy_learns_the_monotone_map():
-    """afm.py's toy: a mixture of 4 modes, N(0, 1) noise, 1 NFE. The optimal-transport map is
+    """toy.py's AFM toy: a mixture of 4 modes, N(0, 1) noise, 1 NFE. The optimal-transport map is
     F^-1(Phi(z)): noise quantiles go to data quantiles in order. A plain GAN (ot = 0) flips or
     interleaves modes (measured: 70-99% misassigned); AFM finds the ordered map (measured after
     2500 G steps: RMS 0.148 from the exact map, 0.8% of the noise sent to a wrong mode; the
     untrained start: RMS 1.13)."""
     with one_thread():
         torch.manual_seed(0)  # the start train_toy_afm draws with its seed 0
-        rms_start, _ = A.map_error(A.ToyNet())
-        G = A.train_toy_afm(ot=0.2, g_steps=2500)
-        rms, wrong = A.map_error(G)
+        rms_start, _ = toy.map_error(toy.ToyNet())
+        G = toy.train_toy_afm(ot=0.2, g_steps=2500)
+        rms, wrong = toy.map_error(G)
     print(f"1-D toy: RMS {rms:.4f} (start {rms_start:.3f}), wrong mode {wrong:.2%}")
     assert wrong < 0.03 and rms < 0.25
     assert rms < rms_start / 4
@@ -1067,9 +1068,9 @@ def test_toy_flow_approaches_the_monotone_map_with_steps():
     rms = {}
     wrong = {}
     with one_thread():
-        v = A.train_toy_flow(steps=3000)
+        v = toy.train_toy_flow(steps=3000)
         for n in (1, 4, 32):
-            rms[n], wrong[n] = A.map_error(v, n, "v", n=5000)
+            rms[n], wrong[n] = toy.map_error(v, n, "v", n=5000)
     print(f"flow matching on the toy: RMS {rms}, wrong mode {wrong}")
     assert rms[32] < 0.15 and wrong[32] < 0.02  # measured: 0.098, 0.3%
     assert rms[1] > rms[4] > rms[32] and wrong[1] > 0.3
@@ -1079,19 +1080,19 @@ def test_exact_map_is_the_quantile_map():
     """exact_map(z) sends noise quantiles to data quantiles: a quarter of N(0, 1) per mode, in
     order, and Phi(z) = F(x) within the bisection's precision."""
     z = torch.linspace(-2.5, 2.5, 11, dtype=torch.float64)
-    x = A.exact_map(z)
+    x = toy.exact_map(z)
     assert torch.all(x[1:] >= x[:-1])
     phi = 0.5 * (1 + torch.erf(z / 2 ** 0.5))
-    cdf = 0.5 * (1 + torch.erf((x[:, None] - A.MODES.double()) / (A.MODE_STD * 2 ** 0.5)))
+    cdf = 0.5 * (1 + torch.erf((x[:, None] - toy.MODES.double()) / (toy.MODE_STD * 2 ** 0.5)))
     assert torch.allclose(cdf.mean(1), phi, atol=1e-6)
     # the noise's octiles 1/8, 3/8, 5/8, 7/8 go to the middles of the four modes
     q = torch.tensor([-1.1503, -0.3186, 0.3186, 1.1503])
-    assert torch.allclose(A.exact_map(q), A.MODES, atol=1e-3)
+    assert torch.allclose(toy.exact_map(q), toy.MODES, atol=1e-3)
 
 
-def test_afm_py_imports_torch_only_and_runs_the_toy(tmp_path):
+def test_afm_py_imports_torch_only_and_toy_py_runs(tmp_path):
     """afm.py imports nothing of this project, and only torch and the standard library at module
-    level; `python afm.py` prints the distances to the exact map and writes the picture."""
+    level; `python toy.py` prints the distances to the exact map and writes the picture."""
     with open(os.path.join(HERE, "afm.py")) as f:
         tree = ast.parse(f.read())
     top = set()
@@ -1102,7 +1103,7 @@ def test_afm_py_imports_torch_only_and_runs_the_toy(tmp_path):
             top.add(node.module.split(".")[0])
     assert top <= {"contextlib", "math", "typing", "torch"}, top
     out = tmp_path / "toy.png"
-    r = run("afm.py", "--g-steps", "100", "--fm-steps", "100", "--cafm-steps", "100", "--ot", "0",
+    r = run("toy.py", "--g-steps", "100", "--fm-steps", "100", "--cafm-steps", "100", "--ot", "0",
             "--out", out)
     assert "AFM, ot 0.0, 1 step:" in r.stdout and "32 Euler step(s): RMS" in r.stdout, r.stdout
     assert "CAFM, 64 Euler steps:" in r.stdout, r.stdout
@@ -3393,20 +3394,6 @@ def test_image_size_out_of_bounds_names_the_flag(image_root):
         DS.build_dataset(image_root, image_size=12, vae_path="vae.pt")  # 8x down: not 12
 
 
-def test_afm_py_checks_out_before_training(tmp_path):
-    """The toy's --out is checked before any training (a missing folder failed after it), and an
-    existing picture is kept unless --overwrite."""
-    kept = tmp_path / "afm_toy.png"
-    kept.write_bytes(b"an earlier picture")
-    for out, words in ((tmp_path / "no" / "x.png", "no folder"), (kept, "--overwrite")):
-        start = time.time()
-        r = run("afm.py", "--out", out, check=False, timeout=60)
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode == 1 and len(lines) == 1 and words in lines[0], r.stderr
-        assert time.time() - start < 30 and "AFM" not in r.stdout, r.stdout
-    assert kept.read_bytes() == b"an earlier picture" and os.listdir(tmp_path) == [kept.name]
-
-
 # The same refusals from real processes: the exit status and one stderr line, no traceback,
 # within seconds; no Inception weights in the cache, so nothing is downloaded
 PROCESS_REFUSALS = [
@@ -4026,15 +4013,15 @@ def test_gradnorm_state_follows_the_gradient_device():
 
 
 def test_cafm_toy_sends_noise_to_the_right_modes():
-    """afm.py's CAFM toy (the release's continuous_adversarial_flow_models.ipynb, scaled to a
+    """toy.py's CAFM toy (the release's continuous_adversarial_flow_models.ipynb, scaled to a
     CPU): trained from scratch, its 64-step Euler map sends noise to the mode the monotone map
     does (measured: 2.3% misassigned, RMS 0.265 from the exact map; the untrained start: 17.6%,
     RMS 0.39). The modes stay wider than the data's at this budget: RMS is not near zero."""
     with one_thread():
         torch.manual_seed(0)  # the start train_toy_cafm draws with its seed 0
-        start = A.map_error(A.ToyNet(use_t=True), 64, "v", n=5000)
-        v = A.train_toy_cafm()
-        rms, wrong = A.map_error(v, 64, "v", n=5000)
+        start = toy.map_error(toy.ToyNet(use_t=True), 64, "v", n=5000)
+        v = toy.train_toy_cafm()
+        rms, wrong = toy.map_error(v, 64, "v", n=5000)
     print(f"CAFM on the toy: RMS {rms:.4f} (start {start[0]:.3f}), wrong mode {wrong:.2%}")
     assert wrong < 0.06 and wrong < start[1] / 3
     assert rms < 0.35
