@@ -13,7 +13,8 @@ that first uses it.
 2. The networks are the release's DiTs: shapes, parameter counts, conditioning switches, deep
    generator.
 3. Every loss term equals a hand-computed value (the adversarial and the flow-matching losses);
-   gradient normalization, schedule, sampler (Euler and Heun), augmentation.
+   gradient normalization, schedule, sampler (Euler and Heun), augmentation; the wiring mistakes
+   of a lift into another repo stop with one line from afm.py naming the fix.
 4. The 1-D toy (toy.py): AFM and flow matching learn the monotone (W2-optimal) quantile map;
    afm.py imports torch only, and toy.py trains the toy on its own.
 5. Recipes resolve to the release's values (flow matching's too).
@@ -774,13 +775,14 @@ def test_regional_compile_equals_eager():
 # --------------------------------------------------------------------------------------
 
 
-class LinearD:
+class LinearD(nn.Module):
     """D(x, y, t) = <a, x> + b * y + c * t: its finite differences are exact and known."""
 
     def __init__(self, a, b=0.1, c=0.0):
+        super().__init__()
         self.a, self.b, self.c, self.calls = a, b, c, []
 
-    def __call__(self, x, y, t):
+    def forward(self, x, y, t):
         self.calls.append(x.shape[0])
         return x.flatten(1) @ self.a + self.b * y.float() + self.c * t
 
@@ -888,9 +890,11 @@ def test_classifier_guidance_term(monkeypatch):
     W = torch.randn(dim, 5, generator=g)
     seen = []
 
-    def cls(x, t):  # a linear classifier that records what it is shown
-        seen.append((x.clone(), t.clone()))
-        return x @ W
+    class Linear(nn.Module):  # a linear classifier that records what it is shown
+        def forward(self, x, t):
+            seen.append((x.clone(), t.clone()))
+            return x @ W
+    cls = Linear()
     y = torch.tensor([0, 1, 2, 3])
     fake = torch.randn(B, dim, generator=g)
     t_tgt = torch.tensor([0.1, 0.3, 0.5, 0.7])
@@ -970,18 +974,94 @@ def test_augment_translation_only_moves_content():
     assert (rows[kept] > 2).any() and (cols[kept] > 3).any()
 
 
+class Scores(nn.Module):
+    """D(x, y, t) = net(x flattened) as (B,) scores; or, as glue mistakes, the same as a (B, 1)
+    column or as a DiT-style (B, 1, h, w) map (the score repeated over its pixels)."""
+
+    def __init__(self, net, out="scores", hw=8):
+        super().__init__()
+        self.net, self.out, self.hw = net, out, hw
+
+    def forward(self, x, y, t):
+        s = self.net(x.flatten(1))  # (B, 1)
+        if self.out == "column":
+            return s
+        if self.out == "map":
+            return s.view(-1, 1, 1, 1).expand(-1, 1, self.hw, self.hw)  # (B, 1, h, w)
+        return s.squeeze(1)  # (B,)
+
+
+def test_glue_mistakes_are_named_and_logs_detached():
+    """The wiring mistakes of a lift into another repo (afm.py's docstring) stop the first step
+    with one line from afm.py that names the fix. Without the checks most train on a wrong loss
+    without a word: a (B, 1, 8, 8) map at batch 32, or a (B, 1) column, broadcasts against
+    R1/R2's (n,) weights (a map at batch 64 fails inside torch instead), and flow matching
+    broadcasts a 2C-channel velocity. Every logged value comes detached."""
+    lin = nn.Linear(64, 1)
+    afm_loss = A.AdversarialFlowLoss()
+    cafm_loss = A.ContinuousAdversarialFlowLoss(warmup=0, class_dropout=0)
+    data = {B: (torch.randn(B, 1, 8, 8), torch.arange(B) % 10) for B in (32, 64)}
+
+    def same(x, *_):
+        return x
+
+    def two_c(x, *_):  # DiT with learn_sigma=True: 2C channels
+        return torch.cat([x, x], 1)
+    cases = [  # (mistake, the call, the error, words of the fix)
+        ("D map, batch 32", lambda: afm_loss.d_loss(same, Scores(lin, "map"), *data[32], 0),
+         ValueError, "average a DiT-style (B, 1, h, w) map"),
+        ("D map, batch 64", lambda: afm_loss.d_loss(same, Scores(lin, "map"), *data[64], 0),
+         ValueError, "average a DiT-style (B, 1, h, w) map"),
+        ("D (B, 1)", lambda: afm_loss.d_loss(same, Scores(lin, "column"), *data[32], 0),
+         ValueError, "squeeze a (B, 1)"),
+        ("D (B, 1), any-step G step",
+         lambda: A.AdversarialFlowLoss(steps="any").g_loss(same, Scores(lin, "column"),
+                                                           *data[32], 0),
+         ValueError, "squeeze a (B, 1)"),
+        ("D (B, 1), CAFM's JVP",
+         lambda: cafm_loss.d_loss(same, A.FlowDerivative(Scores(lin, "column")), *data[32], 0),
+         ValueError, "squeeze a (B, 1)"),
+        ("G 2C", lambda: afm_loss.d_loss(two_c, Scores(lin), *data[32], 0),
+         ValueError, "keep the first C channels"),
+        ("G 2C, flow matching", lambda: A.flow_matching_loss(two_c, *data[32]),
+         ValueError, "keep the first C channels"),
+        ("frozen(callable)", lambda: A.frozen(lambda x, y, t: lin(x)).__enter__(),
+         TypeError, "wrap the callable in an nn.Module"),
+        ("FlowDerivative(callable)", lambda: A.FlowDerivative(lambda x, y, t: lin(x)),
+         TypeError, "wrap the callable in an nn.Module"),
+        ("no null class", lambda: A.ContinuousAdversarialFlowLoss(class_dropout=0.1),
+         ValueError, "pass null_class="),
+    ]
+    for name, call, error, words in cases:
+        with pytest.raises(error) as e:
+            call()
+        assert os.path.basename(e.traceback[-1].path) == "afm.py", name
+        assert words in str(e.value) and "\n" not in str(e.value), (name, str(e.value))
+
+    conv = nn.Conv2d(1, 1, 1)  # a G with weights, so that its outputs carry a graph
+    G = lambda x, *_: conv(x)  # noqa: E731
+    D = Scores(lin)
+    C = lambda x, t: torch.cat([lin(x.flatten(1))] * 10, 1)  # noqa: E731
+    x0, y = data[32]
+    logs = [afm_loss.d_loss(G, D, x0, y, 0)[1], afm_loss.g_loss(G, D, x0, y, 0)[1],
+            cafm_loss.d_loss(G, A.FlowDerivative(D), x0, y, 0)[1],
+            cafm_loss.g_loss(G, A.FlowDerivative(D), x0, y, 0)[1],
+            A.flow_matching_loss(G, x0, y)[1], A.classifier_loss(C, x0, y)[1]]
+    for log in logs:
+        assert all(not v.requires_grad for v in log.values()), log
+
+
 def test_frozen_discriminator_gets_no_gradient():
     """In the G step, gradients flow through D into G but D's weights receive none."""
     G = nn.Linear(2, 2)
-    Dnet = nn.Linear(2, 1)
-    D = lambda x, y, t: Dnet(x).squeeze(1)  # noqa: E731
+    D = Scores(nn.Linear(2, 1))
     loss_fn = A.AdversarialFlowLoss()
-    with A.frozen(Dnet):
+    with A.frozen(D):
         y = torch.zeros(8, dtype=torch.long)
         loss, _ = loss_fn.g_loss(lambda x, *_: G(x), D, torch.randn(8, 2), y, 0)
     loss.backward()
-    assert Dnet.weight.grad is None and G.weight.grad.abs().sum() > 0
-    assert all(p.requires_grad for p in Dnet.parameters())
+    assert D.net.weight.grad is None and G.weight.grad.abs().sum() > 0
+    assert all(p.requires_grad for p in D.parameters())
 
 
 def test_classifier_objective(monkeypatch):
@@ -1022,7 +1102,7 @@ def test_flow_matching_loss_by_hand(monkeypatch):
     assert torch.allclose(seen["x"], torch.tensor([[0.875, 1.375], [2.0, 0.0]]))
     assert torch.equal(seen["t_src"], t) and torch.equal(seen["t_tgt"], t)
     assert loss.item() == pytest.approx(72.625 / 4)
-    assert logs["fm_loss"] is loss
+    assert torch.equal(logs["fm_loss"], loss) and not logs["fm_loss"].requires_grad
 
 
 def test_heun_and_euler_integrate_a_known_velocity():
@@ -3947,9 +4027,10 @@ def test_cafm_schedule():
     assert A.cafm_is_g_step(16, 16, 0) and not A.cafm_is_g_step(1, 16, 0)
     g_steps = [s for s in range(10_000 + 3 * 17 + 1) if A.cafm_is_g_step(s, 16, 10_000)]
     assert g_steps == [10_012, 10_029, 10_046]  # 10_012 = 588 * 17 + 16
-    loss = A.ContinuousAdversarialFlowLoss()  # the release's SiT recipe: N 16, warmup 10,000
+    # the release's SiT recipe: N 16, warmup 10,000; its null label 1000 is passed, not assumed
+    loss = A.ContinuousAdversarialFlowLoss(null_class=1000)
     assert (loss.n_dis, loss.warmup, loss.cp, loss.ot) == (16, 10_000, 0.001, 0.0)
-    assert (loss.class_dropout, loss.null_class) == (0.1, 1000)
+    assert loss.class_dropout == 0.1
     assert loss.is_g_step(10_012) and not loss.is_g_step(10_000)
 
 
@@ -3967,9 +4048,11 @@ def test_cafm_loss_by_hand_and_class_dropout():
         seen["G"] = y
         return x * w
 
-    def D(x, y, t):
-        seen["D"] = y
-        return x @ a + c * t
+    class LinearFlowD(nn.Module):
+        def forward(self, x, y, t):
+            seen["D"] = y
+            return x @ a + c * t
+    D = LinearFlowD()
 
     loss = A.ContinuousAdversarialFlowLoss(cp=0.01, ot=0.1, class_dropout=0.5, null_class=10)
     y = torch.arange(B) % 10
