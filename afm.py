@@ -2,8 +2,7 @@
 Adversarial Flow Models (AFM; Lin, Yang, Lin, Chen, Fan, arXiv 2511.22475): the method alone.
 
 This file imports torch and the standard library only. Copy it next to your own networks and
-trainer: `G(x_src, y, t_src, t_tgt)` and `D(x, y, t)` may be any callables (DiTs, small MLPs).
-A training step is either a discriminator step or a generator step:
+trainer. A training step is either a discriminator step or a generator step:
 
     loss = AdversarialFlowLoss(steps=1, pred="x", ot=0.2, ot_end=0.005)
 
@@ -27,6 +26,35 @@ A training step is either a discriminator step or a generator step:
 The loss's state (its gradient normalization, `loss.state_dict()`) belongs in checkpoints; it
 follows the gradients onto their device by itself.
 
+Wiring your networks. The contract:
+    G(x_src, y, t_src, t_tgt) returns a tensor of x0's shape (the jump's target, or with
+      pred="v" a velocity); any callable.
+    D(x, y, t) returns (B,) float scores, one per example; an nn.Module, so that `frozen` can
+      keep its weights out of G's backward.
+    t is in [0, 1], with the data at t = 0 and the noise at t = 1: x_t = (1 - t) x0 + t z.
+A wrong shape, a plain function as D or a missing null class stops the first step with one line
+naming the fix.
+  DiT (facebookresearch/DiT, models.py) is called as dit(x, t, y), with t on its diffusion
+    scale: feed t x 1000. Its default learn_sigma=True returns 2C channels (the last C are its
+    variance): drop the extra C. G = lambda x, y, t_src, t_tgt: dit(x, 1000 * t_src, y)[:, :C].
+    Its labels drop to a null class in train mode (class_dropout_prob=0.1 by default, for
+    guidance): pass 0 unless you want that.
+  SiT (willisma/SiT, models.py) is DiT with flow time, which runs the other way: noise at 0,
+    data at 1, embedded unscaled. Feed 1 - t, and negate its output, a velocity dx/ds with
+    s = 1 - t: v = lambda x, y, t, _: -sit(x, 1 - t, y) (SiT drops the learn_sigma channels
+    itself). That is the velocity `flow_matching_loss`, `ContinuousAdversarialFlowLoss` and
+    `generate(..., pred="v")` expect. CAFM drops labels itself: build SiT with
+    class_dropout_prob=0 and one class more (the release's 1001, the rows of SiT-XL-2-256.pt)
+    and pass that last row as null_class (1000).
+  D from a DiT: its own head maps each patch back to pixels (zero-initialised), not to one
+    score. Read a learned token instead, as model.py's Discriminator does (a token `dis_embed`
+    prepended to the patches, its final state through a norm and a Linear). Measured by
+    lifting this file alone into DiT's repository, DiT's own classes at the T/2 size, one-step
+    AFM on the built-in digits (ot 0.25, Adam betas (0, 0.9), lr 5e-4, batch 32), 1,500 G
+    steps, seeds 0, 1, 2: of 1,000 class-balanced samples of G, the share whose nearest real
+    digit has their class (fid.py's pixel_report agreement) was 0.55, 0.32, 0.42 with DiT's
+    map averaged to (B,) and 0.71, 0.77, 0.76 with a token head.
+
 Beside it, flow matching (the baseline the paper compares with), continuous AFM (CAFM, arXiv
 2604.11521: a flow model post-trained against a discriminator read through its derivative;
 `ContinuousAdversarialFlowLoss`, same two steps, `is_g_step` says which), the guidance
@@ -34,9 +62,10 @@ classifier's loss and the EMA update. Where the paper and the authors' release d
 release's behaviour is followed, since its checkpoints were trained with it
 (ByteDance-Seed/Adversarial-Flow-Models, commit dc11741: `train_adversarial_flow.py`,
 `grad_norm.py`, `configs/train/*.yaml`; commit 519601d for flow matching and CAFM).
+toy.py trains the release's 1-D toys with it:
 
-    python afm.py            # the release's 1-D toys: AFM, flow matching and CAFM, about a minute
-    python afm.py --ot 0     # the same without AFM's transport cost
+    python toy.py            # AFM, flow matching and CAFM on the 1-D toy, about a minute
+    python toy.py --ot 0     # the same without AFM's transport cost
 """
 
 import contextlib
@@ -171,13 +200,22 @@ def augment(real, fake, p, translate=0.3, erase=(0.1, 0.5), ratio=(0.3, 3.3), n_
     return x.chunk(2, dim=1)
 
 
+def need_module(net):
+    """A network whose weights must be frozen in G's step (D, the guidance classifier) has to be
+    an nn.Module: weights hidden in a plain callable cannot be found, so they would get
+    gradients in the G step that add into the next D update."""
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"got a {type(net).__name__}, not an nn.Module: wrap the callable in an "
+                        f"nn.Module so its weights can be frozen in the G step (a plain "
+                        f"callable's weights get gradients there that add into the next D update)")
+
+
 @contextlib.contextmanager
 def frozen(module):
     """Parameters of `module` do not require grad inside the block; gradients still flow through
     the module to its inputs. The autograd graph remembers this, so restoring afterwards is safe."""
-    params = []
-    if isinstance(module, nn.Module):  # D may be any callable: only a module has weights to freeze
-        params = [p for p in module.parameters() if p.requires_grad]
+    need_module(module)
+    params = [p for p in module.parameters() if p.requires_grad]
     for p in params:
         p.requires_grad_(False)
     try:
@@ -188,14 +226,46 @@ def frozen(module):
 
 
 # --------------------------------------------------------------------------------------
+# What the networks must return (see "Wiring your networks" above)
+# --------------------------------------------------------------------------------------
+
+
+def g_output(out, x):
+    """G's output, checked to have the shape of its input x. A DiT with learn_sigma=True returns
+    twice the channels; broadcasting would turn that into a wrong loss, not an error."""
+    if out.shape != x.shape:
+        raise ValueError(f"G returned {tuple(out.shape)} for x0 of {tuple(x.shape)}: G must "
+                         f"return x0's shape (DiT with learn_sigma=True: keep the first C "
+                         f"channels)")
+    return out
+
+
+def d_scores(D, x, y, t):
+    """D(x, y, t), checked to be one score per example, (B,). A map (B, 1, h, w) or a (B, 1)
+    would broadcast against the (B,) weights of R1/R2 into a wrong loss, or fail far from here."""
+    out = D(x, y, t)
+    if out.shape != (x.shape[0],):
+        raise ValueError(f"D returned {tuple(out.shape)} for {x.shape[0]} inputs: D must "
+                         f"return (B,) scores (average a DiT-style (B, 1, h, w) map over its "
+                         f"pixels; squeeze a (B, 1))")
+    return out
+
+
+def detached(logs):
+    """Logged values carry no graph: a trainer that keeps them does not keep a step alive."""
+    return {k: v.detach() for k, v in logs.items()}
+
+
+# --------------------------------------------------------------------------------------
 # The AFM objective (paper Sec. 3; the release's train_adversarial_flow.py)
 # --------------------------------------------------------------------------------------
 
 
 class AdversarialFlowLoss:
-    """The AFM objective. `G(x_src, y, t_src, t_tgt)` and `D(x, y, t)` are any callables; `x0` is
-    a data batch of any shape (B, ...). Each training step is either a discriminator step
-    (`d_loss`) or a generator step (`g_loss`); both return (loss, logs).
+    """The AFM objective. `G(x_src, y, t_src, t_tgt)` is any callable, `D(x, y, t)` an nn.Module
+    (the file's docstring says what each returns); `x0` is a data batch of any shape (B, ...).
+    Each training step is either a discriminator step (`d_loss`) or a generator step (`g_loss`);
+    both return (loss, logs), the logged values detached.
 
     Defaults are the release's 1-NFE ImageNet recipe (its configs/train/train_1nfe.yaml)."""
 
@@ -214,7 +284,7 @@ class AdversarialFlowLoss:
         self.gp_eps = gp_eps  # finite-difference step of R1 / R2
         self.cp = cp  # logit-centering weight
         self.augment_p = augment_p
-        self.classifier = classifier  # a frozen C(x_t, t) -> logits, for guidance (or None)
+        self.classifier = classifier  # a frozen nn.Module C(x_t, t) -> logits (or None)
         self.cg = cg
         self.cg_range = cg_range
         self.cg_t = cg_t
@@ -249,7 +319,7 @@ class AdversarialFlowLoss:
         x_src = interp(x0, torch.randn_like(x0), t_src)
         x_tgt = interp(x0, torch.randn_like(x0), t_tgt)
         with torch.set_grad_enabled(grad):
-            out = G(x_src, y, t_src, t_tgt)
+            out = g_output(G(x_src, y, t_src, t_tgt), x0)
         if self.pred == "v":
             # G predicts the velocity of the straight path: x_tgt = x_src + (t_tgt - t_src) v
             dt = (t_tgt - t_src).view(-1, *([1] * (x0.dim() - 1)))
@@ -275,7 +345,7 @@ class AdversarialFlowLoss:
         x_all = torch.cat([real, fake, real_gp, fake_gp])
         y_all = torch.cat([y, y, y[:n], y[:n]])
         t_all = torch.cat([t, t, t[:n], t[:n]])
-        logits = D(x_all, y_all, t_all).float()
+        logits = d_scores(D, x_all, y_all, t_all).float()
         d_real, d_fake, d_real_gp, d_fake_gp = logits.split([B, B, n, n])
 
         # Relativistic pairing: D is asked that each real scores above its paired fake.
@@ -292,7 +362,7 @@ class AdversarialFlowLoss:
         loss = adv + r1 + r2 + cp
         logs = {"d_adv": adv, "r1": r1, "r2": r2, "cp": cp,
                 "logit_real": d_real.mean(), "logit_fake": d_fake.mean()}
-        return loss, logs
+        return loss, detached(logs)
 
     def g_loss(self, G, D, x0, y, step):
         """The generator's loss (paper Sec. 3.1): fool D, through gradient normalization, plus
@@ -304,8 +374,9 @@ class AdversarialFlowLoss:
         real_aug, fake_aug = augment(p.real, fake, self.augment_p)
         ot_scale = self.ot_scale(step)
         with frozen(D):
-            d_real = D(real_aug, y, t).float()
-            d_fake = D(self.gradnorm(fake_aug), y, t).float()  # normalized adversarial gradient
+            d_real = d_scores(D, real_aug, y, t).float()
+            # the adversarial gradient reaching G is normalized
+            d_fake = d_scores(D, self.gradnorm(fake_aug), y, t).float()
         adv = F.softplus(-(d_fake - d_real)).mean()
         # Transport cost: the squared distance each sample moves, per element, divided by the
         # jump length w. Among all maps that fool D, this selects the W2-optimal one.
@@ -317,7 +388,7 @@ class AdversarialFlowLoss:
             cg = self.guidance(fake, y, t)
             loss = loss + cg
             logs["cg"] = cg
-        return loss, logs
+        return loss, detached(logs)
 
     def guidance(self, fake, y, t_tgt):
         """Classifier guidance at training time (paper Sec. 3.5): cross-entropy of a frozen
@@ -328,13 +399,11 @@ class AdversarialFlowLoss:
             the CLEAN fake with that t_cg; cg_renoise=False reproduces that.
           cg_t="tgt" (k NFE): t_cg = t_tgt, the fake as it is."""
         lo, hi = self.cg_range
-        if self.cg_t == "uniform":
-            t_cg = torch.rand(fake.shape[0], device=fake.device) * (lo - hi) + hi
-        else:
-            t_cg = t_tgt
-        x_cg = fake
-        if self.cg_t == "uniform" and self.cg_renoise:
-            x_cg = interp(fake, torch.randn_like(fake), t_cg)
+        uniform = self.cg_t == "uniform"
+        n = fake.shape[0]
+        t_cg = torch.rand(n, device=fake.device) * (lo - hi) + hi if uniform else t_tgt
+        renoise = uniform and self.cg_renoise
+        x_cg = interp(fake, torch.randn_like(fake), t_cg) if renoise else fake
         with frozen(self.classifier):
             logits = self.classifier(x_cg, t_cg).float()
         ce = F.cross_entropy(logits, y, reduction="none") * self.cg
@@ -350,7 +419,7 @@ def classifier_loss(C, x0, y):
     logits = C(interp(x0, torch.randn_like(x0), t), t).float()
     loss = F.cross_entropy(logits, y)
     accuracy = (logits.argmax(1) == y).float().mean()
-    return loss, {"cls_loss": loss, "acc": accuracy}
+    return loss, detached({"cls_loss": loss, "acc": accuracy})
 
 
 # --------------------------------------------------------------------------------------
@@ -363,6 +432,8 @@ def drop_labels(y, p, null):
     probability p, so that the same network also learns the unconditional velocity (the
     release's flow-matching and CAFM trainers draw this mask first, in prepare_input)."""
     keep = torch.rand(y.shape[0], device=y.device) >= p
+    if p == 0:  # nothing to drop (and perhaps no null class); the draw keeps the random stream
+        return y
     return torch.where(keep, y, null)
 
 
@@ -377,9 +448,10 @@ def flow_matching_loss(v, x0, y):
     steps to follow it, AFM learns the jump itself."""
     t = torch.rand(x0.shape[0], device=x0.device)
     z = torch.randn_like(x0)
-    pred = v(interp(x0, z, t), y, t, t).float()
+    x_t = interp(x0, z, t)
+    pred = g_output(v(x_t, y, t, t), x_t).float()
     loss = F.mse_loss(pred, z - x0)
-    return loss, {"fm_loss": loss}
+    return loss, detached({"fm_loss": loss})
 
 
 # --------------------------------------------------------------------------------------
@@ -403,7 +475,7 @@ def flow_derivative(D, x, y, t, u):
     needs a derivative rule for each operation, and the fused CPU attention kernel has none (the
     release's CAFM trainer turns the fused CUDA kernels off as well)."""
     def d_of(x, t):
-        return D(x, y, t)
+        return d_scores(D, x, y, t)
 
     def one(u, dt):
         return torch.func.jvp(d_of, (x, t), (u, dt))
@@ -423,6 +495,7 @@ class FlowDerivative(nn.Module):
 
     def __init__(self, D):
         super().__init__()
+        need_module(D)  # its weights are frozen in G's step through this module
         self.D = D
 
     def forward(self, x, y, t, u):
@@ -446,18 +519,28 @@ class ContinuousAdversarialFlowLoss:
     flow (`flow_derivative`).
 
     Each step is a D step (`d_loss`) or a G step (`g_loss`), as `is_g_step(step)` says; both
-    return (loss, logs) and are used as AdversarialFlowLoss's are (the file's docstring), with
-    D_flow in place of D. The EMA of G moves after G steps only.
+    return (loss, logs), the logged values detached, and are used as AdversarialFlowLoss's are
+    (the file's docstring), with D_flow in place of D. The EMA of G moves after G steps only.
 
     Defaults are the release's post-training of SiT-XL/2 (configs/train/cafm/
-    train_cafm_sit.yaml): G and D both start from a flow-matching checkpoint. Labels become the
-    null label `null_class` with probability `class_dropout`, the same for G and D, so that the
-    model keeps its unconditional velocity for guidance; the networks need an embedding row for
-    it and no dropout of their own (the release builds them with 1001 classes and
-    class_dropout_prob 0)."""
+    train_cafm_sit.yaml): G and D both start from a flow-matching checkpoint. What the schedule
+    means for a short run: the loop's steps 0 to `warmup` (default 10,000) are D steps only, so
+    a run shorter than that makes no G step at all; after them `n_dis` D steps (default 16)
+    come before each G step, so G moves on one loop step in n_dis + 1 (pass warmup=0 and a
+    small n_dis to see G move in a few hundred steps).
+
+    Labels become the null label `null_class` with probability `class_dropout`, the same for G
+    and D, so that the model keeps its unconditional velocity for guidance; the networks need
+    an embedding row for it and no dropout of their own (the release builds them with 1001
+    classes and class_dropout_prob 0, its null label 1000). `null_class` is required whenever
+    `class_dropout` > 0: it is that row's index (num_classes for DiT's and SiT's embedders)."""
 
     def __init__(self, n_dis=16, warmup=10_000, cp=0.001, ot=0.0, class_dropout=0.1,
-                 null_class=1000):
+                 null_class=None):
+        if class_dropout > 0 and null_class is None:
+            raise ValueError(f"class_dropout {class_dropout} drops labels to a null class: pass "
+                             f"null_class= (its embedding row, e.g. num_classes), or "
+                             f"class_dropout=0")
         self.n_dis = n_dis  # D steps per G step
         self.warmup = warmup  # D steps before the first G step
         self.cp = cp  # weight of D's centering
@@ -487,7 +570,7 @@ class ContinuousAdversarialFlowLoss:
         x_t = interp(x0, z, t)
         v_real = z - x0  # the velocity of this example's straight path
         with torch.no_grad():
-            v_fake = G(x_t, y, t, t).to(x_t.dtype)
+            v_fake = g_output(G(x_t, y, t, t), x_t).to(x_t.dtype)
         d, j = D_flow(x_t, y, t, torch.stack([v_real, v_fake]))  # (2, B) each
         d = d.float()
         j_real, j_fake = j.float().unbind(0)
@@ -501,9 +584,9 @@ class ContinuousAdversarialFlowLoss:
         # drift by any constant. A small penalty on D(x_t)^2 keeps the value near 0.
         cp = d.square().mean() * self.cp
         loss = adv + cp
-        logs = {"d_adv": adv, "cp": cp, "logit_real": j_real.detach().mean(),
-                "logit_fake": j_fake.detach().mean(), "logit_out": d.detach().mean()}
-        return loss, logs
+        logs = {"d_adv": adv, "cp": cp, "logit_real": j_real.mean(),
+                "logit_fake": j_fake.mean(), "logit_out": d.mean()}
+        return loss, detached(logs)
 
     def g_loss(self, G, D_flow, x0, y, step):
         """The generator's loss: its velocity should read +1 along D, the value real velocities
@@ -511,7 +594,7 @@ class ContinuousAdversarialFlowLoss:
         through D's JVP (which is linear in G's velocity) into G; D's weights get none."""
         y, t, z = self.sample(x0, y)
         x_t = interp(x0, z, t)
-        v_fake = G(x_t, y, t, t)
+        v_fake = g_output(G(x_t, y, t, t), x_t)
         with frozen(D_flow):
             _, j_fake = D_flow(x_t, y, t, v_fake.to(x_t.dtype))
         j_fake = j_fake.float()
@@ -520,8 +603,8 @@ class ContinuousAdversarialFlowLoss:
         adv = (j_fake - 1).square().mean()
         ot = v_fake.float().square().mean() * self.ot
         loss = adv + ot
-        logs = {"g_adv": adv, "ot": ot, "logit_fake": j_fake.detach().mean()}
-        return loss, logs
+        logs = {"g_adv": adv, "ot": ot, "logit_fake": j_fake.mean()}
+        return loss, detached(logs)
 
 
 # --------------------------------------------------------------------------------------
@@ -587,235 +670,3 @@ def generate(G, z, y, steps=1, pred="x", solver="euler", cfg=1.0, null=None, cfg
 def ema_update(ema, model, decay):
     """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-
-
-# --------------------------------------------------------------------------------------
-# The 1-D toy of the release's notebooks/adversarial_flow_models.ipynb (and, at 519601d,
-# continuous_adversarial_flow_models.ipynb): N(0, 1) noise to a mixture of four narrow modes,
-# small MLPs. In 1-D the W2-optimal map is the monotone quantile map F^-1(Phi(z)), and so is
-# every flow's ODE map (1-D trajectories cannot cross), so how far a learned map is from it
-# can be measured exactly.
-# --------------------------------------------------------------------------------------
-
-MODES = torch.tensor([-1.5, -0.5, 0.5, 1.5])
-MODE_STD = 0.05
-
-
-def toy_data(n):
-    """(n, 1) samples of the equal-weight mixture of N(m, 0.05^2), m in MODES."""
-    m = MODES[torch.randint(0, 4, (n,))]
-    return (m + MODE_STD * torch.randn(n)).unsqueeze(1)
-
-
-def exact_map(z, iters=60):
-    """The monotone (W2-optimal) map F^-1(Phi(z)) of the toy, by bisection of the mixture's CDF."""
-    def normal_cdf(x):
-        return 0.5 * (1 + torch.erf(x / math.sqrt(2)))
-    target = normal_cdf(z)
-    lo = torch.full_like(z, -3.0)
-    hi = torch.full_like(z, 3.0)
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        cdf = normal_cdf((mid.unsqueeze(-1) - MODES) / MODE_STD).mean(-1)
-        below = cdf < target
-        lo = torch.where(below, mid, lo)
-        hi = torch.where(below, hi, mid)
-    return (lo + hi) / 2
-
-
-class ToyNet(nn.Module):
-    """A small MLP on sin/cos features of x (and of t), like the notebook's: it can be steep.
-    Called as G(x, y, t_src, t_tgt) or D(x, y, t); labels are ignored. logit=True returns (N,)."""
-
-    def __init__(self, width=128, use_t=False, logit=False):
-        super().__init__()
-        self.register_buffer("freq", torch.exp(torch.linspace(0, math.log(100), 32)))
-        features = 64 * (2 if use_t else 1)
-        self.net = nn.Sequential(nn.Linear(features, width), nn.SiLU(),
-                                 nn.Linear(width, width), nn.SiLU(),
-                                 nn.Linear(width, 1))
-        self.use_t = use_t
-        self.logit = logit
-
-    def forward(self, x, y, *t):
-        a = x * self.freq  # (N, 32)
-        feats = [a.sin(), a.cos()]
-        if self.use_t:
-            b = t[0].view(-1, 1) * self.freq
-            feats += [b.sin(), b.cos()]
-        out = self.net(torch.cat(feats, 1))  # (N, 1)
-        if self.logit:
-            return out.squeeze(1)
-        return out
-
-
-def train_toy_afm(ot=0.2, g_steps=2500, batch=256, lr=1e-3, seed=0):
-    """AFM on the toy: alternating D and G steps, a constant transport weight -> the generator."""
-    torch.manual_seed(seed)
-    G = ToyNet()
-    D = ToyNet(logit=True)
-    loss_fn = AdversarialFlowLoss(ot=ot, ot_end=ot)
-    opt_g = torch.optim.Adam(G.parameters(), lr=lr, betas=(0.0, 0.9))
-    opt_d = torch.optim.Adam(D.parameters(), lr=lr, betas=(0.0, 0.9))
-    y = torch.zeros(batch, dtype=torch.long)
-    for step in range(2 * g_steps):
-        if step % 2 == 0:
-            loss, _ = loss_fn.d_loss(G, D, toy_data(batch), y, step)
-            opt = opt_d
-        else:
-            loss, _ = loss_fn.g_loss(G, D, toy_data(batch), y, step)
-            opt = opt_g
-        loss.backward()
-        opt.step()
-        opt_d.zero_grad()
-        opt_g.zero_grad()
-    return G
-
-
-def train_toy_flow(steps=3000, batch=256, lr=1e-3, seed=0):
-    """Flow matching on the toy -> the velocity network."""
-    torch.manual_seed(seed)
-    v = ToyNet(use_t=True)
-    opt = torch.optim.Adam(v.parameters(), lr=lr)
-    y = torch.zeros(batch, dtype=torch.long)
-    for _ in range(steps):
-        loss, _ = flow_matching_loss(v, toy_data(batch), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return v
-
-
-def train_toy_cafm(steps=2000, n_dis=8, batch=256, lr=1e-4, ema=0.9, seed=0):
-    """CAFM on the toy, from scratch, as the release's continuous_adversarial_flow_models.ipynb
-    trains it: N 8 D steps per G step from the first step, Adam (betas (0, 0.9), lr 1e-4),
-    cp 0.001, ot 0, an EMA of 0.9 after each G step, 2,000 steps in all. A quarter of its batch
-    (1024) and the small MLPs above, so that it runs in seconds on a CPU. -> the EMA velocity
-    network."""
-    torch.manual_seed(seed)
-    G = ToyNet(use_t=True)
-    D = FlowDerivative(ToyNet(use_t=True, logit=True))
-    G_ema = ToyNet(use_t=True)
-    G_ema.load_state_dict(G.state_dict())
-    loss_fn = ContinuousAdversarialFlowLoss(n_dis=n_dis, warmup=0, cp=0.001, ot=0.0,
-                                            class_dropout=0.0)
-    opt_g = torch.optim.Adam(G.parameters(), lr=lr, betas=(0.0, 0.9))
-    opt_d = torch.optim.Adam(D.parameters(), lr=lr, betas=(0.0, 0.9))
-    y = torch.zeros(batch, dtype=torch.long)
-    for step in range(steps):
-        if loss_fn.is_g_step(step):
-            with frozen(D):
-                loss, _ = loss_fn.g_loss(G, D, toy_data(batch), y, step)
-                loss.backward()
-            opt_g.step()
-            ema_update(G_ema, G, ema)
-        else:
-            loss, _ = loss_fn.d_loss(G, D, toy_data(batch), y, step)
-            loss.backward()
-            opt_d.step()
-        opt_d.zero_grad()
-        opt_g.zero_grad()
-    return G_ema
-
-
-def map_error(G, steps=1, pred="x", n=20000, seed=1):
-    """How far G's map is from the exact one: (RMS of G(z) - T(z), fraction of noise sent to
-    another mode than the monotone map sends it to), over z ~ N(0, 1)."""
-    z = torch.randn(n, 1, generator=torch.Generator().manual_seed(seed))
-    x = generate(G, z, torch.zeros(n, dtype=torch.long), steps, pred).squeeze(1)
-    exact = exact_map(z.squeeze(1))
-    rms = (x - exact).square().mean().sqrt().item()
-    mode = (x[:, None] - MODES).abs().argmin(1)
-    exact_mode = (exact[:, None] - MODES).abs().argmin(1)
-    return rms, (mode != exact_mode).float().mean().item()
-
-
-def draw_maps(curves, path, size=480):
-    """A PNG of maps z -> x over z in [-3, 3]: `curves` is a list of (label, rgb, xs)."""
-    from PIL import Image, ImageDraw  # only the picture needs PIL: the method keeps torch alone
-    img = Image.new("RGB", (size + 200, size), "white")
-    draw = ImageDraw.Draw(img)
-    pad = 30
-    span = size - 2 * pad
-
-    def to_px(z, x):  # z in [-3, 3] -> left to right; x in [-2, 2] -> bottom to top
-        return pad + (z + 3) / 6 * span, pad + (2 - x) / 4 * span
-
-    draw.rectangle([pad, pad, pad + span, pad + span], outline=(180, 180, 180))
-    for m in MODES.tolist():
-        draw.line([to_px(-3, m), to_px(3, m)], fill=(230, 230, 230))
-    z = torch.linspace(-3, 3, len(curves[0][2])).tolist()
-    for i, (label, color, xs) in enumerate(curves):
-        points = [to_px(a, b) for a, b in zip(z, xs)]
-        draw.line(points, fill=color, width=2)
-        draw.line([(size + 5, 40 + 20 * i), (size + 25, 40 + 20 * i)], fill=color, width=3)
-        draw.text((size + 30, 34 + 20 * i), label, fill=0)
-    draw.text((pad, size - pad + 8), "noise z from -3 to 3 (x: -2 to 2, modes in grey)", fill=0)
-    img.save(path)
-
-
-def check_out(out, overwrite):
-    """Exit with one line, before any training, unless the picture can be written to `out`."""
-    import os  # the command line's only: the method above needs torch alone
-    folder = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(folder):
-        raise SystemExit(f"afm.py: error: --out {out}: no folder {folder}")
-    if not os.access(folder, os.W_OK):
-        raise SystemExit(f"afm.py: error: --out {out}: the folder {folder} is not writable")
-    if os.path.isdir(out):
-        raise SystemExit(f"afm.py: error: --out {out} is a folder: name a .png file")
-    if os.path.exists(out) and not overwrite:
-        raise SystemExit(f"afm.py: error: --out {out} exists: pass --overwrite to replace it")
-
-
-def main(args):
-    import os
-    check_out(args.out, args.overwrite)
-    torch.set_num_threads(1)  # small MLPs: one thread is faster than several
-    z = torch.linspace(-3, 3, 400).unsqueeze(1)
-    y = torch.zeros(400, dtype=torch.long)
-    curves = [("exact W2 map", (0, 0, 0), exact_map(z.squeeze(1)).tolist())]
-    print(f"1-D toy: N(0, 1) -> 4 modes at {MODES.tolist()}; distance to the exact monotone "
-          f"(W2-optimal) map as RMS over z ~ N(0, 1), and the share of noise sent to a wrong mode")
-
-    G = train_toy_afm(ot=args.ot, g_steps=args.g_steps)
-    rms, wrong = map_error(G)
-    print(f"AFM, ot {args.ot}, 1 step:     RMS {rms:.4f}, wrong mode {wrong:.1%}")
-    xs = generate(G, z, y).squeeze(1).tolist()
-    curves.append((f"AFM 1 step (ot {args.ot})", (31, 119, 180), xs))
-
-    v = train_toy_flow(steps=args.fm_steps)
-    colors = {1: (255, 187, 120), 4: (255, 127, 14), 32: (214, 39, 40)}
-    for n in (1, 4, 32):
-        rms, wrong = map_error(v, n, "v")
-        print(f"flow matching, {n:2d} Euler step(s): RMS {rms:.4f}, wrong mode {wrong:.1%}")
-        xs = generate(v, z, y, n, "v").squeeze(1).tolist()
-        curves.append((f"flow, {n} Euler step(s)", colors[n], xs))
-
-    v = train_toy_cafm(steps=args.cafm_steps)
-    rms, wrong = map_error(v, 64, "v")
-    print(f"CAFM, 64 Euler steps:      RMS {rms:.4f}, wrong mode {wrong:.1%}")
-    xs = generate(v, z, y, 64, "v").squeeze(1).tolist()
-    curves.append(("CAFM, 64 Euler steps", (44, 160, 44), xs))
-    # written under a temporary name, then renamed: an interrupted or failed write leaves no
-    # partial picture under the real name
-    partial = f"{args.out}.partial.png"
-    draw_maps(curves, partial)
-    os.replace(partial, args.out)
-    print(f"wrote {args.out}")
-
-
-if __name__ == "__main__":
-    import argparse
-    import warnings
-    # torch's forward-mode autodiff loads decompositions through torch.jit.script, which warns
-    warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated")
-    p = argparse.ArgumentParser(description="The 1-D toy: AFM, flow matching, CAFM, the exact map")
-    p.add_argument("--ot", type=float, default=0.2, help="AFM transport weight (0: a plain GAN)")
-    p.add_argument("--g-steps", type=int, default=2500, help="AFM generator steps")
-    p.add_argument("--fm-steps", type=int, default=3000, help="flow-matching steps")
-    p.add_argument("--cafm-steps", type=int, default=2000,
-                   help="CAFM steps, D and G steps together (8 D steps per G step)")
-    p.add_argument("--out", default="afm_toy.png", help="the picture of the maps")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    main(p.parse_args())

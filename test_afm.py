@@ -13,9 +13,10 @@ that first uses it.
 2. The networks are the release's DiTs: shapes, parameter counts, conditioning switches, deep
    generator.
 3. Every loss term equals a hand-computed value (the adversarial and the flow-matching losses);
-   gradient normalization, schedule, sampler (Euler and Heun), augmentation.
-4. The 1-D toy (afm.py's own): AFM and flow matching learn the monotone (W2-optimal) quantile
-   map; afm.py imports torch only and trains the toy on its own.
+   gradient normalization, schedule, sampler (Euler and Heun), augmentation; the wiring mistakes
+   of a lift into another repo stop with one line from afm.py naming the fix.
+4. The 1-D toy (toy.py): AFM and flow matching learn the monotone (W2-optimal) quantile map;
+   afm.py imports torch only, and toy.py trains the toy on its own.
 5. Recipes resolve to the release's values (flow matching's too).
 6. Data: ADM's center crop, image folders, npz files, the latent cache and its posterior
    sampling; the cache is written into a new folder, meta.json last; bad data (another VAE,
@@ -68,6 +69,7 @@ import fid
 import model as M
 import plumbing as P
 import sample as S
+import toy
 import train as T
 import vae as V
 
@@ -775,13 +777,14 @@ def test_regional_compile_equals_eager():
 # --------------------------------------------------------------------------------------
 
 
-class LinearD:
+class LinearD(nn.Module):
     """D(x, y, t) = <a, x> + b * y + c * t: its finite differences are exact and known."""
 
     def __init__(self, a, b=0.1, c=0.0):
+        super().__init__()
         self.a, self.b, self.c, self.calls = a, b, c, []
 
-    def __call__(self, x, y, t):
+    def forward(self, x, y, t):
         self.calls.append(x.shape[0])
         return x.flatten(1) @ self.a + self.b * y.float() + self.c * t
 
@@ -889,9 +892,11 @@ def test_classifier_guidance_term(monkeypatch):
     W = torch.randn(dim, 5, generator=g)
     seen = []
 
-    def cls(x, t):  # a linear classifier that records what it is shown
-        seen.append((x.clone(), t.clone()))
-        return x @ W
+    class Linear(nn.Module):  # a linear classifier that records what it is shown
+        def forward(self, x, t):
+            seen.append((x.clone(), t.clone()))
+            return x @ W
+    cls = Linear()
     y = torch.tensor([0, 1, 2, 3])
     fake = torch.randn(B, dim, generator=g)
     t_tgt = torch.tensor([0.1, 0.3, 0.5, 0.7])
@@ -971,18 +976,94 @@ def test_augment_translation_only_moves_content():
     assert (rows[kept] > 2).any() and (cols[kept] > 3).any()
 
 
+class Scores(nn.Module):
+    """D(x, y, t) = net(x flattened) as (B,) scores; or, as glue mistakes, the same as a (B, 1)
+    column or as a DiT-style (B, 1, h, w) map (the score repeated over its pixels)."""
+
+    def __init__(self, net, out="scores", hw=8):
+        super().__init__()
+        self.net, self.out, self.hw = net, out, hw
+
+    def forward(self, x, y, t):
+        s = self.net(x.flatten(1))  # (B, 1)
+        if self.out == "column":
+            return s
+        if self.out == "map":
+            return s.view(-1, 1, 1, 1).expand(-1, 1, self.hw, self.hw)  # (B, 1, h, w)
+        return s.squeeze(1)  # (B,)
+
+
+def test_glue_mistakes_are_named_and_logs_detached():
+    """The wiring mistakes of a lift into another repo (afm.py's docstring) stop the first step
+    with one line from afm.py that names the fix. Without the checks most train on a wrong loss
+    without a word: a (B, 1, 8, 8) map at batch 32, or a (B, 1) column, broadcasts against
+    R1/R2's (n,) weights (a map at batch 64 fails inside torch instead), and flow matching
+    broadcasts a 2C-channel velocity. Every logged value comes detached."""
+    lin = nn.Linear(64, 1)
+    afm_loss = A.AdversarialFlowLoss()
+    cafm_loss = A.ContinuousAdversarialFlowLoss(warmup=0, class_dropout=0)
+    data = {B: (torch.randn(B, 1, 8, 8), torch.arange(B) % 10) for B in (32, 64)}
+
+    def same(x, *_):
+        return x
+
+    def two_c(x, *_):  # DiT with learn_sigma=True: 2C channels
+        return torch.cat([x, x], 1)
+    cases = [  # (mistake, the call, the error, words of the fix)
+        ("D map, batch 32", lambda: afm_loss.d_loss(same, Scores(lin, "map"), *data[32], 0),
+         ValueError, "average a DiT-style (B, 1, h, w) map"),
+        ("D map, batch 64", lambda: afm_loss.d_loss(same, Scores(lin, "map"), *data[64], 0),
+         ValueError, "average a DiT-style (B, 1, h, w) map"),
+        ("D (B, 1)", lambda: afm_loss.d_loss(same, Scores(lin, "column"), *data[32], 0),
+         ValueError, "squeeze a (B, 1)"),
+        ("D (B, 1), any-step G step",
+         lambda: A.AdversarialFlowLoss(steps="any").g_loss(same, Scores(lin, "column"),
+                                                           *data[32], 0),
+         ValueError, "squeeze a (B, 1)"),
+        ("D (B, 1), CAFM's JVP",
+         lambda: cafm_loss.d_loss(same, A.FlowDerivative(Scores(lin, "column")), *data[32], 0),
+         ValueError, "squeeze a (B, 1)"),
+        ("G 2C", lambda: afm_loss.d_loss(two_c, Scores(lin), *data[32], 0),
+         ValueError, "keep the first C channels"),
+        ("G 2C, flow matching", lambda: A.flow_matching_loss(two_c, *data[32]),
+         ValueError, "keep the first C channels"),
+        ("frozen(callable)", lambda: A.frozen(lambda x, y, t: lin(x)).__enter__(),
+         TypeError, "wrap the callable in an nn.Module"),
+        ("FlowDerivative(callable)", lambda: A.FlowDerivative(lambda x, y, t: lin(x)),
+         TypeError, "wrap the callable in an nn.Module"),
+        ("no null class", lambda: A.ContinuousAdversarialFlowLoss(class_dropout=0.1),
+         ValueError, "pass null_class="),
+    ]
+    for name, call, error, words in cases:
+        with pytest.raises(error) as e:
+            call()
+        assert os.path.basename(e.traceback[-1].path) == "afm.py", name
+        assert words in str(e.value) and "\n" not in str(e.value), (name, str(e.value))
+
+    conv = nn.Conv2d(1, 1, 1)  # a G with weights, so that its outputs carry a graph
+    G = lambda x, *_: conv(x)  # noqa: E731
+    D = Scores(lin)
+    C = lambda x, t: torch.cat([lin(x.flatten(1))] * 10, 1)  # noqa: E731
+    x0, y = data[32]
+    logs = [afm_loss.d_loss(G, D, x0, y, 0)[1], afm_loss.g_loss(G, D, x0, y, 0)[1],
+            cafm_loss.d_loss(G, A.FlowDerivative(D), x0, y, 0)[1],
+            cafm_loss.g_loss(G, A.FlowDerivative(D), x0, y, 0)[1],
+            A.flow_matching_loss(G, x0, y)[1], A.classifier_loss(C, x0, y)[1]]
+    for log in logs:
+        assert all(not v.requires_grad for v in log.values()), log
+
+
 def test_frozen_discriminator_gets_no_gradient():
     """In the G step, gradients flow through D into G but D's weights receive none."""
     G = nn.Linear(2, 2)
-    Dnet = nn.Linear(2, 1)
-    D = lambda x, y, t: Dnet(x).squeeze(1)  # noqa: E731
+    D = Scores(nn.Linear(2, 1))
     loss_fn = A.AdversarialFlowLoss()
-    with A.frozen(Dnet):
+    with A.frozen(D):
         y = torch.zeros(8, dtype=torch.long)
         loss, _ = loss_fn.g_loss(lambda x, *_: G(x), D, torch.randn(8, 2), y, 0)
     loss.backward()
-    assert Dnet.weight.grad is None and G.weight.grad.abs().sum() > 0
-    assert all(p.requires_grad for p in Dnet.parameters())
+    assert D.net.weight.grad is None and G.weight.grad.abs().sum() > 0
+    assert all(p.requires_grad for p in D.parameters())
 
 
 def test_classifier_objective(monkeypatch):
@@ -1023,7 +1104,7 @@ def test_flow_matching_loss_by_hand(monkeypatch):
     assert torch.allclose(seen["x"], torch.tensor([[0.875, 1.375], [2.0, 0.0]]))
     assert torch.equal(seen["t_src"], t) and torch.equal(seen["t_tgt"], t)
     assert loss.item() == pytest.approx(72.625 / 4)
-    assert logs["fm_loss"] is loss
+    assert torch.equal(logs["fm_loss"], loss) and not logs["fm_loss"].requires_grad
 
 
 def test_heun_and_euler_integrate_a_known_velocity():
@@ -1043,21 +1124,21 @@ def test_heun_and_euler_integrate_a_known_velocity():
 
 
 # --------------------------------------------------------------------------------------
-# 4. The 1-D toy (afm.py's): AFM and flow matching learn the monotone (W2-optimal) quantile map
+# 4. The 1-D toy (toy.py): AFM and flow matching learn the monotone (W2-optimal) quantile map
 # --------------------------------------------------------------------------------------
 
 
 def test_1d_toy_learns_the_monotone_map():
-    """afm.py's toy: a mixture of 4 modes, N(0, 1) noise, 1 NFE. The optimal-transport map is
+    """toy.py's AFM toy: a mixture of 4 modes, N(0, 1) noise, 1 NFE. The optimal-transport map is
     F^-1(Phi(z)): noise quantiles go to data quantiles in order. A plain GAN (ot = 0) flips or
     interleaves modes (measured: 70-99% misassigned); AFM finds the ordered map (measured after
     2500 G steps: RMS 0.148 from the exact map, 0.8% of the noise sent to a wrong mode; the
     untrained start: RMS 1.13)."""
     with one_thread():
         torch.manual_seed(0)  # the start train_toy_afm draws with its seed 0
-        rms_start, _ = A.map_error(A.ToyNet())
-        G = A.train_toy_afm(ot=0.2, g_steps=2500)
-        rms, wrong = A.map_error(G)
+        rms_start, _ = toy.map_error(toy.ToyNet())
+        G = toy.train_toy_afm(ot=0.2, g_steps=2500)
+        rms, wrong = toy.map_error(G)
     print(f"1-D toy: RMS {rms:.4f} (start {rms_start:.3f}), wrong mode {wrong:.2%}")
     assert wrong < 0.03 and rms < 0.25
     assert rms < rms_start / 4
@@ -1069,9 +1150,9 @@ def test_toy_flow_approaches_the_monotone_map_with_steps():
     rms = {}
     wrong = {}
     with one_thread():
-        v = A.train_toy_flow(steps=3000)
+        v = toy.train_toy_flow(steps=3000)
         for n in (1, 4, 32):
-            rms[n], wrong[n] = A.map_error(v, n, "v", n=5000)
+            rms[n], wrong[n] = toy.map_error(v, n, "v", n=5000)
     print(f"flow matching on the toy: RMS {rms}, wrong mode {wrong}")
     assert rms[32] < 0.15 and wrong[32] < 0.02  # measured: 0.098, 0.3%
     assert rms[1] > rms[4] > rms[32] and wrong[1] > 0.3
@@ -1081,19 +1162,19 @@ def test_exact_map_is_the_quantile_map():
     """exact_map(z) sends noise quantiles to data quantiles: a quarter of N(0, 1) per mode, in
     order, and Phi(z) = F(x) within the bisection's precision."""
     z = torch.linspace(-2.5, 2.5, 11, dtype=torch.float64)
-    x = A.exact_map(z)
+    x = toy.exact_map(z)
     assert torch.all(x[1:] >= x[:-1])
     phi = 0.5 * (1 + torch.erf(z / 2 ** 0.5))
-    cdf = 0.5 * (1 + torch.erf((x[:, None] - A.MODES.double()) / (A.MODE_STD * 2 ** 0.5)))
+    cdf = 0.5 * (1 + torch.erf((x[:, None] - toy.MODES.double()) / (toy.MODE_STD * 2 ** 0.5)))
     assert torch.allclose(cdf.mean(1), phi, atol=1e-6)
     # the noise's octiles 1/8, 3/8, 5/8, 7/8 go to the middles of the four modes
     q = torch.tensor([-1.1503, -0.3186, 0.3186, 1.1503])
-    assert torch.allclose(A.exact_map(q), A.MODES, atol=1e-3)
+    assert torch.allclose(toy.exact_map(q), toy.MODES, atol=1e-3)
 
 
-def test_afm_py_imports_torch_only_and_runs_the_toy(tmp_path):
+def test_afm_py_imports_torch_only_and_toy_py_runs(tmp_path):
     """afm.py imports nothing of this project, and only torch and the standard library at module
-    level; `python afm.py` prints the distances to the exact map and writes the picture."""
+    level; `python toy.py` prints the distances to the exact map and writes the picture."""
     with open(os.path.join(HERE, "afm.py")) as f:
         tree = ast.parse(f.read())
     top = set()
@@ -1104,7 +1185,7 @@ def test_afm_py_imports_torch_only_and_runs_the_toy(tmp_path):
             top.add(node.module.split(".")[0])
     assert top <= {"contextlib", "math", "typing", "torch"}, top
     out = tmp_path / "toy.png"
-    r = run("afm.py", "--g-steps", "100", "--fm-steps", "100", "--cafm-steps", "100", "--ot", "0",
+    r = run("toy.py", "--g-steps", "100", "--fm-steps", "100", "--cafm-steps", "100", "--ot", "0",
             "--out", out)
     assert "AFM, ot 0.0, 1 step:" in r.stdout and "32 Euler step(s): RMS" in r.stdout, r.stdout
     assert "CAFM, 64 Euler steps:" in r.stdout, r.stdout
@@ -3199,20 +3280,6 @@ def test_16_bit_pngs_are_scaled_to_8_bits(tmp_path):
     assert shades == [[0], [100], [255]], shades
 
 
-def test_afm_py_checks_out_before_training(tmp_path):
-    """The toy's --out is checked before any training (a missing folder failed after it), and an
-    existing picture is kept unless --overwrite."""
-    kept = tmp_path / "afm_toy.png"
-    kept.write_bytes(b"an earlier picture")
-    for out, words in ((tmp_path / "no" / "x.png", "no folder"), (kept, "--overwrite")):
-        start = time.time()
-        r = run("afm.py", "--out", out, check=False, timeout=60)
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode == 1 and len(lines) == 1 and words in lines[0], r.stderr
-        assert time.time() - start < 30 and "AFM" not in r.stdout, r.stdout
-    assert kept.read_bytes() == b"an earlier picture" and os.listdir(tmp_path) == [kept.name]
-
-
 # The same refusals from real processes: the exit status and one stderr line, no traceback,
 # within seconds; no Inception weights in the cache, so nothing is downloaded
 PROCESS_REFUSALS = [
@@ -3767,9 +3834,10 @@ def test_cafm_schedule():
     assert A.cafm_is_g_step(16, 16, 0) and not A.cafm_is_g_step(1, 16, 0)
     g_steps = [s for s in range(10_000 + 3 * 17 + 1) if A.cafm_is_g_step(s, 16, 10_000)]
     assert g_steps == [10_012, 10_029, 10_046]  # 10_012 = 588 * 17 + 16
-    loss = A.ContinuousAdversarialFlowLoss()  # the release's SiT recipe: N 16, warmup 10,000
+    # the release's SiT recipe: N 16, warmup 10,000; its null label 1000 is passed, not assumed
+    loss = A.ContinuousAdversarialFlowLoss(null_class=1000)
     assert (loss.n_dis, loss.warmup, loss.cp, loss.ot) == (16, 10_000, 0.001, 0.0)
-    assert (loss.class_dropout, loss.null_class) == (0.1, 1000)
+    assert loss.class_dropout == 0.1
     assert loss.is_g_step(10_012) and not loss.is_g_step(10_000)
 
 
@@ -3787,9 +3855,11 @@ def test_cafm_loss_by_hand_and_class_dropout():
         seen["G"] = y
         return x * w
 
-    def D(x, y, t):
-        seen["D"] = y
-        return x @ a + c * t
+    class LinearFlowD(nn.Module):
+        def forward(self, x, y, t):
+            seen["D"] = y
+            return x @ a + c * t
+    D = LinearFlowD()
 
     loss = A.ContinuousAdversarialFlowLoss(cp=0.01, ot=0.1, class_dropout=0.5, null_class=10)
     y = torch.arange(B) % 10
@@ -3833,15 +3903,15 @@ def test_gradnorm_state_follows_the_gradient_device():
 
 
 def test_cafm_toy_sends_noise_to_the_right_modes():
-    """afm.py's CAFM toy (the release's continuous_adversarial_flow_models.ipynb, scaled to a
+    """toy.py's CAFM toy (the release's continuous_adversarial_flow_models.ipynb, scaled to a
     CPU): trained from scratch, its 64-step Euler map sends noise to the mode the monotone map
     does (measured: 2.3% misassigned, RMS 0.265 from the exact map; the untrained start: 17.6%,
     RMS 0.39). The modes stay wider than the data's at this budget: RMS is not near zero."""
     with one_thread():
         torch.manual_seed(0)  # the start train_toy_cafm draws with its seed 0
-        start = A.map_error(A.ToyNet(use_t=True), 64, "v", n=5000)
-        v = A.train_toy_cafm()
-        rms, wrong = A.map_error(v, 64, "v", n=5000)
+        start = toy.map_error(toy.ToyNet(use_t=True), 64, "v", n=5000)
+        v = toy.train_toy_cafm()
+        rms, wrong = toy.map_error(v, 64, "v", n=5000)
     print(f"CAFM on the toy: RMS {rms:.4f} (start {start[0]:.3f}), wrong mode {wrong:.2%}")
     assert wrong < 0.06 and wrong < start[1] / 3
     assert rms < 0.35
