@@ -49,13 +49,14 @@ from vae import load_vae, to_images
 IMAGENET_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py grid: dog, ...
 
 
-def load_generator(args):
-    """--ckpt -> (the Generator in eval mode on the CPU, how to sample it). Flags left unset
-    come from our checkpoint's settings, or from a bare file's keys (the docstring above)."""
-    path, ckpt = load_checkpoint(args.ckpt)
+def load_generator(path, weights="ema", steps=None, pred=None, solver=None, repeat=None,
+                   vae=None):
+    """--ckpt -> (the Generator in eval mode on the CPU, how to sample it: a dict). What is not
+    given comes from our checkpoint's settings, or from a bare file's keys (see above)."""
+    path, ckpt = load_checkpoint(path)
     a = ckpt.get("args")  # our checkpoints' settings (train.py); None in a bare state dict
-    sd = ckpt[args.weights] if a else ckpt
-    repeat = args.repeat or (a["repeat"] if a else 1)
+    sd = ckpt[weights] if a else ckpt
+    repeat = repeat or (a["repeat"] if a else 1)
     try:
         name, kw = generator_config(sd, repeat)
     except (KeyError, ValueError) as e:
@@ -64,33 +65,35 @@ def load_generator(args):
         G = Generator(**kw)
     load_weights(G, sd, f"--ckpt {path} (read as {name}, repeat {repeat}; --repeat?)")
     sit = kw["learn_sigma"]
-    if a:
+    t_input = sit or kw["use_t_src"] or kw["use_t_tgt"]
+    if a:  # ours: the run's settings say
         flow = a["objective"] in ("flow", "cafm")
         null = a["class_dropout"] > 0
-        pred = a["pred"]
-        steps = a["sample_steps"] if flow else a["steps"]
-        solver = a["sample_solver"] if flow else "euler"
+        trained = a["sample_steps"] if flow else a["steps"]
+        pred = pred or a["pred"]
+        solver = solver or (a["sample_solver"] if flow else "euler")
+        vae = vae or a["vae"]
     else:  # SiT's: the release's CAFM validation (cafm/train_cafm_sit.yaml: heun, 250 steps)
         flow = sit
         null = sit or kw["num_classes"] == 1001  # SiT trained with class dropout 0.1
-        pred = "v" if sit or kw["use_t_src"] or kw["use_t_tgt"] else "x"
-        steps = 250 if sit else 1
-        solver = "heun" if sit else "euler"
+        trained = 250 if sit else 1
+        pred = pred or ("v" if t_input else "x")
+        solver = solver or ("heun" if sit else "euler")
+    steps = steps or (1 if trained == "any" else trained)
+    if steps > 1 and not (flow or t_input):
+        raise SystemExit(f"error: --steps {steps}: {path} is a 1-NFE generator (no timestep "
+                         f"input): it samples in one step")
     K = kw["num_classes"] - null  # the null class, if any, is the last row
-    how = dict(steps=args.steps or (1 if steps == "any" else steps), pred=args.pred or pred,
-               solver=args.solver or solver, classes=K, null=K if null else None,
-               size=kw["input_size"],
-               vae=args.vae or (a["vae"] if a else None),
-               about=f"{path} ({name} on {kw['in_channels']}x{kw['input_size']}^2, {K} classes)")
-    if how["steps"] > 1 and not (flow or kw["use_t_src"] or kw["use_t_tgt"]):
-        raise SystemExit(f"error: --steps {how['steps']}: {path} is a 1-NFE generator (no "
-                         f"timestep input): it samples in one step")
+    about = f"{path} ({name} on {kw['in_channels']}x{kw['input_size']}^2, {K} classes)"
+    how = dict(steps=steps, pred=pred, solver=solver, vae=vae, classes=K, flow=flow,
+               null=K if null else None, size=kw["input_size"], about=about)
     return G.eval().requires_grad_(False), how
 
 
 def main(args):
     rank, world, device = setup(args.device)
-    G, how = load_generator(args)
+    G, how = load_generator(args.ckpt, args.weights, args.steps, args.pred, args.solver,
+                            args.repeat, args.vae)
     K = how["classes"]
     C = G.in_channels
     if args.cfg != 1 and (how["pred"] != "v" or how["null"] is None):

@@ -111,17 +111,22 @@ PIXEL32 = dict(ONE_NFE, model="B/2", ot_end=0.2, max_steps=400_000, sample_every
 
 RECIPES = {
     "1nfe": ONE_NFE,
-    "1nfe-cg": dict(ONE_NFE, augment_p=0.4, cg=0.003),  # train_1nfe_cg.yaml
+    # train_1nfe_cg.yaml
+    "1nfe-cg": dict(ONE_NFE, augment_p=0.4, cg=0.003),
     "knfe": K_NFE,  # or --steps 4
-    "knfe-cg": dict(K_NFE, augment_p=0.4, cg=0.02),  # train_fix_nfe_cg.yaml
-    "any": dict(K_NFE, steps="any", model="B/2", global_batch_size=32),  # train_any_nfe.yaml
-    "deep": dict(ONE_NFE, repeat=2, lr=5e-5, lr_d=1e-4, clip=5),  # train_1nfe_deep.yaml
+    # train_fix_nfe_cg.yaml
+    "knfe-cg": dict(K_NFE, augment_p=0.4, cg=0.02),
+    # train_any_nfe.yaml
+    "any": dict(K_NFE, steps="any", model="B/2", global_batch_size=32),
+    # train_1nfe_deep.yaml
+    "deep": dict(ONE_NFE, repeat=2, lr=5e-5, lr_d=1e-4, clip=5),
     "classifier": dict(ONE_NFE, **ONE_NETWORK, objective="classifier", pred=None, model="B/2",
                        ema=0.9995),  # train_classifier.yaml
     "fm": FLOW,
     "digits": dict(ONE_NFE, **DIGITS, ot=0.25, ot_end=0.25, max_steps=16_000, eval_every=1000),
     "pixel32": PIXEL32,
-    "pixel64": dict(PIXEL32, model="B/4"),  # 256 tokens of 4x4 patches
+    # 256 tokens of 4x4 patches
+    "pixel64": dict(PIXEL32, model="B/4"),
     "fm-digits": dict(FLOW, **DIGITS, max_steps=36_000, eval_every=2000, sample_steps=32,
                       sample_solver="euler"),  # the AFM digits run's time
     "cafm": CAFM,
@@ -171,8 +176,8 @@ def guarded(local_batch):
     try:
         yield stop
     except torch.OutOfMemoryError:
-        raise SystemExit(f"error: out of memory with {local_batch} examples per process: lower "
-                         f"--global-batch-size (or try --grad-checkpoint, --precision bf16)")
+        raise SystemExit(f"error: out of memory with {local_batch} examples per process: "
+                         f"lower --global-batch-size (or use --grad-checkpoint, bf16)")
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
@@ -427,7 +432,8 @@ def main(s, ckpt=None, ckpt_path=None):
     data_iter = batches(data, stream, local_batch, s.workers)
     log = Log(run_dir, s.max_steps, world)
     start = step
-    bad = torch.zeros((), dtype=torch.bool, device=device)  # a non-finite loss since the check
+    # whether a loss was not finite since the last write step (on the device: no sync)
+    bad = torch.zeros((), dtype=torch.bool, device=device)
     with guarded(local_batch) as stop:
         while step < s.max_steps:
             x0, y = next(data_iter)
@@ -483,7 +489,7 @@ def main(s, ckpt=None, ckpt_path=None):
     if stop or step < s.max_steps:
         print0(f"stopped by a signal at step {step}; resume with --resume {run_dir}")
         raise SystemExit(128 + (stop[0] if stop else signal.SIGINT))
-    print0(f"done at step {step}: checkpoints, log.jsonl, curves.png and grids in {run_dir}")
+    print0(f"done at step {step}: {run_dir}")
 
 
 # --------------------------------------------------------------------------------------
@@ -517,7 +523,8 @@ def restore(trainer, ckpt, path, seed, world, rank, device):
     try:
         for key, part in trainer.state().items():
             part.load_state_dict(ckpt[key])
-    except RuntimeError as e:  # e.g. another --model on the command line than in the run
+    # e.g. another --model on the command line than in the run
+    except RuntimeError as e:
         why = str(e).strip().split("\n")[-1].strip()[:150]
         raise SystemExit(f"error: --resume {path}: does not fit the networks ({why})") from None
     if len(ckpt["rng"]) == world:
@@ -714,14 +721,13 @@ def check(s, resumed):
     if s.recipe not in OURS and wanted != kind.get(RECIPES[s.recipe]["steps"], "knfe"):
         return f"--steps {s.steps} does not fit --recipe {s.recipe}: use --recipe {wanted}"
     if (s.repeat > 1) != (s.recipe == "deep"):
-        return "--repeat: the deep generator is --recipe deep (--repeat 2 or 4); others have 1"
+        return "--repeat: the deep generator is --recipe deep (2 or 4); others have 1"
     if s.cls and s.cg <= 0:
         return "--cls without a guidance weight: use --recipe 1nfe-cg or knfe-cg, or --cg"
     if s.cg > 0 and not s.cls:
         return f"--recipe {s.recipe} guides with a classifier: name it with --cls"
     if s.steps == 1 and (s.sample_steps or 1) != 1:
         return f"--sample-steps {s.sample_steps}: a 1-NFE generator samples in one step only"
-    return None
 
 
 if __name__ == "__main__":
