@@ -581,10 +581,11 @@ def positive(text):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="dataset.py",
+    p = argparse.ArgumentParser(prog="dataset.py", usage=argparse.SUPPRESS,
                                 description="AFM data: self-check (no command) or cache")
     sub = p.add_subparsers(dest="command")
-    c = sub.add_parser("cache", help="encode an image folder and its mirror into a latent cache")
+    c = sub.add_parser("cache", prog="dataset.py cache", usage=argparse.SUPPRESS,
+                       help="encode an image folder and its mirror into a latent cache")
     c.add_argument("--data", required=True,
                    help="an image folder (class sub-folders, or flat) or an npz of images")
     c.add_argument("--unconditional", action="store_true",

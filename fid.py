@@ -785,7 +785,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="fid.py",
+    p = argparse.ArgumentParser(prog="fid.py", usage=argparse.SUPPRESS,
                                 description="ADM-suite FID, sFID, IS, precision/recall.",
                                 epilog="e.g. python fid.py samples.npz "
                                        "VIRTUAL_imagenet256_labeled.npz")

@@ -14,6 +14,7 @@ import math
 import os
 import pickle
 import re
+import warnings
 import zipfile
 
 import numpy as np
@@ -138,9 +139,11 @@ def load_checkpoint(path, flag="--ckpt"):
         if not files:
             raise SystemExit(f"error: {flag} {path}: a folder without checkpoints/*.pt")
         path = files[-1]  # names are zero-padded steps: the last is the newest
-    try:
-        mmap = zipfile.is_zipfile(path)
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    try:  # torch warns about a foreign pickle on its own: the line below says it
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mmap = zipfile.is_zipfile(path)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # missing, empty, cut short, or a pickle of more than tensors
         why = str(e).strip().split("\n")[0][:120]
         if isinstance(e, pickle.UnpicklingError):

@@ -118,7 +118,7 @@ def main(args):
     ref = None
     if args.fid and rank == 0:  # before the first sample, not after hours of sampling
         inception = fid.load_inception(args.inception, device)
-        ref = fid.reference_stats(args.fid, inception, device=device)
+        ref = fid.reference_stats(args.fid, inception, device=device, flag="--fid")
     G.to(device)
     if args.compile:
         G.compile_blocks()
@@ -185,7 +185,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, usage=argparse.SUPPRESS,
+    p = argparse.ArgumentParser(prog="sample.py", description=__doc__, usage=argparse.SUPPRESS,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--ckpt", required=True, help="our checkpoint (a file or a run folder) or a bare .pth")

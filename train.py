@@ -611,7 +611,7 @@ class Log:
 
 def parser():
     """Every flag is optional: unset ones come from the recipe, or from the resumed run."""
-    p = argparse.ArgumentParser(description=__doc__, usage=argparse.SUPPRESS,
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__, usage=argparse.SUPPRESS,
                                 argument_default=argparse.SUPPRESS,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
