@@ -659,10 +659,7 @@ def generate(G, z, y, steps=1, pred="x", solver="euler", cfg=1.0, null=None, cfg
     t = torch.linspace(1, 0, steps + 1, device=z.device)
     for i in range(steps):
         out = velocity(x, t[i], t[i + 1])
-        if pred == "x":
-            x = out
-        else:
-            x = x - (t[i] - t[i + 1]) * out
+        x = out if pred == "x" else x - (t[i] - t[i + 1]) * out
     return x
 
 

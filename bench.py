@@ -36,15 +36,18 @@ from vae import AutoencoderKL, encode, load_vae, to_images
 def where(device, args=None):
     """The device for a printed line; given args, with the precision and --compile:
     'bf16 compile on NVIDIA H200'."""
+    name = f"cpu ({torch.get_num_threads()} threads)"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-    else:
-        name = f"cpu ({torch.get_num_threads()} threads)"
     if args is None:
         return name
-    if args.compile:
-        return f"{args.precision} compile on {name}"
-    return f"{args.precision} on {name}"
+    return f"{args.precision}{' compile' if args.compile else ''} on {name}"
+
+
+def peak_memory(device):
+    if device.type != "cuda":
+        return "- (cpu)"
+    return f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB"
 
 
 def sync(device):
@@ -110,9 +113,7 @@ def bench_train(args, device):
         if pair:
             trainer.D.compile_blocks()
     dt, t_warm = timed(one, device, 3, lambda n, t: n >= args.iters)  # 3 warm-up (and compile)
-    mem = "- (cpu)"
-    if device.type == "cuda":
-        mem = f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB"
+    mem = peak_memory(device)
     print(f"train {args.recipe} {args.model} batch {B} {where(device, args)}: {what} "
           f"{dt * 1000:.1f} ms, {B / dt:.1f} img/s, {flops / dt / 1e12:.2f} TFLOP/s "
           f"({flops / 1e9:.1f} GFLOP per {what}), warm-up {t_warm:.0f} s, peak mem {mem}",
@@ -192,9 +193,7 @@ def bench_cafm(args, device):
         ms[name] = 1000 * timed(fn, device, 3, lambda n, t: n >= args.iters)[0]
     n = loss.n_dis
     schedule = (n * ms["D"] + ms["G"]) / (n + 1)
-    mem = "- (cpu)"
-    if device.type == "cuda":
-        mem = f"{torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB"
+    mem = peak_memory(device)
     print(f"cafm {args.model} batch {B} {where(device, args)}: D step {ms['D']:.1f} ms, "
           f"G step {ms['G']:.1f} ms, schedule step ({n} D + 1 G) / {n + 1} {schedule:.1f} ms; "
           f"flow-matching step {ms['FM']:.1f} ms; CAFM / flow matching {schedule / ms['FM']:.2f}x "
@@ -205,16 +204,12 @@ def bench_sample(args, device):
     """Images/s of sampling --model (+ SD-VAE decoding with --vae), as sample.py does it."""
     B = args.batch_size
     steps = int(args.steps or 1)
-    pred = "v"  # the release's: x for 1 NFE, v for more
-    if steps == 1:
-        pred = "x"
+    pred = "x" if steps == 1 else "v"  # the release's: x for 1 NFE, v for more
     C, H, K = latent_shape(args)
     G = Generator(**models[args.model], input_size=H, in_channels=C, num_classes=K,
                   use_t_src=steps > 1, repeat=args.repeat)
     G = G.to(device).eval().requires_grad_(False)
-    vae = None
-    if args.vae and C == 4:
-        vae = load_vae(args.vae, device)
+    vae = load_vae(args.vae, device) if args.vae and C == 4 else None
     if args.compile:
         G.compile_blocks()
     z = torch.randn(B, C, H, H, device=device)
@@ -265,9 +260,7 @@ def bench_fid(args, device):
     C, H, K = latent_shape(args)
     G = Generator(**models[args.model], input_size=H, in_channels=C, num_classes=K)
     G = G.to(device).eval()
-    vae = None
-    if C == 4:
-        vae = AutoencoderKL().to(device).eval().requires_grad_(False)
+    vae = AutoencoderKL().to(device).eval().requires_grad_(False) if C == 4 else None
     if args.compile:
         G.compile_blocks()
     amp = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
@@ -285,10 +278,7 @@ def bench_fid(args, device):
             images.append(fid.to_uint8(to_images(generate(G, z, y), vae)))
     images = np.concatenate(images)
     sync(device)
-    stage = "sampling"
-    if vae is not None:
-        stage = "sampling + VAE decode"
-    times[stage] = time.time() - t0
+    times["sampling" if vae is None else "sampling + VAE decode"] = time.time() - t0
 
     t0 = time.time()
     torch.set_flush_denormal(True)

@@ -367,9 +367,7 @@ def open_data(data, image_size=None, vae_path=None, device="cpu", unconditional=
     """(dataset, VAE or None, encode per batch?, C, H): the dataset and what the networks see,
     pixels or SD-VAE latents (cached, or encoded per batch from images). image_size None: the
     data's own (256 for an image folder)."""
-    vae = None
-    if vae_path:
-        vae = open_vae(vae_path, device)
+    vae = open_vae(vae_path, device) if vae_path else None
     ds = build_dataset(data, image_size, vae_path, unconditional)
     C, H, _ = ds.shape
     encode = ds.space == "pixel" and vae is not None

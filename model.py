@@ -58,9 +58,8 @@ def _registry():
     """{"S/2": dict(depth=12, hidden_size=384, num_heads=6, patch_size=2), ...}"""
     out = {}
     for name, (depth, hidden_size, num_heads) in _sizes.items():
-        patch_sizes = (2, 4, 8)
-        if name == "T":  # 8x8 inputs: patches of 1, 2 and 4 pixels
-            patch_sizes = (1, 2, 4)
+        # 8x8 inputs (the digits): patches of 1, 2 and 4 pixels
+        patch_sizes = (1, 2, 4) if name == "T" else (2, 4, 8)
         for p in patch_sizes:
             out[f"{name}/{p}"] = dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads,
                                       patch_size=p)
@@ -524,9 +523,7 @@ def main():
         c, s = default_input(name)
         if s % cfg["patch_size"]:
             continue
-        num_classes = 1000
-        if name.startswith("T/"):  # the digits
-            num_classes = 10
+        num_classes = 10 if name.startswith("T/") else 1000  # the digits, or ImageNet
         kw = dict(cfg, input_size=s, in_channels=c, num_classes=num_classes)
         with torch.device("meta"):  # shapes and counts only: no memory, no init time
             x = torch.randn(2, c, s, s)

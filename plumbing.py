@@ -146,7 +146,7 @@ def load_checkpoint(path, flag="--ckpt"):
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # missing, empty, cut short, or a pickle of more than tensors
         why = str(e).strip().split("\n")[0][:120]
-        if isinstance(e, pickle.UnpicklingError):
+        if isinstance(e, pickle.UnpicklingError):  # torch's text suggests unpickling it anyway
             why = "it holds more than tensors and plain values"
         raise SystemExit(f"error: {flag} {path}: not a readable checkpoint ({why})") from None
     if not isinstance(ckpt, dict):

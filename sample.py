@@ -41,12 +41,14 @@ from tqdm import tqdm
 
 import fid
 from afm import generate
+from dataset import open_vae
 from model import Generator, generator_config
 from plumbing import (check_out, cleanup, load_checkpoint, load_weights, positive, print0,
                       save_grid, save_npz, setup)
-from vae import load_vae, to_images
+from vae import to_images
 
-IMAGENET_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py grid: dog, ...
+# DiT's sample.py grid: dog, otter, panda, ...
+IMAGENET_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
 
 
 def load_generator(path, weights="ema", steps=None, pred=None, solver=None, repeat=None,
@@ -54,14 +56,16 @@ def load_generator(path, weights="ema", steps=None, pred=None, solver=None, repe
     """--ckpt -> (the Generator in eval mode on the CPU, how to sample it: a dict). What is not
     given comes from our checkpoint's settings, or from a bare file's keys (see above)."""
     path, ckpt = load_checkpoint(path)
-    a = ckpt.get("args")  # our checkpoints' settings (train.py); None in a bare state dict
+    # our checkpoints' settings (train.py's args); None in a bare state dict
+    a = ckpt.get("args")
     sd = ckpt[weights] if a else ckpt
     repeat = repeat or (a["repeat"] if a else 1)
     try:
         name, kw = generator_config(sd, repeat)
     except (KeyError, ValueError) as e:
         raise SystemExit(f"error: --ckpt {path}: {e}") from None
-    with torch.device("meta"):  # shapes only: the tensors come from the file
+    # shapes only, on the meta device: the tensors come from the file
+    with torch.device("meta"):
         G = Generator(**kw)
     load_weights(G, sd, f"--ckpt {path} (read as {name}, repeat {repeat}; --repeat?)")
     sit = kw["learn_sigma"]
@@ -73,9 +77,11 @@ def load_generator(path, weights="ema", steps=None, pred=None, solver=None, repe
         pred = pred or a["pred"]
         solver = solver or (a["sample_solver"] if flow else "euler")
         vae = vae or a["vae"]
-    else:  # SiT's: the release's CAFM validation (cafm/train_cafm_sit.yaml: heun, 250 steps)
+    else:
+        # SiT's layout: trained with class dropout 0.1 (a null row), validated as the release
+        # validates its CAFM runs (configs/train/cafm/train_cafm_sit.yaml: heun, 250 steps)
         flow = sit
-        null = sit or kw["num_classes"] == 1001  # SiT trained with class dropout 0.1
+        null = sit or kw["num_classes"] == 1001
         trained = 250 if sit else 1
         pred = pred or ("v" if t_input else "x")
         solver = solver or ("heun" if sit else "euler")
@@ -108,15 +114,11 @@ def main(args):
     if C == 4 and not how["vae"]:
         raise SystemExit("error: a latent model (4 channels) needs --vae (sd-vae-ft-mse) to "
                          "decode its samples")
-    vae = None
-    if C == 4:
-        try:
-            vae = load_vae(how["vae"], device)
-        except (OSError, RuntimeError, ValueError) as e:
-            raise SystemExit(f"error: --vae {how['vae']}: {str(e).splitlines()[0]}") from None
+    vae = open_vae(how["vae"], device) if C == 4 else None
     inception = None
     ref = None
-    if args.fid and rank == 0:  # before the first sample, not after hours of sampling
+    # --fid's files are read before the first sample, not after hours of sampling
+    if args.fid and rank == 0:
         inception = fid.load_inception(args.inception, device)
         ref = fid.reference_stats(args.fid, inception, device=device, flag="--fid")
     G.to(device)
@@ -177,11 +179,10 @@ def main(args):
     if args.fid:
         m = fid.evaluate(fid.compute_features(inception, samples[order], device=device), ref,
                          device=device)
-        pr = "n/a (the reference has no images)"
-        if m["precision"] is not None:
-            pr = f"{m['precision']:.4f} | recall {m['recall']:.4f}"
-        print(f"FID {m['fid']:.4f} | sFID {m['sfid']:.4f} | IS {m['inception_score']:.4f} | "
-              f"precision {pr}", flush=True)
+        line = f"FID {m['fid']:.4f} | sFID {m['sfid']:.4f} | IS {m['inception_score']:.4f}"
+        if m["precision"] is not None:  # precision and recall need the reference's images
+            line += f" | precision {m['precision']:.4f} | recall {m['recall']:.4f}"
+        print(line, flush=True)
 
 
 def parse_args(argv=None):
@@ -211,8 +212,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     npz = args.num_samples > 0
     args.out = args.out or ("samples.npz" if npz else "grid.png")
-    if npz != args.out.endswith(".npz") or (args.fid and not npz):
-        p.error("--num-samples N writes an .npz (and --fid scores it); a grid is an image")
+    if args.out.endswith(".npz") != npz:
+        p.error("--num-samples N writes an .npz; without it --out is a grid, an image")
+    if args.fid and not npz:
+        p.error("--fid scores an npz: give --num-samples N")
     check_out(args.out)
     for flag, path in (("--fid", args.fid), ("--inception", args.inception)):
         if path and not os.path.isfile(path):

@@ -222,9 +222,7 @@ class AutoencoderKL(nn.Module):
             # a count and the first three of each: the error stays one readable line
             parts = []
             for what, keys in bad.items():
-                more = ""
-                if len(keys) > 3:
-                    more = ", ..."
+                more = ", ..." if len(keys) > 3 else ""
                 parts.append(f"{what} {len(keys)} ({', '.join(keys[:3])}{more})")
             raise RuntimeError("AutoencoderKL.load_state_dict: keys do not match this config in "
                                "any known layout (diffusers current/legacy, LDM, optionally under "
@@ -419,10 +417,7 @@ def to_images(x, vae=None):
     """Samples -> RGB images in [-1, 1], (N, 3, H, W): latents (x SCALE) decoded by the VAE,
     pixels clamped; one channel (the digits) repeated three times, as ADM's suite and the
     Inception take RGB. Under the caller's autocast."""
-    if vae is not None:
-        x = decode(vae, x)
-    else:
-        x = x.float().clamp(-1, 1)
+    x = decode(vae, x) if vae is not None else x.float().clamp(-1, 1)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     return x
