@@ -364,16 +364,15 @@ def open_vae(path, device="cpu"):
 
 
 def open_data(data, image_size=None, vae_path=None, device="cpu", unconditional=False):
-    """(dataset, VAE or None, encode per batch?, C, H): the dataset and what the networks see,
-    pixels or SD-VAE latents (cached, or encoded per batch from images). image_size None: the
-    data's own (256 for an image folder)."""
+    """(dataset, VAE or None, (C, H, W) of what the networks see): pixels, or SD-VAE latents
+    (cached, or encoded from each batch of images when a VAE is given for pixel data).
+    image_size None: the data's own (256 for an image folder)."""
     vae = open_vae(vae_path, device) if vae_path else None
     ds = build_dataset(data, image_size, vae_path, unconditional)
-    C, H, _ = ds.shape
-    encode = ds.space == "pixel" and vae is not None
-    if encode:  # the latent shape, read off one encoding (any VAE depth)
-        C, H = vae.encode(torch.zeros(1, C, H, H, device=device))[0].shape[1:3]
-    return ds, vae, encode, C, H
+    shape = ds.shape
+    if ds.space == "pixel" and vae is not None:  # the latent shape, read off one encoding
+        shape = tuple(vae.encode(torch.zeros(1, *shape, device=device))[0].shape[1:])
+    return ds, vae, shape
 
 
 # --------------------------------------------------------------------------------------

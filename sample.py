@@ -37,7 +37,6 @@ import os
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 import fid
 from afm import generate
@@ -129,20 +128,16 @@ def main(args):
     print0(f"{how['about']}; {how['steps']} step(s), pred {how['pred']}, {how['solver']}"
            f"{guided}; {world} process(es) on {device}")
 
-    def images(idx, y):
-        """Sample indices and their labels (lists) -> images (n, 3, H, W) in [-1, 1]. Sample
-        i's noise comes from its own generator (fid.noise_of); a short batch is padded to
-        --batch-size, so that every batch has one shape (one compiled graph, the same
-        kernels)."""
-        pad = args.batch_size - len(idx)
-        z = fid.noise_of(idx + idx[-1:] * pad, (C, how["size"], how["size"]), args.seed)
-        y = torch.tensor(y + y[-1:] * pad, device=device)
+    def sample(z, y):  # noise and labels -> images (n, 3, H, W) in [-1, 1]
         with amp:
-            x = generate(G, z.to(device), y, how["steps"], how["pred"], how["solver"], args.cfg,
+            x = generate(G, z, y, how["steps"], how["pred"], how["solver"], args.cfg,
                          how["null"], args.cfg_channels)
-            return to_images(x, vae)[:len(idx)]
+            return to_images(x, vae)
 
-    B = args.batch_size
+    def samples(indices, labels, progress=False):  # each sample's own noise: fid.noise_of
+        return fid.sample_batches(sample, indices, labels, (C, how["size"], how["size"]),
+                                  args.seed, args.batch_size, device, progress)
+
     if not args.num_samples:
         # the grid: a row per class, --per-class columns (unconditional: a square)
         y = []
@@ -150,23 +145,19 @@ def main(args):
             y += [c] * args.per_class
         y = y * args.per_class if K == 1 else y
         if rank == 0:
-            x = [images(list(range(i, min(i + B, len(y)))), y[i:i + B])
-                 for i in range(0, len(y), B)]
-            save_grid(torch.cat(x), args.out, nrow=args.per_class)
+            x = torch.cat(list(samples(list(range(len(y))), y)))
+            save_grid(x, args.out, nrow=args.per_class)
             print0(f"wrote {args.out}: classes {classes}, seed {args.seed}")
         return cleanup()
     # Sample i has class i // (N / K), as the release's generate.py; rank r makes r, r + world..
     N = args.num_samples
     labels = np.arange(N) // (N // K)
-    mine = list(range(rank, N, world))
-    part = []
-    for i in tqdm(range(0, len(mine), B), desc="sampling", disable=rank != 0):
-        idx = mine[i:i + B]
-        part.append(fid.to_uint8(images(idx, labels[idx].tolist())))  # (n, H, W, 3)
-    parts = [np.concatenate(part)]
+    batches = samples(list(range(rank, N, world)), labels, progress=rank == 0)
+    part = np.concatenate([fid.to_uint8(x) for x in batches])  # (n, H, W, 3)
+    parts = [part]
     if world > 1:
         parts = [None] * world if rank == 0 else None
-        dist.gather_object(np.concatenate(part), parts, dst=0)
+        dist.gather_object(part, parts, dst=0)
     cleanup()
     if rank != 0:
         return

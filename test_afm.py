@@ -1703,8 +1703,8 @@ def test_cache_is_new_and_whole(small_cache, tmp_path, monkeypatch):
 
 def test_cache_image_size_comes_from_the_cache(small_cache):
     root, vae_path, out = small_cache
-    ds, vae, encode, C, H = DS.open_data(out)  # no image size: the cache's 16 px
-    assert isinstance(ds, DS.LatentCache) and ds.image_size == 16 and (C, H) == (4, 8)
+    ds, vae, shape = DS.open_data(out)  # no image size: the cache's 16 px
+    assert isinstance(ds, DS.LatentCache) and ds.image_size == 16 and shape == (4, 8, 8)
     assert DS.build_dataset(out, image_size=16).image_size == 16  # the right size: accepted
     with pytest.raises(SystemExit) as e:
         DS.open_data(out, 256)
@@ -2346,15 +2346,14 @@ def eval_worker(rank, argv, port):
 
 
 def test_compute_features_batching():
-    """Features of NHWC uint8 images, given at once, as a list of uneven numpy and torch batches,
-    or as an iterator: the same numbers."""
+    """Features of NHWC uint8 images, numpy or torch, in batches of any size (the last one
+    short): the same numbers, in input order."""
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (11, 4, 5, 3), dtype=np.uint8)
     # NHWC in, NCHW to the network
     want = images.transpose(0, 3, 1, 2).reshape(11, -1).astype(np.float32)
-    batches = [images[:2], torch.from_numpy(images[2:9]), images[9:]]  # uneven, numpy and torch
-    for inp in (images, batches, iter(batches)):
-        f = fid.compute_features(InceptionStandIn(), inp, batch_size=3, progress=False)
+    for inp, batch_size in ((images, 3), (torch.from_numpy(images), 11), (images, 1)):
+        f = fid.compute_features(InceptionStandIn(), inp, batch_size=batch_size, progress=False)
         assert f["pool3"].dtype == np.float32
         np.testing.assert_array_equal(f["pool3"], want[:, :4])
         np.testing.assert_array_equal(f["spatial"], want[:, 4:6])

@@ -307,8 +307,7 @@ def cafm_pair(s, C, H, K, device, amp):
     G = Generator(**models[s.model], **kw, use_t_src=True, learn_sigma=s.sit_time)
     D = Discriminator(**models[s.dis_model], **kw, use_t=True, norm="rms")
     if flow is not None:
-        load_weights(G, flow, f"--init {s.init} (as --model {s.model} on --data {s.data} with "
-                              f"a null class)")
+        load_weights(G, flow, f"--init {s.init} (as --model {s.model}, with a null class)")
         discriminator_from_flow(D, flow)
     # Recomputation is for G only: D runs inside torch.func.jvp, where it does not apply.
     G.grad_checkpointing = s.grad_checkpoint
@@ -386,8 +385,8 @@ def main(s, ckpt=None, ckpt_path=None):
 
     # Pixels, or SD-VAE latents: cached, or encoded from each batch of images. A VAE is loaded
     # only for latents, and it also decodes the samples of the grids and evaluations.
-    data, vae, encode_batches, C, H = open_data(s.data, s.image_size, s.vae, device,
-                                                s.unconditional)
+    data, vae, shape = open_data(s.data, s.image_size, s.vae, device, s.unconditional)
+    C, H, _ = shape
     check_data(s, data, H)
     K = data.num_classes
     amp = torch.autocast(device.type, torch.bfloat16, enabled=s.precision == "bf16")
@@ -439,7 +438,7 @@ def main(s, ckpt=None, ckpt_path=None):
             x0, y = next(data_iter)
             x0 = x0.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True).long()
-            if encode_batches:
+            if vae is not None and data.space == "pixel":
                 x0 = encode(vae, x0)  # SD-VAE latents x 0.18215, a fresh posterior sample
             if trainer.is_g_step(step):
                 loss, terms = trainer.g_step(x0, y, step)
