@@ -163,10 +163,8 @@ def load_weights(net, sd, what):
              if k in sd and sd[k].shape != v.shape]
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    problems = []
-    for kind, keys in (("shape", wrong), ("missing", missing), ("unexpected", unexpected)):
-        if keys:
-            problems.append(f"{len(keys)} {kind}, e.g. {keys[0]}")
+    kinds = (("shape", wrong), ("missing", missing), ("unexpected", unexpected))
+    problems = [f"{len(keys)} {kind}, e.g. {keys[0]}" for kind, keys in kinds if keys]
     if problems:
         raise SystemExit(f"error: {what} does not fit: {'; '.join(problems)}")
     fp32 = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
@@ -212,9 +210,8 @@ def resumed_run_dir(ckpt_path):
     checkpoint must not overwrite the later ones)."""
     folder = os.path.dirname(os.path.abspath(ckpt_path))
     newest = sorted(glob.glob(os.path.join(folder, "*.pt")))[-1]
-    if os.path.basename(folder) != "checkpoints" or not os.path.samefile(newest, ckpt_path):
-        return None
-    return os.path.dirname(folder)
+    ours = os.path.basename(folder) == "checkpoints" and os.path.samefile(newest, ckpt_path)
+    return os.path.dirname(folder) if ours else None
 
 
 def read_log(run_dir):
@@ -243,10 +240,12 @@ def trim_log(run_dir, step):
 
 def plot_curves(run_dir, cols=4, w=320, h=170):
     """run_dir/log.jsonl -> run_dir/curves.png: one panel per logged number against the step,
-    with its range and last value (PIL only). A key K_floor is K's value on real data, said in
-    K's title."""
+    with its range and last value (PIL only), the evaluations' first. A key K_floor is K's value
+    on real data, said in K's title."""
     rows = read_log(run_dir)
-    keys = sorted({k for r in rows for k in r if k != "step" and not k.endswith("_floor")})
+    first = ["agreement", "diversity", "pixel_fd", "feature_fd", "fid", "inception_score"]
+    keys = {k for r in rows for k in r if not k.endswith(("_floor", "_samples", "_seconds"))}
+    keys = [k for k in first if k in keys] + sorted(keys - set(first) - {"step"})
     img = Image.new("RGB", (cols * w, math.ceil(len(keys) / cols) * h), "white")
     draw = ImageDraw.Draw(img)
     for i, k in enumerate(keys):
