@@ -89,7 +89,8 @@ def load_generator(path, weights="ema", steps=None, pred=None, solver=None, repe
         raise SystemExit(f"error: --steps {steps}: {path} is a 1-NFE generator (no timestep "
                          f"input): it samples in one step")
     K = kw["num_classes"] - null  # the null class, if any, is the last row
-    about = f"{path} ({name} on {kw['in_channels']}x{kw['input_size']}^2, {K} classes)"
+    H = kw["input_size"]
+    about = f"{path} ({name} on {kw['in_channels']}x{H}x{H}, {K} classes)"
     how = dict(steps=steps, pred=pred, solver=solver, vae=vae, classes=K, flow=flow,
                null=K if null else None, size=kw["input_size"], about=about)
     return G.eval().requires_grad_(False), how
@@ -107,7 +108,7 @@ def main(args):
     if args.num_samples % K:
         raise SystemExit(f"error: --num-samples {args.num_samples} is not divisible by the {K} "
                          f"classes of {how['about']}")
-    classes = args.classes or (list(range(K)) if K <= 10 else IMAGENET_CLASSES)
+    classes = args.classes or (IMAGENET_CLASSES if K == 1000 else list(range(min(K, 10))))
     if not args.num_samples and not 0 <= min(classes) <= max(classes) < K:
         raise SystemExit(f"error: --classes: {how['about']} has classes 0 to {K - 1}")
     if C == 4 and not how["vae"]:
@@ -134,9 +135,12 @@ def main(args):
                          how["null"], args.cfg_channels)
             return to_images(x, vae)
 
-    def samples(indices, labels, progress=False):  # each sample's own noise: fid.noise_of
-        return fid.sample_batches(sample, indices, labels, (C, how["size"], how["size"]),
-                                  args.seed, args.batch_size, device, progress)
+    # Sample i's noise is its own (fid.noise_of): the same for any batch or process count.
+    shape = (C, how["size"], how["size"])
+
+    def samples(indices, labels, progress=False):
+        return fid.sample_batches(sample, indices, labels, shape, args.seed, args.batch_size,
+                                  device, progress)
 
     if not args.num_samples:
         # the grid: a row per class, --per-class columns (unconditional: a square)
@@ -149,7 +153,8 @@ def main(args):
             save_grid(x, args.out, nrow=args.per_class)
             print0(f"wrote {args.out}: classes {classes}, seed {args.seed}")
         return cleanup()
-    # Sample i has class i // (N / K), as the release's generate.py; rank r makes r, r + world..
+    # Sample i has class i // (N / K), as in the release's generate.py; rank r makes samples
+    # r, r + world, ...
     N = args.num_samples
     labels = np.arange(N) // (N // K)
     batches = samples(list(range(rank, N, world)), labels, progress=rank == 0)
@@ -161,17 +166,20 @@ def main(args):
     cleanup()
     if rank != 0:
         return
-    samples = np.empty((N, *parts[0].shape[1:]), np.uint8)  # (N, H, W, 3), in sample order
+    # every rank's share in sample order, then in the release's file order (the Inception
+    # Score is taken in 5,000-sample chunks of it)
+    samples = np.empty((N, *parts[0].shape[1:]), np.uint8)  # (N, H, W, 3)
     for r, p in enumerate(parts):
         samples[r::world] = p
-    order = fid.file_order(N)  # the release's file order (IS is taken in 5,000-sample chunks)
+    order = fid.file_order(N)
     save_npz(args.out, arr_0=samples[order], arr_1=labels[order])
     print(f"wrote {args.out}: arr_0 {samples.shape} uint8, arr_1 labels, {N // K} per class")
     if args.fid:
-        m = fid.evaluate(fid.compute_features(inception, samples[order], device=device), ref,
-                         device=device)
+        features = fid.compute_features(inception, samples[order], device=device)
+        m = fid.evaluate(features, ref, device=device)
         line = f"FID {m['fid']:.4f} | sFID {m['sfid']:.4f} | IS {m['inception_score']:.4f}"
-        if m["precision"] is not None:  # precision and recall need the reference's images
+        # precision and recall need the reference's images
+        if m["precision"] is not None:
             line += f" | precision {m['precision']:.4f} | recall {m['recall']:.4f}"
         print(line, flush=True)
 
@@ -189,7 +197,7 @@ def parse_args(argv=None):
     a("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
     a("--cfg-channels", type=positive, help="guide the first N channels only (3: SiT's)")
     a("--vae", help="SD-VAE weights for latent models (default: the run's --vae)")
-    a("--classes", type=int, nargs="+", help="grid rows (default: <= 10 classes, or DiT's 8)")
+    a("--classes", type=int, nargs="+", help="grid rows (the first 10; DiT's 8 of 1000)")
     a("--per-class", type=positive, default=8, help="grid columns")
     a("--num-samples", type=int, default=0, help="write this many samples as an npz")
     a("--out", help="grid.png, or samples.npz with --num-samples")

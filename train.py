@@ -87,11 +87,11 @@ ONE_NFE = dict(
 # Multi-step AFM (train_fix_nfe.yaml): velocity prediction, the transport weight from 0.25,
 # clipping at 5, and guidance read at t_tgt in [0, 0.49].
 K_NFE = dict(ONE_NFE, steps=2, pred="v", ot=0.25, clip=5, cg_t="tgt", cg_range=[0.0, 0.49])
+# The values of the AFM pair's method that a single network does not read are None.
+ONE_NETWORK = dict(steps=None, ot=None, ot_end=None, augment_p=None, cg=None, cg_t=None)
 # Flow matching (fm/*.yaml at 519601d): one velocity network, no clipping, class dropout 0.1,
 # checkpoints every 25,000 steps, evaluations every 50,000, grids by Heun at 256 NFE (the
 # release validates its flow models so).
-# The values of the AFM pair's method that one network does not read are None.
-ONE_NETWORK = dict(steps=None, ot=None, ot_end=None, augment_p=None, cg=None, cg_t=None)
 FLOW = dict(ONE_NFE, **ONE_NETWORK, objective="flow", pred="v", clip=None, class_dropout=0.1,
             max_steps=1_000_000, ckpt_every=25_000, eval_every=50_000, sample_steps=256,
             sample_solver="heun")
@@ -101,39 +101,45 @@ FLOW = dict(ONE_NFE, **ONE_NETWORK, objective="flow", pred="v", clip=None, class
 # a trained flow model: afm.ContinuousAdversarialFlowLoss says why).
 CAFM = dict(FLOW, objective="cafm", lr=1e-5, clip=1e4, ema=0.99, ot=0.0, cp=0.001, n_dis=16,
             warmup=10_000, sample_steps=250)
-# Ours, for small data (NOTES.md): the tiny T/2 on the built-in digits at batch 32. Why the
-# transport weight stays constant, where the release decays it over 1M steps: within runs this
-# short, every decay tried let within-class diversity collapse after it (NOTES.md, "Tuning").
+# Ours, for small data: the tiny T/2 on the built-in digits at batch 32. Why the transport
+# weight stays constant, where the release decays it over 1M steps: within runs this short,
+# every decay tried let within-class diversity collapse after it (NOTES.md, "Tuning the
+# small-data recipes").
 DIGITS = dict(model="T/2", global_batch_size=32, lr=5e-4, ema=0.999, log_every=500,
               sample_every=2000, ckpt_every=4000, eval_samples=1000)
+# Ours: pixels without a VAE, 256 tokens of B width, the release's batch, lr and EMA.
 PIXEL32 = dict(ONE_NFE, model="B/2", ot_end=0.2, max_steps=400_000, sample_every=2000,
-               ckpt_every=10_000)  # ours: pixels, 256 tokens of B width, the release's rest
+               ckpt_every=10_000)
 
 RECIPES = {
     "1nfe": ONE_NFE,
     # train_1nfe_cg.yaml
     "1nfe-cg": dict(ONE_NFE, augment_p=0.4, cg=0.003),
-    "knfe": K_NFE,  # or --steps 4
+    # train_fix_nfe.yaml, or --steps 4
+    "knfe": K_NFE,
     # train_fix_nfe_cg.yaml
     "knfe-cg": dict(K_NFE, augment_p=0.4, cg=0.02),
     # train_any_nfe.yaml
     "any": dict(K_NFE, steps="any", model="B/2", global_batch_size=32),
     # train_1nfe_deep.yaml
     "deep": dict(ONE_NFE, repeat=2, lr=5e-5, lr_d=1e-4, clip=5),
+    # train_classifier.yaml
     "classifier": dict(ONE_NFE, **ONE_NETWORK, objective="classifier", pred=None, model="B/2",
-                       ema=0.9995),  # train_classifier.yaml
+                       ema=0.9995),
     "fm": FLOW,
     "digits": dict(ONE_NFE, **DIGITS, ot=0.25, ot_end=0.25, max_steps=16_000, eval_every=1000),
     "pixel32": PIXEL32,
     # 256 tokens of 4x4 patches
     "pixel64": dict(PIXEL32, model="B/4"),
+    # the AFM digits run's training time (NOTES.md, "AFM against flow matching on the digits")
     "fm-digits": dict(FLOW, **DIGITS, max_steps=36_000, eval_every=2000, sample_steps=32,
-                      sample_solver="euler"),  # the AFM digits run's time
+                      sample_solver="euler"),
     "cafm": CAFM,
+    # NOTES.md, "The tries behind cafm-digits"
     "cafm-digits": dict(CAFM, model="T/2", global_batch_size=32, lr_d=5e-5, warmup=500,
                         max_steps=4_400, log_every=250, sample_every=1100, ckpt_every=1100,
                         eval_every=1100, eval_samples=1000, sample_steps=32,
-                        sample_solver="euler"),  # ours: NOTES.md, "CAFM on the digits"
+                        sample_solver="euler"),
 }
 # Our recipes are 1-NFE; given --steps k or "any" they take what the release's multi-step
 # recipes change.
