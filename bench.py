@@ -367,7 +367,7 @@ def parse_args(argv=None):
     a("--num-samples", type=int, default=50000,
       help="fid: samples (and a reference of half of them)")
     a("--model", choices=list(models), default="T/2", help="train, cafm, sample: network size")
-    a("--recipe", choices=list(train.METHOD), default="1nfe", help="train: the recipe")
+    a("--recipe", choices=list(train.RECIPES), default="1nfe", help="train: the recipe")
     a("--steps", default=None, help="train, sample: NFE (default: the recipe's; sample: 1)")
     a("--repeat", type=int, default=1, help="sample: deep generator repetitions")
     a("--batch-size", type=int,
