@@ -10,30 +10,28 @@ that first uses it.
    (real-size key lists) and compute the reference libraries' numbers (fixtures/, a subset of
    the full fixture set made with the release's and the libraries' own code; AFM_FIXTURES=DIR
    runs every case of the full set).
-2. The networks are the release's DiTs: shapes, parameter counts, conditioning switches, deep
-   generator.
+2. The networks are the release's DiTs: initialization, conditioning switches, deep generator.
 3. Every loss term equals a hand-computed value (the adversarial and the flow-matching losses);
    gradient normalization, schedule, sampler (Euler and Heun), augmentation; the wiring mistakes
    of a lift into another repo stop with one line from afm.py naming the fix.
 4. The 1-D toy (toy.py): AFM and flow matching learn the monotone (W2-optimal) quantile map;
    afm.py imports torch only, and toy.py trains the toy on its own.
-5. Recipes resolve to the release's values (flow matching's too).
+5. Recipes resolve to the release's values (flow matching's and CAFM's too).
 6. Data: ADM's center crop, image folders, npz files, the latent cache and its posterior
-   sampling; the cache is written into a new folder, meta.json last; bad data (another VAE,
-   truncated shards, stray or corrupt images, sizes and flags that do not apply) is one line
-   said before long work.
-7. Training resumes bitwise (flow matching too); signals (exit status 130, a log that holds
-   each step once), non-finite losses, two processes, guidance, every kind of data.
-8. Sample files do not depend on the number of processes or on interruptions, are never
-   overwritten and resume only from the same checkpoint; flow-matching checkpoints sample at N
-   steps; bare state dicts load.
+   sampling; the cache is written into a new folder, meta.json last; bad data is one line.
+7. Training resumes bitwise (flow matching and CAFM too); signals (exit 130/143, a log that
+   holds each step once), non-finite losses, two processes, guidance, every kind of data.
+8. Sample files do not depend on the number of processes and equal the definition, are never
+   overwritten; grids are the samples; flow-matching runs sample at N steps; bare state dicts
+   load.
 9. Metrics equal their direct formulas (FID, IS, precision/recall, the pixel report); fid.py's
-   files; fid.Evaluation's samples and numbers; train.py's in-loop evaluation (skipped by short
-   runs).
-10. Bad input, in one table per command (arguments, exit status, the words of its line): one
-    line, no traceback, no file changed, found before long work (sample.py's before sampling,
-    fid.py's before Inception runs, train.py's data before training), as real processes too;
-    runs never overwrite each other; a full disk loses nothing.
+   reference files; fid.Evaluation; train.py's in-loop evaluation (skipped by short runs).
+10. Bad input, in one table per command: one line naming the flag or file, no traceback, no
+    file changed, found before the work; one refusal per script as a real process; runs never
+    collide.
+11. Continuous AFM (CAFM): the release's SiT/CAFM networks, JVPs and D/G steps (also under DDP),
+    schedule, loss by hand, the toy.
+12. Sampling flow and CAFM checkpoints: classifier-free guidance, SiT's files, CAFM runs.
 """
 
 import argparse
@@ -126,10 +124,9 @@ def run(script, *args, torchrun=False, check=True, timeout=300, env=ENV):
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd = launcher + [os.path.join(HERE, script), *map(str, args)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE, timeout=timeout)
-    # Now and then a gloo rank aborts at interpreter exit, after its work is done and saved
-    # ("terminate called without an active exception": gloo's threads torn down with the
-    # interpreter; pytorch/pytorch#179291). Only that exit is run again, once: every script
-    # takes up a finished output as complete, so the rerun checks the same files.
+    # Now and then a gloo rank aborts at interpreter exit, its work done and saved (gloo's
+    # threads torn down with the interpreter; pytorch/pytorch#179291): only that exit is run
+    # again, once.
     if torchrun and r.returncode != 0 and "terminate called without an active exception" in (
             r.stdout + r.stderr):
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE,
@@ -153,6 +150,30 @@ def read_npz(path):
         return {k: f[k] for k in f.files}
 
 
+def one_line(text, *words):
+    assert "\n" not in text.strip() and "Traceback" not in text, text
+    for w in words:
+        assert w in text, (w, text)
+
+
+def spawn_two(worker, *args):
+    """worker(rank, port, *args) in two processes; as run(), once more if a rank aborted at exit
+    after its work (pytorch/pytorch#179291)."""
+    for attempt in (1, 2):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        try:
+            return torch.multiprocessing.spawn(worker, args=(port, *args), nprocs=2)
+        except torch.multiprocessing.ProcessExitedException as e:
+            if attempt == 2 or e.signal_name != "SIGABRT":
+                raise
+
+
+def random_images(n, size=8, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
 def table(names, rows):
     """A table of cases as pytest's parameters: each row (id, *values)."""
     return pytest.mark.parametrize(names, [row[1:] for row in rows], ids=[row[0] for row in rows])
@@ -171,10 +192,9 @@ MAINS = {"train.py": lambda argv: T.main(*T.resolve(argv)),
 
 
 def refused(script, argv, capsys):
-    """A script's main, run here on argv, must stop: (exit status, the one line it said). A
-    message given to sys.exit is status 1, printed last, as a process does; an argparse error is
-    its status and the last line on stderr (argparse prints the usage above it). No
-    traceback."""
+    """A script's main, run here on argv, must stop: (exit status, the one line it said, no
+    traceback). A message given to sys.exit is status 1; an argparse error is its status and the
+    last line on stderr."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as e, one_thread(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -227,9 +247,7 @@ def assert_same(a, b):
 
 def write_safetensors(path, tensors, metadata=None):
     """A minimal safetensors writer, independent of vae.py: u64 LE header size, JSON, raw bytes."""
-    names = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
-             torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int8: "I8",
-             torch.uint8: "U8", torch.bool: "BOOL"}
+    names = {torch.float32: "F32", torch.float16: "F16"}
     header, blobs, offset = {}, [], 0
     if metadata:
         header["__metadata__"] = metadata
@@ -392,18 +410,6 @@ def test_vae_matches_diffusers_fixture():
             assert out.shape == ref.shape and err <= tol, f"{layout} {name}: {err:.3e} > {tol:.3e}"
 
 
-def test_vae_bf16_autocast_stays_close_to_fp32():
-    m = vae_tiny()
-    ref = vae_outputs(m)
-    assert ref[0].shape == ref[1].shape == (2, 4, 4, 4) and ref[2].shape == (2, 3, 16, 16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = vae_outputs(m)
-    assert out[2].dtype == torch.bfloat16  # autocast really ran the convolutions in bf16
-    for o, r in zip(out, ref):
-        rel = float((o.float() - r).norm() / r.norm())
-        assert 0 < rel < 0.03, rel  # bf16 keeps ~3 significant digits; measured ~0.005
-
-
 def test_vae_encode_draws_a_scaled_posterior_sample():
     """V.encode returns (mean + std * noise) * 0.18215; V.decode undoes the scale and clamps."""
     m = vae_tiny()
@@ -418,49 +424,25 @@ def test_vae_encode_draws_a_scaled_posterior_sample():
     assert V.SCALE == 0.18215
 
 
-def test_vae_logvar_is_clamped():
-    """The logvar half of the moments pushed far out: clamped to [-30, 20], as diffusers does."""
-    m = vae_tiny()
-    with torch.no_grad():
-        for bias, bound in ((1e4, 20.0), (-1e4, -30.0)):
-            m.quant_conv.bias[4:].fill_(bias)
-            assert m.encode(torch.zeros(1, 3, 16, 16))[1].eq(bound).all()
-
-
-def test_vae_counts_like_sd_vae_ft_mse():
-    with torch.device("meta"):
-        n = sum(p.numel() for p in V.AutoencoderKL().parameters())
-    assert n == 83_653_863  # diffusers' sd-vae-ft-mse
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_vae_safetensors_roundtrip(tmp_path, dtype):
-    g = torch.Generator().manual_seed(0)
-    tensors = {"a.weight": torch.randn(3, 5, 2, generator=g).to(dtype),
-               "special": torch.tensor([float("nan"), float("inf"), -0.0, 1e-3, 6e4]).to(dtype),
-               "scalar": torch.tensor(2.5, dtype=dtype), "empty": torch.zeros(0, 4, dtype=dtype),
-               "steps": torch.tensor([1, -2, 2**40], dtype=torch.int64),
-               "mask": torch.tensor([True, False, True])}
-    write_safetensors(tmp_path / "t.safetensors", tensors, {"format": "pt"})
-    back = V.load_safetensors(str(tmp_path / "t.safetensors"))
-    assert set(back) == set(tensors)
-    for name, t in tensors.items():
-        assert back[name].dtype == t.dtype and back[name].shape == t.shape, name
-        if t.numel():  # bitwise, so NaN and -0.0 count
-            got_bytes = back[name].reshape(-1).view(torch.uint8)
-            assert torch.equal(got_bytes, t.reshape(-1).view(torch.uint8)), name
-
-
 def test_vae_files_load_in_every_layout(tmp_path):
-    """safetensors, legacy .bin and LDM .ckpt files of one VAE decode alike; LDM names and a full
-    SD checkpoint's first_stage_model.* convert; fp16 files decode as the fp16-rounded weights."""
+    """safetensors, legacy .bin, LDM and full SD .ckpt files of one VAE decode alike; fp16 files
+    decode as the fp16-rounded weights."""
     m = vae_tiny()
     sd, ref = m.state_dict(), vae_outputs(m)
     ldm = to_ldm(sd)
+    # to_ldm writes LDM's names (decoder.up.0 is the highest resolution: 16 -> 8 channels)
+    assert ldm["decoder.up.0.block.0.nin_shortcut.weight"].shape == (8, 16, 1, 1)
+    assert ldm["encoder.mid.attn_1.q.weight"].shape == (16, 16, 1, 1)
+    # a full SD checkpoint: the VAE and the rest
+    full = {"first_stage_model." + k: v for k, v in ldm.items()}
+    full.update({"model.diffusion_model.out.0.weight": torch.ones(3),
+                 "first_stage_model.loss.logvar": torch.zeros(()),
+                 "model_ema.decay": torch.tensor(0.999)})
     write_safetensors(tmp_path / "v.safetensors", sd)
     torch.save(to_legacy(sd), tmp_path / "v.bin")
     torch.save({"state_dict": ldm, "global_step": 7}, tmp_path / "v.ckpt")
-    for name in ("v.safetensors", "v.bin", "v.ckpt"):
+    torch.save({"state_dict": full}, tmp_path / "sd.ckpt")
+    for name in ("v.safetensors", "v.bin", "v.ckpt", "sd.ckpt"):
         # the config is read from the weights' shapes
         loaded = V.load_vae(str(tmp_path / name), norm_num_groups=8)
         assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
@@ -472,62 +454,24 @@ def test_vae_files_load_in_every_layout(tmp_path):
     m16.load_state_dict({k: v.half().float() for k, v in sd.items()})
     loaded = V.load_vae(str(tmp_path / "h.safetensors"), norm_num_groups=8)
     assert_same(vae_outputs(loaded), vae_outputs(m16))
-    # names as they appear in LDM checkpoints (decoder.up.0 is the highest resolution, run last)
-    for key in ("encoder.down.0.block.0.norm1.weight", "encoder.down.0.downsample.conv.weight",
-                "encoder.down.1.block.0.nin_shortcut.weight", "encoder.mid.block_1.conv1.weight",
-                "encoder.mid.block_2.norm2.bias", "encoder.norm_out.weight",
-                "decoder.mid.attn_1.norm.weight", "decoder.up.0.block.0.nin_shortcut.weight",
-                "decoder.up.0.block.1.conv2.bias", "decoder.up.2.upsample.conv.weight",
-                "decoder.norm_out.bias", "quant_conv.weight", "post_quant_conv.bias"):
-        assert key in ldm, key
-    assert "decoder.up.0.upsample.conv.weight" not in ldm
-    assert "encoder.down.2.downsample.conv.weight" not in ldm
-    assert ldm["encoder.mid.attn_1.q.weight"].shape == (16, 16, 1, 1)
-    # 16 -> 8 channels at full resolution
-    assert ldm["decoder.up.0.block.0.nin_shortcut.weight"].shape == (8, 16, 1, 1)
-    # a full SD checkpoint: the VAE and the rest
-    full = {"first_stage_model." + k: v for k, v in ldm.items()}
-    full.update({"model.diffusion_model.out.0.weight": torch.ones(3),
-                 "cond_stage_model.x": torch.ones(1),
-                 "first_stage_model.loss.logvar": torch.zeros(()),
-                 "model_ema.decay": torch.tensor(0.999)})
-    for seed, other_sd in ((5, ldm), (6, full), (7, to_legacy(sd))):
-        other = vae_tiny(seed=seed)
-        other.load_state_dict(other_sd)
-        assert_same(vae_outputs(other), ref)
 
 
 def test_bad_vae_files_are_one_line_errors(tmp_path):
-    """Unexpected, missing or misshapen weights, a missing file, a cut or junk file: each a
-    one-line error naming what is wrong."""
-    m = vae_tiny()
-    sd = m.state_dict()
-    bad = dict(sd)
-    bad["encoder.stem.weight"] = bad.pop("encoder.conv_in.weight")
-    with pytest.raises(RuntimeError) as e:
-        m.load_state_dict(bad)
-    msg = str(e.value)
-    assert "\n" not in msg and "unexpected 1 (encoder.stem.weight)" in msg
-    assert "missing 1 (encoder.conv_in.weight)" in msg
-    with pytest.raises(RuntimeError, match="shape mismatches 1"):  # weights of another config
-        m.load_state_dict(dict(sd, **{"post_quant_conv.bias": torch.zeros(5)}))
-    torch.save(bad, tmp_path / "odd.pt")
+    """Weights that do not fit, a cut or junk file: each a one-line error naming the file."""
+    sd = vae_tiny().state_dict()
+    sd["encoder.stem.weight"] = sd.pop("encoder.conv_in.weight")
+    torch.save(sd, tmp_path / "odd.pt")
     with pytest.raises(RuntimeError) as e:
         V.load_vae(str(tmp_path / "odd.pt"), norm_num_groups=8)
-    msg = str(e.value)
-    assert "\n" not in msg and "odd.pt" in msg and "encoder.stem.weight" in msg
-    with pytest.raises(FileNotFoundError, match="no such file .*nothing.safetensors"):
-        V.load_vae(str(tmp_path / "nothing.safetensors"))
-    write_safetensors(tmp_path / "v.safetensors", sd)
+    one_line(str(e.value), "odd.pt", "encoder.stem.weight")
+    write_safetensors(tmp_path / "v.safetensors", vae_tiny().state_dict())
     data = (tmp_path / "v.safetensors").read_bytes()
-    cut = {"cut.safetensors": data[:-10], "tiny.safetensors": data[:5], "junk.pt": b"not a pickle"}
-    for name, blob in cut.items():
+    for name, blob in {"cut.safetensors": data[:-10], "junk.pt": b"not a pickle"}.items():
         (tmp_path / name).write_bytes(blob)
         with pytest.raises(RuntimeError) as e:
             V.load_vae(str(tmp_path / name))
-        msg = str(e.value)
-        assert "\n" not in msg and name in msg and "cannot read" in msg
-        assert "weights_only" not in msg  # not torch's advice to unpickle foreign bytes
+        one_line(str(e.value), name, "cannot read")
+        assert "weights_only" not in str(e.value)  # not torch's advice to unpickle foreign bytes
 
 
 def test_inception_resize_matches_fixture():
@@ -566,27 +510,20 @@ def test_inception_features_match_fixture():
 
 
 def test_inception_weight_files(tmp_path, monkeypatch):
-    model = fid.InceptionV3()
-    sd = model.state_dict()
-    assert len(sd) == 472 and "fc.bias" in sd
-    assert not any(k.endswith("num_batches_tracked") for k in sd)
-    # fp16 files
+    """fp16 files load as fp32; without a path the cache folder's file (pytorch-fid's layout
+    too), or a download; offline, one line naming the folder and --inception."""
     sd = {k: torch.full(v.shape, 1 + i / 1024, dtype=torch.half)
-          for i, (k, v) in enumerate(sd.items())}
+          for i, (k, v) in enumerate(fid.InceptionV3().state_dict().items())}
     nbt = {}
     for k in sd:
         if k.endswith("running_mean"):
             nbt[k.replace("running_mean", "num_batches_tracked")] = torch.tensor(0)
-    model.load_state_dict(dict(sd, **nbt), strict=True)  # pytorch-fid's layout
-    with pytest.raises(RuntimeError, match="Missing key"):
-        model.load_state_dict({k: v for k, v in sd.items() if k != "fc.bias"})
     torch.save(sd, tmp_path / "w.pth")  # torch-fidelity's layout, fp16
     loaded = fid.load_inception(str(tmp_path / "w.pth"))
     assert all(p.dtype == torch.float32 for p in loaded.state_dict().values())
     want = sd["Mixed_7c.branch_pool.bn.running_var"].float()
     assert torch.equal(loaded.Mixed_7c.branch_pool.bn.running_var, want)
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
-    # no path: the cache folder, then a download
     monkeypatch.setenv("AFM_CACHE", str(tmp_path / "cache"))
 
     def offline(url, dst, *a, **kw):
@@ -594,10 +531,8 @@ def test_inception_weight_files(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(SystemExit) as e:
         fid.load_inception()
-    assert "\n" not in e.value.code and str(tmp_path / "cache") in e.value.code
-    assert "--inception PATH" in e.value.code
-    os.makedirs(tmp_path / "cache", exist_ok=True)
-    # pytorch-fid's file is found too
+    one_line(e.value.code, str(tmp_path / "cache"), "--inception PATH")
+    # pytorch-fid's file, with num_batches_tracked
     torch.save(dict(sd, **nbt), tmp_path / "cache" / fid.WEIGHT_NAMES[1])
     assert torch.equal(fid.load_inception().fc.weight, sd["fc.weight"].float())
 
@@ -616,39 +551,6 @@ def tiny_inputs(n=3, c=4, s=8, seed=1):
             torch.rand(n, generator=g), torch.rand(n, generator=g))
 
 
-def test_pos_embed_formula():
-    """Independent reading of the sin-cos recipe: column first, then row; sin then cos."""
-    pe = M.pos_embed_sincos(16, 3)
-    w = 1.0 / 10000 ** (torch.arange(4, dtype=torch.float64) / 4)
-    expect = torch.cat([torch.sin(2 * w), torch.cos(2 * w), torch.sin(1 * w), torch.cos(1 * w)])
-    torch.testing.assert_close(pe[5], expect)  # token 5 = row 1, col 2
-
-
-@pytest.mark.parametrize("name", list(M.models))
-def test_registry_shapes(name):
-    """Every registry entry builds and maps its usual input to the right shapes (meta device:
-    shapes only, no memory)."""
-    c, s = M.default_input(name)
-    cfg = M.models[name]
-    if s % cfg["patch_size"]:
-        pytest.skip("input not divisible by the patch")
-    kw = dict(cfg, input_size=s, in_channels=c, num_classes=10)
-    with torch.device("meta"):
-        x, y, t = torch.randn(2, c, s, s), torch.randint(0, 10, (2,)), torch.rand(2)
-        assert M.Generator(**kw, use_t_src=True, use_t_tgt=True)(x, y, t, t).shape == x.shape
-        assert M.Generator(**kw, repeat=2)(x, y, t, t).shape == x.shape
-        assert M.Discriminator(**kw, use_t=True)(x, y, t).shape == (2,)
-        assert M.Classifier(**kw)(x, t).shape == (2, 10)
-
-
-@pytest.mark.parametrize("c,s,p", [(1, 8, 2), (3, 16, 4), (4, 8, 1)])
-def test_pixel_and_latent_inputs(c, s, p):
-    G = randomize(M.Generator(s, p, c, 32, 1, 2, num_classes=10))
-    D = randomize(M.Discriminator(s, p, c, 32, 1, 2, num_classes=10))
-    x, y = torch.randn(2, c, s, s), torch.tensor([0, 9])
-    assert G(x, y).shape == x.shape and D(x, y).shape == (2,)
-
-
 def test_init_is_adaln_zero():
     """At initialization the generator outputs exactly zero (DiT's zeroed final layer) and every
     block is the identity (zero gates)."""
@@ -659,34 +561,17 @@ def test_init_is_adaln_zero():
     torch.testing.assert_close(G.blocks[0](h, torch.randn(3, 64)), h)
 
 
-def test_xl2_counts_like_dit():
-    """DiT-XL/2 has 675,129,632 parameters (learn_sigma=True: 8 output channels; 1001 label rows
-    because of class dropout): the same configuration of our Generator counts exactly that."""
-    with torch.device("meta"):
-        g = M.Generator(**M.models["XL/2"], input_size=32, in_channels=4, learn_sigma=True,
-                        class_dropout_prob=0.1, use_t_src=True)
-    assert sum(p.numel() for p in g.parameters()) == 675_129_632
-
-
-def test_patch_must_divide_the_input():
-    with pytest.raises(ValueError, match="divisible by patch_size"):
-        M.Generator(input_size=9, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2)
-
-
 def test_timestep_conditioning_switches():
     x, y, t1, t2 = tiny_inputs()
     for use_src, use_tgt in [(False, False), (True, False), (False, True), (True, True)]:
         G = randomize(M.Generator(**TINY, use_t_src=use_src, use_t_tgt=use_tgt))
         with torch.no_grad():
-            base, moved_src, moved_tgt = G(x, y, t1, t2), G(x, y, t2, t2), G(x, y, t1, t1)
-        if use_src:
-            assert (base - moved_src).abs().max() > 1e-4
-        else:
-            assert torch.equal(base, moved_src)
-        if use_tgt:
-            assert (base - moved_tgt).abs().max() > 1e-4
-        else:
-            assert torch.equal(base, moved_tgt)
+            base = G(x, y, t1, t2)
+            for used, moved in ((use_src, G(x, y, t2, t2)), (use_tgt, G(x, y, t1, t1))):
+                if used:
+                    assert (base - moved).abs().max() > 1e-4
+                else:
+                    assert torch.equal(base, moved)
         assert (G.t_embedder is not None) == use_src
         assert (G.t_tgt_embedder is not None) == use_tgt
 
@@ -709,69 +594,6 @@ def test_deep_generator_repeats_blocks():
         single = M.Generator(**TINY, use_t_src=True).eval()
         single.load_state_dict(deep.state_dict())  # same keys: one pass of the same weights differs
         assert (single(x, y, torch.ones(3)) - out).abs().max() > 1e-4
-    with pytest.raises(ValueError, match="repeat"):
-        M.Generator(**TINY, repeat=2, use_t_src=True)
-
-
-def test_bf16_autocast_stays_close_to_fp32():
-    """bf16 autocast stays within 5% of fp32."""
-    G = randomize(M.Generator(**TINY, use_t_src=True))
-    D = randomize(M.Discriminator(**TINY, use_t=True))
-    x, y, t, _ = tiny_inputs()
-    with torch.no_grad():
-        ref_g, ref_d = G(x, y, t), D(x, y, t)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out_g, out_d = G(x, y, t), D(x, y, t)
-    assert out_g.dtype == torch.bfloat16 and torch.isfinite(out_g).all()
-    assert (out_g.float() - ref_g).abs().max() < 0.05 * ref_g.abs().max()
-    assert (out_d.float() - ref_d).abs().max() < 0.05 * ref_d.abs().max() + 0.01
-
-
-def test_grad_checkpointing_gives_the_same_gradients():
-    """Recomputing the activations (--grad-checkpoint) gives the same gradients."""
-    G = randomize(M.Generator(**TINY, use_t_src=True)).train()
-    x, y, t, _ = tiny_inputs()
-    grads = []
-    for ckpt in (False, True):
-        G.grad_checkpointing = ckpt
-        G.zero_grad()
-        G(x, y, t).square().mean().backward()
-        grads.append([p.grad.clone() for p in G.parameters() if p.requires_grad])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b)
-
-
-def test_regional_compile_equals_eager():
-    """--compile compiles the blocks in place: one compiled graph for all of them, plain state-dict
-    keys, and a D step and a G step (forward and backward) that equal eager ones within float
-    tolerance."""
-    from torch._dynamo.utils import counters
-    torch._dynamo.reset()
-    counters.clear()
-    kw = dict(TINY, depth=3)
-    nets = [randomize(M.Generator(**kw, use_t_src=True)).train(),
-            randomize(M.Discriminator(**kw, use_t=True)).train()]
-    twins = [M.Generator(**kw, use_t_src=True).train(), M.Discriminator(**kw, use_t=True).train()]
-    for net, twin in zip(nets, twins):
-        twin.load_state_dict(net.state_dict())
-        twin.compile_blocks()
-        assert set(twin.state_dict()) == set(net.state_dict())
-    x0, y, _, _ = tiny_inputs(4)
-    for (G, D) in (nets, twins):
-        loss_fn = A.AdversarialFlowLoss(steps=2, pred="v")  # its own gradient-normalization state
-        torch.manual_seed(0)
-        with one_thread():
-            loss = loss_fn.d_loss(G, D, x0, y, 0)[0] + loss_fn.g_loss(G, D, x0, y, 0)[0]
-            loss.backward()
-    for eager, compiled in zip(nets, twins):
-        for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
-            if p.grad is not None:
-                # measured: up to 1.4e-5
-                torch.testing.assert_close(q.grad, p.grad, atol=1e-4, rtol=1e-3)
-    # One block graph per (input shape, grad mode): 5 here (G with and without grad, D on 2B+2n,
-    # D on B with and without trainable weights), not one per block (that would be a multiple of
-    # the 3 blocks).
-    assert counters["stats"]["unique_graphs"] == 5
 
 
 # --------------------------------------------------------------------------------------
@@ -980,54 +802,48 @@ def test_augment_translation_only_moves_content():
 
 class Scores(nn.Module):
     """D(x, y, t) = net(x flattened) as (B,) scores; or, as glue mistakes, the same as a (B, 1)
-    column or as a DiT-style (B, 1, h, w) map (the score repeated over its pixels)."""
+    column or as a DiT-style (B, 1, 8, 8) map (the score repeated over its pixels)."""
 
-    def __init__(self, net, out="scores", hw=8):
+    def __init__(self, net, out="scores"):
         super().__init__()
-        self.net, self.out, self.hw = net, out, hw
+        self.net, self.out = net, out
 
     def forward(self, x, y, t):
         s = self.net(x.flatten(1))  # (B, 1)
         if self.out == "column":
             return s
         if self.out == "map":
-            return s.view(-1, 1, 1, 1).expand(-1, 1, self.hw, self.hw)  # (B, 1, h, w)
+            return s.view(-1, 1, 1, 1).expand(-1, 1, 8, 8)  # (B, 1, h, w)
         return s.squeeze(1)  # (B,)
 
 
-def test_glue_mistakes_are_named_and_logs_detached():
+def test_glue_mistakes_are_named():
     """The wiring mistakes of a lift into another repo (afm.py's docstring) stop the first step
-    with one line from afm.py that names the fix. Without the checks most train on a wrong loss
-    without a word: a (B, 1, 8, 8) map at batch 32, or a (B, 1) column, broadcasts against
-    R1/R2's (n,) weights (a map at batch 64 fails inside torch instead), and flow matching
-    broadcasts a 2C-channel velocity. Every logged value comes detached."""
+    with one line from afm.py that names the fix (without the checks most would broadcast into a
+    wrong loss without a word)."""
     lin = nn.Linear(64, 1)
     afm_loss = A.AdversarialFlowLoss()
     cafm_loss = A.ContinuousAdversarialFlowLoss(warmup=0, class_dropout=0)
-    data = {B: (torch.randn(B, 1, 8, 8), torch.arange(B) % 10) for B in (32, 64)}
+    x0, y = torch.randn(32, 1, 8, 8), torch.arange(32) % 10
 
     def same(x, *_):
         return x
 
     def two_c(x, *_):  # DiT with learn_sigma=True: 2C channels
         return torch.cat([x, x], 1)
+    column = Scores(lin, "column")
     cases = [  # (mistake, the call, the error, words of the fix)
-        ("D map, batch 32", lambda: afm_loss.d_loss(same, Scores(lin, "map"), *data[32], 0),
+        ("D map", lambda: afm_loss.d_loss(same, Scores(lin, "map"), x0, y, 0),
          ValueError, "average a DiT-style (B, 1, h, w) map"),
-        ("D map, batch 64", lambda: afm_loss.d_loss(same, Scores(lin, "map"), *data[64], 0),
-         ValueError, "average a DiT-style (B, 1, h, w) map"),
-        ("D (B, 1)", lambda: afm_loss.d_loss(same, Scores(lin, "column"), *data[32], 0),
-         ValueError, "squeeze a (B, 1)"),
         ("D (B, 1), any-step G step",
-         lambda: A.AdversarialFlowLoss(steps="any").g_loss(same, Scores(lin, "column"),
-                                                           *data[32], 0),
+         lambda: A.AdversarialFlowLoss(steps="any").g_loss(same, column, x0, y, 0),
          ValueError, "squeeze a (B, 1)"),
         ("D (B, 1), CAFM's JVP",
-         lambda: cafm_loss.d_loss(same, A.FlowDerivative(Scores(lin, "column")), *data[32], 0),
+         lambda: cafm_loss.d_loss(same, A.FlowDerivative(column), x0, y, 0),
          ValueError, "squeeze a (B, 1)"),
-        ("G 2C", lambda: afm_loss.d_loss(two_c, Scores(lin), *data[32], 0),
+        ("G 2C", lambda: afm_loss.d_loss(two_c, Scores(lin), x0, y, 0),
          ValueError, "keep the first C channels"),
-        ("G 2C, flow matching", lambda: A.flow_matching_loss(two_c, *data[32]),
+        ("G 2C, flow matching", lambda: A.flow_matching_loss(two_c, x0, y),
          ValueError, "keep the first C channels"),
         ("frozen(callable)", lambda: A.frozen(lambda x, y, t: lin(x)).__enter__(),
          TypeError, "wrap the callable in an nn.Module"),
@@ -1040,19 +856,7 @@ def test_glue_mistakes_are_named_and_logs_detached():
         with pytest.raises(error) as e:
             call()
         assert os.path.basename(e.traceback[-1].path) == "afm.py", name
-        assert words in str(e.value) and "\n" not in str(e.value), (name, str(e.value))
-
-    conv = nn.Conv2d(1, 1, 1)  # a G with weights, so that its outputs carry a graph
-    G = lambda x, *_: conv(x)  # noqa: E731
-    D = Scores(lin)
-    C = lambda x, t: torch.cat([lin(x.flatten(1))] * 10, 1)  # noqa: E731
-    x0, y = data[32]
-    logs = [afm_loss.d_loss(G, D, x0, y, 0)[1], afm_loss.g_loss(G, D, x0, y, 0)[1],
-            cafm_loss.d_loss(G, A.FlowDerivative(D), x0, y, 0)[1],
-            cafm_loss.g_loss(G, A.FlowDerivative(D), x0, y, 0)[1],
-            A.flow_matching_loss(G, x0, y)[1], A.classifier_loss(C, x0, y)[1]]
-    for log in logs:
-        assert all(not v.requires_grad for v in log.values()), log
+        one_line(str(e.value), words)
 
 
 def test_frozen_discriminator_gets_no_gradient():
@@ -1131,11 +935,9 @@ def test_heun_and_euler_integrate_a_known_velocity():
 
 
 def test_1d_toy_learns_the_monotone_map():
-    """toy.py's AFM toy: a mixture of 4 modes, N(0, 1) noise, 1 NFE. The optimal-transport map is
-    F^-1(Phi(z)): noise quantiles go to data quantiles in order. A plain GAN (ot = 0) flips or
-    interleaves modes (measured: 70-99% misassigned); AFM finds the ordered map (measured after
-    2500 G steps: RMS 0.148 from the exact map, 0.8% of the noise sent to a wrong mode; the
-    untrained start: RMS 1.13)."""
+    """toy.py's AFM toy (4 modes, N(0, 1) noise, 1 NFE) finds the optimal-transport map
+    F^-1(Phi(z)), where a plain GAN (ot = 0) misassigns 70-99% (measured after 2500 G steps:
+    RMS 0.148 from the exact map, 0.8% sent to a wrong mode; the untrained start: RMS 1.13)."""
     with one_thread():
         torch.manual_seed(0)  # the start train_toy_afm draws with its seed 0
         rms_start, _ = toy.map_error(toy.ToyNet())
@@ -1149,8 +951,7 @@ def test_1d_toy_learns_the_monotone_map():
 def test_toy_flow_approaches_the_monotone_map_with_steps():
     """In 1-D the flow's ODE map and the W2-optimal map are both the monotone map F^-1(Phi(z)):
     many Euler steps of a trained flow-matching model follow it, one step does not."""
-    rms = {}
-    wrong = {}
+    rms, wrong = {}, {}
     with one_thread():
         v = toy.train_toy_flow(steps=3000)
         for n in (1, 4, 32):
@@ -1393,11 +1194,7 @@ def test_image_folder_is_adms_center_crop(image_root):
 def test_image_folder_classes(image_root):
     """Class sub-folders are the labels (or one class with --unconditional); other files are
     ignored."""
-    root = image_root
-    ds = DS.ImageFolder(root, 32, flip=False)
-    for name in IMAGES:
-        i = ds.files.index(os.path.join(root, name))
-        assert ds[i][1] == ds.class_names.index(name.split("/")[0])
+    root = image_root  # (each file's label: test_cache_stores_the_vae_moments)
     ds = DS.build_dataset(root, image_size=32)
     assert isinstance(ds, DS.ImageFolder) and ds.space == "pixel" and ds.shape == (3, 32, 32)
     assert ds.class_names == ["ant", "bee", "cow"] and ds.num_classes == 3
@@ -1406,21 +1203,8 @@ def test_image_folder_classes(image_root):
     assert unconditional.num_classes == 1 and len(unconditional) == 6
 
 
-def test_image_folder_flips_at_random(image_root):
-    """With a fixed seed both orientations occur, and one is the other's mirror."""
-    ds = DS.build_dataset(image_root, image_size=32)
-    ref = to_x(adm_crop(os.path.join(image_root, "ant/a.jpg"), 32)[0])
-    assert not torch.equal(ref, ref.flip(-1))
-    torch.manual_seed(0)
-    outs = [ds[0][0] for _ in range(40)]
-    plain = sum(torch.equal(x, ref) for x in outs)
-    mirrored = sum(torch.equal(x, ref.flip(-1)) for x in outs)
-    assert plain + mirrored == 40 and 10 <= plain <= 30, (plain, mirrored)
-
-
 def test_corrupt_image_is_skipped_with_a_warning(image_root):
-    """A corrupt file: a warning naming it, replaced by the next readable file (batches keep
-    their size)."""
+    """A corrupt file: a warning naming it, replaced by the next readable file."""
     ds = DS.ImageFolder(image_root, 32, flip=False)
     bad = ds.files.index(os.path.join(image_root, CORRUPT))
     with pytest.warns(UserWarning, match=CORRUPT):
@@ -1428,36 +1212,9 @@ def test_corrupt_image_is_skipped_with_a_warning(image_root):
     assert torch.equal(x, ds[bad + 1][0]) and y == ds[bad + 1][1] == 1
 
 
-def test_flat_folder_is_one_class(tmp_path):
-    """A flat folder (recursive, as FFHQ's numbered sub-folders): one class."""
-    flat = tmp_path / "flat"  # FFHQ-like: images in the folder and in numbered sub-folders
-    for i, sub in enumerate(["", "00000", "00000", "01000"]):
-        (flat / sub).mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (40, 30), (i * 60, 0, 0)).save(flat / sub / f"{i}.png")
-    ds = DS.build_dataset(str(flat), image_size=16)
-    assert ds.num_classes == 1 and len(ds) == 4 and set(ds.labels) == {0}
-    assert ds[0][0].shape == (3, 16, 16)
-
-
-def test_folder_errors_are_one_line(tmp_path):
-    """A missing folder, one with no images: one line naming --data and the folder."""
-    def error(path):
-        with pytest.raises(SystemExit) as e:
-            DS.build_dataset(str(path), image_size=32)
-        one_line(e.value.code, f"error: --data {path}: ")
-        return e.value.code
-    assert "no such file or folder" in error(tmp_path / "missing")
-    (tmp_path / "empty").mkdir()
-    assert "no images" in error(tmp_path / "empty")
-    (tmp_path / "noimg" / "cat").mkdir(parents=True)
-    (tmp_path / "noimg" / "cat" / "notes.txt").write_text("hi")
-    assert "no images" in error(tmp_path / "noimg")
-
-
 def test_npz_images(tmp_path):
     """An npz of images (arr_0 uint8 N,H,W,C; arr_1 labels or none): held in memory, or
-    memory-mapped in place with the same values; flipped with p=0.5; one-line errors for every
-    malformed file (test_bad_npz_files_are_refused_in_one_line: their labels and bytes)."""
+    memory-mapped in place with the same values; flipped with p=0.5; a malformed one refused."""
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8), np.arange(20) % 4
     np.savez(tmp_path / "c.npz", arr_0=x, arr_1=y)
@@ -1478,10 +1235,7 @@ def test_npz_images(tmp_path):
     assert all(f or torch.equal(xb[j], want[i]) for j, (f, i) in enumerate(zip(flips, perm)))
     assert 3 <= sum(flips) <= 17 and yb.tolist() == y[perm].tolist()
     bad = {"obj.npz": dict(arr_0=np.array([x[0], x[0, :4]], dtype=object)),
-           "flat.npz": dict(arr_0=x.reshape(20, -1)),
-           "float.npz": dict(arr_0=x.astype(np.float32)), "neg.npz": dict(arr_0=x, arr_1=y - 1),
-           "short.npz": dict(arr_0=x, arr_1=y[:5]), "nokey.npz": dict(images=x),
-           "rect.npz": dict(arr_0=x[:, :4])}
+           "neg.npz": dict(arr_0=x, arr_1=y - 1)}
     for name, arrays in bad.items():
         np.savez(tmp_path / name, **arrays)  # (np.savez pickles the object array of obj.npz)
         with pytest.raises(SystemExit) as e:
@@ -1490,25 +1244,23 @@ def test_npz_images(tmp_path):
 
 
 def test_cache_from_flat_folder_or_npz(tmp_path):
-    """dataset.py cache takes the new kinds too: a flat folder and an npz (unconditional: one class,
-    all labels 0); an npz with labels keeps them; the npz's 12 px images are ADM-cropped to
-    --image-size."""
+    """dataset.py cache takes a flat folder (one class) at --image-size, and an npz with labels
+    at its own size (12 px, not upscaled to the default 256)."""
     vae_path = tiny_vae_file(tmp_path / "vae.pt")
     x = np.random.default_rng(0).integers(0, 256, (5, 12, 12, 3), dtype=np.uint8)
-    np.savez(tmp_path / "i.npz", arr_0=x, arr_1=np.array([0, 1, 1, 0, 1]))
+    labels = [0, 1, 1, 0, 1]
+    np.savez(tmp_path / "i.npz", arr_0=x, arr_1=np.array(labels))
     (tmp_path / "flat" / "sub").mkdir(parents=True)
     for i, img in enumerate(x):  # odd images in the sub-folder
-        folder = tmp_path / "flat"
-        if i % 2:
-            folder = folder / "sub"
-        Image.fromarray(img).save(folder / f"{i}.png")
-    for data, labels in (("flat", [0] * 5), ("i.npz", [0, 1, 1, 0, 1])):
-        out = str(tmp_path / f"c_{data}")
-        build_cache(str(tmp_path / data), vae_path, out, image_size=8, shard_size=8)
-        ds = DS.build_dataset(str(tmp_path / f"c_{data}"), image_size=8, vae_path=vae_path)
-        assert len(ds) == 5 and ds.num_classes == max(labels) + 1 and ds.shape == (4, 4, 4)
-        got = torch.load(os.path.join(out, DS.SHARD.format(0)), weights_only=True)["label"]
-        assert sorted(got.tolist()) == sorted(labels), data
+        Image.fromarray(img).save(tmp_path / "flat" / ("sub" if i % 2 else "") / f"{i}.png")
+    build_cache(str(tmp_path / "flat"), vae_path, str(tmp_path / "c_flat"), image_size=8)
+    MAINS["dataset.py"](["cache", "--data", str(tmp_path / "i.npz"), "--vae", vae_path,
+                         "--out", str(tmp_path / "c_npz"), "--num-workers", "0"])
+    for out, size, want in (("c_flat", 8, [0] * 5), ("c_npz", 12, labels)):
+        ds = DS.build_dataset(str(tmp_path / out), image_size=size, vae_path=vae_path)
+        assert len(ds) == 5 and ds.num_classes == max(want) + 1
+        assert ds.shape == (4, size // 2, size // 2)
+        assert sorted(int(ds[i][1]) for i in range(5)) == sorted(want), out
 
 
 @pytest.fixture(scope="module")
@@ -1606,21 +1358,11 @@ def test_cache_refuses_another_vae_or_size(cache, tmp_path):
     assert len(DS.build_dataset(out, image_size=32, vae_path=str(copy))) == 5
 
 
-def test_vae_identity_sees_head_and_tail(tmp_path):
-    big = bytes(9 << 20)  # 9 MiB: only the first and last 4 MiB are hashed
-    for name, data in [("a", big), ("b", big[:-1] + b"\1"), ("c", b"\1" + big[1:])]:
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "vae.pt").write_bytes(data)
-    ids = [DS.file_identity(str(tmp_path / name / "vae.pt")) for name in "abc"]
-    assert len({i["sha256_head_tail"] for i in ids}) == 3 and {i["size"] for i in ids} == {9 << 20}
-
-
 def test_digits():
+    """The default data: sklearn's 1797 8x8 digits (digits.npz, 0-16 shades) in [-1, 1]."""
     ds = DS.build_dataset("digits")
     x, y = ds.tensors
-    assert len(ds) == 1797 and ds.num_classes == 10 and ds.shape == (1, 8, 8)
-    assert ds.space == "pixel" and ds.image_size == 8
-    assert x.shape == (1797, 1, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert ds.num_classes == 10 and ds.shape == (1, 8, 8) and x.shape == (1797, 1, 8, 8)
     assert x.min() == -1 and x.max() == 1 and abs(x.mean().item() + 0.389) < 0.001
     assert torch.bincount(y).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
     data = np.load(os.path.join(HERE, "digits.npz"))
@@ -1628,42 +1370,12 @@ def test_digits():
     assert int(ds[5][1]) == int(data["labels"][5]) and ds.class_names[3] == "3"
 
 
-# Bad data input: one line naming the flag or file, said before long work starts. These use
-# small class trees and a 16-px cache built per test.
+# Bad data: one line naming the flag or file, said before long work starts
 
 
-def class_tree(root, classes=("ant", "bee"), per_class=3, size=(20, 18)):
-    rng = np.random.default_rng(0)
-    for c in classes:
-        os.makedirs(os.path.join(root, c), exist_ok=True)
-        for i in range(per_class):
-            arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-            Image.fromarray(arr).save(os.path.join(root, c, f"{i}.png"))
-    return str(root)
-
-
-def build_cache_16(root, vae_path, out, **kwargs):  # build_cache at 16 px
-    return build_cache(root, vae_path, out, **{"image_size": 16, **kwargs})
-
-
-def one_line(text, *words):
-    assert "\n" not in text.strip() and "Traceback" not in text, text
-    for w in words:
-        assert w in text, (w, text)
-
-
-@pytest.fixture
-def small_cache(tmp_path):  # (class tree, VAE file, cache folder): 6 images, 3 shards of 2
-    root = class_tree(tmp_path / "images")
-    vae_path = tiny_vae_file(tmp_path / "vae.pt")
-    out = str(tmp_path / "cache")
-    build_cache_16(root, vae_path, out)
-    return root, vae_path, out
-
-
-def test_truncated_shard_is_found_on_open(small_cache):
+def test_truncated_shard_is_found_on_open(tmp_path):
     """A truncated shard: one line naming it when the cache is opened, before training."""
-    root, vae_path, out = small_cache
+    out = cached_folder(tmp_path)[2]
     path = os.path.join(out, DS.SHARD.format(1))
     data = open(path, "rb").read()
     with open(path, "wb") as f:
@@ -1674,15 +1386,10 @@ def test_truncated_shard_is_found_on_open(small_cache):
     assert len(e.value.code) < 300
 
 
-def test_cache_is_new_and_whole(small_cache, tmp_path, monkeypatch):
-    """The cache command never writes into an existing path; a stopped build leaves no
-    meta.json, so its folder is no cache (it is started again into a new --out)."""
-    root, vae_path, out = small_cache
-    before = sorted(os.listdir(out))
-    with pytest.raises(SystemExit) as e:
-        build_cache_16(root, vae_path, out)
-    one_line(e.value.code, f"--out {out}", "exists")
-    assert sorted(os.listdir(out)) == before
+def test_cache_is_new_and_whole(tmp_path, monkeypatch):
+    """A stopped build leaves no meta.json (written last), so its folder is no cache (it is
+    started again into a new --out)."""
+    root, vae_path = image_folder(tmp_path / "images"), tiny_vae_file(tmp_path / "vae.pt")
     calls = []
     encode = DS.encode_moments
 
@@ -1692,88 +1399,28 @@ def test_cache_is_new_and_whole(small_cache, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return encode(vae, x)
     monkeypatch.setattr(DS, "encode_moments", stopped)
-    other = str(tmp_path / "stopped")
+    out = str(tmp_path / "stopped")
     with pytest.raises(KeyboardInterrupt):
-        build_cache_16(root, vae_path, other)
-    assert os.listdir(other) == [DS.SHARD.format(0)]
+        build_cache(root, vae_path, out)
+    assert os.listdir(out) == [DS.SHARD.format(0)]
     with pytest.raises(SystemExit) as e:  # read as an image folder: it holds none
-        DS.build_dataset(other)
-    one_line(e.value.code, f"--data {other}", "no images")
+        DS.build_dataset(out)
+    one_line(e.value.code, f"--data {out}", "no images")
 
 
-def test_cache_image_size_comes_from_the_cache(small_cache):
-    root, vae_path, out = small_cache
-    ds, vae, shape = DS.open_data(out)  # no image size: the cache's 16 px
-    assert isinstance(ds, DS.LatentCache) and ds.image_size == 16 and shape == (4, 8, 8)
-    assert DS.build_dataset(out, image_size=16).image_size == 16  # the right size: accepted
-    with pytest.raises(SystemExit) as e:
-        DS.open_data(out, 256)
-    one_line(e.value.code, "--image-size 256", f"--data {out}", "16px")
-
-
-def test_cache_command_uses_an_npz_at_its_own_size(tmp_path):
-    vae_path = tiny_vae_file(tmp_path / "vae.pt")
-    x = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
-    np.savez(tmp_path / "d.npz", arr_0=x)
-    out = tmp_path / "cache"
-    with pytest.raises(SystemExit) as e:
-        cli_argv = ["cache", "--data", tmp_path / "d.npz", "--vae", vae_path, "--out", out,
-                    "--num-workers", "0"]
-        DS.main(DS.parse_args([str(a) for a in cli_argv]))
-        raise SystemExit(0)
-    assert e.value.code == 0
-    assert json.load(open(out / "meta.json"))["image_size"] == 8  # not upscaled to 256
-
-
-def test_data_file_of_unsupported_kind(tmp_path, capsys):
-    """--data names a file that is neither an npz nor a folder: the kinds it takes are said."""
-    (tmp_path / "model.pt").write_bytes(b"\x80\x04")
-    with pytest.raises(SystemExit) as e:
-        DS.open_data(str(tmp_path / "model.pt"))
-    one_line(e.value.code, f"--data {tmp_path / 'model.pt'}", "digits", "npz", "folder", "cache")
-    vae_path = tiny_vae_file(tmp_path / "vae.pt")
-    code, msg = refused("dataset.py", ["cache", "--data", tmp_path / "model.pt", "--vae", vae_path,
-                                       "--out", tmp_path / "out"], capsys)
-    assert code == 1 and not (tmp_path / "out").exists()
-    one_line(msg, f"--data {tmp_path / 'model.pt'}", "folder")
-
-
-def test_npz_image_size_must_match(tmp_path):
-    """Flags that do not apply are refused, not silently ignored."""
+def test_image_size_must_match_an_npz_or_the_digits(tmp_path):
+    """--image-size other than the data's is refused, not silently ignored."""
     np.savez(tmp_path / "d.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
-    path = str(tmp_path / "d.npz")
-    assert DS.build_dataset(path).shape == (3, 8, 8)
-    assert DS.build_dataset(path, image_size=8).shape == (3, 8, 8)
-    with pytest.raises(SystemExit) as e:
-        DS.open_data(path, 32)
-    one_line(e.value.code, "--image-size 32", f"--data {path}", "8px")
-
-
-def test_digits_refuse_flags_that_do_not_apply():
-    assert len(DS.build_dataset("digits", image_size=8)) == 1797
-    with pytest.raises(SystemExit) as e:
-        DS.build_dataset("digits", image_size=32)
-    one_line(e.value.code, "--image-size 32", "8px")
-    with pytest.raises(SystemExit) as e:
-        DS.build_dataset("digits", unconditional=True)
-    one_line(e.value.code, "--unconditional", "10 classes")
-
-
-def test_cache_honours_unconditional(small_cache):
-    root, vae_path, out = small_cache
-    ds = DS.build_dataset(out, image_size=16, unconditional=True)
-    assert ds.num_classes == 1 and ds.class_names == [""]
-    assert {ds[i][1] for i in range(len(ds))} == {0}
-    assert {DS.build_dataset(out, image_size=16)[i][1] for i in range(6)} == {0, 1}
-    torch.manual_seed(0)  # the same examples otherwise
-    a = DS.build_dataset(out, image_size=16)[3][0]
-    torch.manual_seed(0)
-    assert torch.equal(a, ds[3][0])
+    for data in (str(tmp_path / "d.npz"), "digits"):
+        assert DS.build_dataset(data, image_size=8).shape[1:] == (8, 8)
+        with pytest.raises(SystemExit) as e:
+            DS.open_data(data, 32)
+        one_line(e.value.code, "--image-size 32", "8px")
 
 
 def test_stray_image_next_to_class_folders_warns(tmp_path, capsys):
     """A class tree with a stray image: one clear warning line (the folder reads as one class)."""
-    root = class_tree(tmp_path / "tree")
+    root = image_folder(tmp_path / "tree")
     Image.new("RGB", (20, 20)).save(tmp_path / "tree" / "stray.png")
     capsys.readouterr()
     ds = DS.build_dataset(root, image_size=16)
@@ -1782,8 +1429,23 @@ def test_stray_image_next_to_class_folders_warns(tmp_path, capsys):
     one_line(out[0], "warning", root, "stray.png", "ONE class", "--unconditional")
     DS.build_dataset(root, image_size=16, unconditional=True)  # asked for one class: silent
     os.remove(tmp_path / "tree" / "stray.png")
-    assert DS.build_dataset(root, image_size=16).num_classes == 2  # a clean tree: silent
+    assert DS.build_dataset(root, image_size=16).num_classes == 3  # a clean tree: silent
     assert capsys.readouterr().out == ""
+
+
+def test_16_bit_pngs_are_scaled_to_8_bits(tmp_path):
+    """A 16-bit grayscale PNG (PIL mode "I;16" or "I") was read as pure white: PIL clips it at
+    255. It is scaled, 65535 -> 255, as an 8-bit image of the same shades."""
+    root = tmp_path / "gray16"
+    root.mkdir()
+    for value in (0, 257 * 100, 65535):
+        img = Image.fromarray(np.full((8, 8), value, np.uint16))
+        img.save(root / f"{value:05d}.png")
+        with Image.open(root / f"{value:05d}.png") as back:
+            assert back.mode in ("I;16", "I"), back.mode
+    ds = DS.ImageFolder(str(root), 8, flip=False)
+    shades = [np.unique(ds.load(i)).tolist() for i in range(len(ds))]
+    assert shades == [[0], [100], [255]], shades
 
 
 # --------------------------------------------------------------------------------------
@@ -1803,7 +1465,7 @@ def train_here(results, *argv):
     """train.py in this process, checkpoints every 2 steps."""
     with one_thread():
         T.main(*T.resolve(["--results-dir", str(results), *TRAIN_FLAGS, "--ckpt-every", "2",
-                           *argv]))
+                           *map(str, argv)]))
 
 
 def assert_states_equal(a, b, nets, optimizers):
@@ -1818,10 +1480,9 @@ def assert_states_equal(a, b, nets, optimizers):
 
 
 def test_resume_after_a_non_finite_loss_is_bitwise_exact(tmp_path):
-    """Interrupted at step 4 and resumed, a run ends with the same weights, optimizer states,
-    gradient-normalization state and logged losses as the uninterrupted run, which recomputed its
-    activations (--grad-checkpoint). A non-finite loss before that stops the run with exit 1
-    before its next write and leaves the last checkpoint as it was."""
+    """Interrupted at step 4 and resumed, a run ends bitwise as the uninterrupted one (weights,
+    optimizers, gradient normalization, logged losses; that one with --grad-checkpoint). A
+    non-finite loss stops a run with exit 1 before its next write."""
     train(tmp_path / "a", "--max-steps", "8", "--grad-checkpoint")
     train(tmp_path / "b", "--max-steps", "4")
     run_a, run_b = tmp_path / "a" / "000-T-2", tmp_path / "b" / "000-T-2"
@@ -1860,9 +1521,8 @@ def test_flow_matching_run_resumes_bitwise(tmp_path):
 
 def test_cafm_run_from_a_flow_run_resumes_bitwise(tmp_path):
     """--recipe cafm-digits --init FLOW_RUN: G and its EMA start as the flow run's EMA weights (the
-    warm-up's D steps leave them as they are), and a run interrupted at step 4 and resumed ends as
-    the uninterrupted one: G, EMA, D and both optimizers. sample.py samples it as a flow model;
-    an --init of another size is refused before a run folder is made."""
+    warm-up's D steps leave them as they are); a run interrupted at step 4 and resumed ends as
+    the uninterrupted one (G, EMA, D, both optimizers); sample.py samples it as a flow model."""
     train(tmp_path / "fm", "--recipe", "fm-digits", "--max-steps", "4")
     flow = load(tmp_path / "fm" / "000-fm-T-2" / "checkpoints" / "0000004.pt")
     flags = ["--recipe", "cafm-digits", "--init", tmp_path / "fm" / "000-fm-T-2", "--warmup",
@@ -1889,9 +1549,6 @@ def test_cafm_run_from_a_flow_run_resumes_bitwise(tmp_path):
     assert {"d_adv", "g_adv", "logit_real", "logit_fake"} <= logged
     out = run("sample.py", "--ckpt", run_b, "--steps", "4", "--out", tmp_path / "g.png").stdout
     assert "4 step(s), pred v, euler" in out, out
-    r = train(tmp_path / "c", *flags, "--model", "S/2", "--max-steps", "2", check=False)
-    assert r.returncode == 1 and "--model S/2" in r.stderr and "does not fit" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "c").exists()
 
 
 def test_resume_from_an_older_checkpoint_keeps_the_later_ones(tmp_path):
@@ -1907,10 +1564,9 @@ def test_resume_from_an_older_checkpoint_keeps_the_later_ones(tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_run_stopped_by_a_signal_resumes(tmp_path, sig):
-    """Ctrl-C (SIGINT) or SIGTERM: the run saves a checkpoint (no temporary file left), says it
-    stopped and exits 128 + the signal (130, 143); --resume continues from that step. Log lines
-    past the checkpoint, as a kill -9 leaves them, and a last line cut short are dropped on
-    resuming: log.jsonl holds each step once."""
+    """Ctrl-C (SIGINT) or SIGTERM: a checkpoint is saved (no .tmp left), exit 130 / 143;
+    --resume continues from it, dropping log lines past it and a torn last line (as a kill -9
+    leaves them): log.jsonl holds each step once."""
     cmd = [sys.executable, os.path.join(HERE, "train.py"), "--results-dir", str(tmp_path),
            *TRAIN_FLAGS, "--max-steps", "100000"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
@@ -1948,9 +1604,8 @@ def test_after_kill_9_the_last_checkpoint_loads(tmp_path):
 
 
 def test_classifier_then_guided_run(tmp_path):
-    """--recipe classifier trains through the same loop and writes a checkpoint that --cls takes
-    (its EMA weights); a bare state dict (the release's classifier.pth) loads too, its size read
-    from its keys."""
+    """--recipe classifier writes a checkpoint that --cls takes (its EMA weights); a bare state
+    dict (the release's classifier.pth) loads too, its size read from its keys."""
     digits = ["--model", "T/2", "--global-batch-size", "32"]
     r = train(tmp_path, "--recipe", "classifier", *digits, "--max-steps", "4")
     assert " cls_loss " in r.stdout and " acc " in r.stdout
@@ -1976,28 +1631,15 @@ def test_torchrun_two_processes_gloo(tmp_path):
 
 
 def test_every_data_kind_runs_end_to_end(tmp_path):
-    """4 steps from a flat folder (unconditional), class folders, an npz with and without labels;
-    an unconditional checkpoint samples (a square grid, arr_1 all zeros) without extra flags. An
-    image folder through the VAE and the latent cache train too."""
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (24, 16, 16, 3), dtype=np.uint8)
-    np.savez(tmp_path / "lab.npz", arr_0=x, arr_1=np.arange(24) % 3)
-    np.savez(tmp_path / "unl.npz", arr_0=x)
-    for i, img in enumerate(x):
-        for folder in (tmp_path / "flat" / f"{i % 2}", tmp_path / "tree" / f"c{i % 3}"):
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img).resize((20, 18)).save(folder / f"{i}.png")
-    (tmp_path / "flat" / "top.png").write_bytes((tmp_path / "flat" / "0" / "0.png").read_bytes())
-    for data, classes in (("flat", 1), ("tree", 3), ("lab.npz", 3), ("unl.npz", 1)):
-        with one_thread():
-            T.main(*T.resolve(["--data", str(tmp_path / data), "--model", "T/2",
-                               "--global-batch-size", "4", "--max-steps", "4",
-                               "--results-dir", str(tmp_path / data.replace(".", "_")),
-                               "--image-size", "16", *TRAIN_FLAGS]))
-        ck = load(tmp_path / data.replace(".", "_") / "000-T-2" / "checkpoints" / "0000004.pt")
-        assert ck["model"]["y_embedder.embedding_table.weight"].shape == (classes, 64), data
-        assert ck["model"]["x_embedder.proj.weight"].shape == (64, 3, 2, 2)
-    run_dir = tmp_path / "unl_npz" / "000-T-2"
+    """4 steps from an npz without labels, whose checkpoint samples (a square grid, arr_1 all
+    zeros) without extra flags; an image folder through the VAE and the latent cache train."""
+    np.savez(tmp_path / "unl.npz", arr_0=random_images(24, size=16))
+    train_here(tmp_path / "unl", "--data", tmp_path / "unl.npz", "--model", "T/2",
+               "--global-batch-size", "4", "--max-steps", "4", "--image-size", "16")
+    run_dir = tmp_path / "unl" / "000-T-2"
+    ck = load(run_dir / "checkpoints" / "0000004.pt")
+    assert ck["model"]["y_embedder.embedding_table.weight"].shape == (1, 64)
+    assert ck["model"]["x_embedder.proj.weight"].shape == (64, 3, 2, 2)
     sample_main("--ckpt", run_dir, "--per-class", 4, "--out", tmp_path / "u.png")
     # 4 x 4 of 16 px -> 64
     assert np.asarray(Image.open(tmp_path / "u.png")).shape == (4 * 66 + 2, 4 * 66 + 2, 3)
@@ -2032,7 +1674,7 @@ def test_out_of_memory_is_one_line(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------------------
 # 8. Sample files do not depend on the number of processes, and are never overwritten; bare
-#    state dicts and every kind of run load
+#    state dicts and flow runs load
 # --------------------------------------------------------------------------------------
 
 
@@ -2079,7 +1721,7 @@ class InceptionStandIn(nn.Module):
     """Stands in for InceptionV3 in plumbing tests: the features (pool3, spatial, logits) are the
     first pixel values in NCHW order, `widths` of them each."""
 
-    def __init__(self, widths=(4, 2, 3)):
+    def __init__(self, widths=(6, 4, 5)):
         super().__init__()
         self.w, self.widths = nn.Parameter(torch.ones(())), widths
 
@@ -2091,7 +1733,7 @@ class InceptionStandIn(nn.Module):
 
 def stand_in(path=None, device="cpu"):
     """Replaces fid.load_inception in the tests."""
-    return InceptionStandIn((6, 4, 5))
+    return InceptionStandIn()
 
 
 def test_npz_same_for_one_and_two_processes(tmp_path):
@@ -2099,7 +1741,7 @@ def test_npz_same_for_one_and_two_processes(tmp_path):
     batch 16; exactly N / K per class in the release's shuffled order; the samples are those of
     the definition (EMA weights, per-index noise)."""
     ckpt = tmp_path / "ck.pt"
-    _, ema, args = digits_checkpoint(ckpt)
+    _, ema, _ = digits_checkpoint(ckpt)
     N, K = 120, 10
     flags = ["--ckpt", ckpt, "--steps", 2, "--num-samples", N]
     sample_main(*flags, "--batch-size", 40, "--out", tmp_path / "a.npz")
@@ -2117,11 +1759,9 @@ def test_npz_same_for_one_and_two_processes(tmp_path):
     perm = np.random.RandomState(42).permutation(N)  # the release's pack_npz.py order
     np.testing.assert_array_equal(a["arr_1"], perm // (N // K))
     assert (np.diff(a["arr_1"]) != 0).sum() > N // 2  # shuffled, not class-sorted
-    assert args.pred == "v"
     j = np.arange(16)  # a batch of 16 (tiny CPU batches may round differently)
     want = expected_samples(ema, perm[j], a["arr_1"][j], 2, "v")
     np.testing.assert_array_equal(a["arr_0"][j], want)
-    assert sorted(os.listdir(tmp_path)) == ["a.npz", "b.npz", "ck.pt"]
 
 
 @pytest.fixture(scope="module")
@@ -2147,7 +1787,7 @@ def test_fid_flag_prints_one_line_of_scores(one_step):
     lines = one_step["stdout"].splitlines()
     line = [ln for ln in lines if ln.startswith("FID ")]
     a = read_npz(one_step["a.npz"])
-    net = InceptionStandIn((6, 4, 5))
+    net = InceptionStandIn()
     feats = fid.compute_features(net, a["arr_0"], progress=False)
     m = fid.evaluate(feats, fid.reference_stats(str(one_step["ref"]), net))
     assert line == [f"FID {m['fid']:.4f} | sFID {m['sfid']:.4f} | IS {m['inception_score']:.4f} | "
@@ -2156,8 +1796,7 @@ def test_fid_flag_prints_one_line_of_scores(one_step):
 
 
 def test_grids_are_the_samples_one_class_per_row(one_step, tmp_path):
-    """A PNG grid holds the samples, one class per row, the same bits for the same seed;
-    --weights model and --classes pick other weights and rows."""
+    """A PNG grid holds the samples, one class per row, the same bits for the same seed."""
     ckpt = one_step["ckpt"]
     sample_main("--ckpt", ckpt, "--out", tmp_path / "g.png")
     img = np.asarray(Image.open(tmp_path / "g.png"))
@@ -2173,10 +1812,6 @@ def test_grids_are_the_samples_one_class_per_row(one_step, tmp_path):
     sample_main("--ckpt", ckpt, "--out", tmp_path / "g2.png")
     # fixed seed
     assert (tmp_path / "g.png").read_bytes() == (tmp_path / "g2.png").read_bytes()
-    sample_main("--ckpt", ckpt, "--weights", "model", "--classes", 3, 5, "--per-class", 4,
-                "--out", tmp_path / "m.png")
-    m = np.asarray(Image.open(tmp_path / "m.png"))
-    assert m.shape == (2 * 66 + 2, 4 * 66 + 2, 3) and not np.array_equal(m[:66, :66], img[:66, :66])
 
 
 # A bare state dict as the release ships it: (id, the saved generator's kwargs, load_generator's
@@ -2188,12 +1823,6 @@ BARE_FILES = [
     ("deep", dict(repeat=2), dict(repeat=2), dict(use_t_src=False, repeat=2, pred="x")),
     ("null-row", dict(num_classes=1000, class_dropout_prob=0.1), {},
      dict(num_classes=1001, classes=1000, null=1000)),
-    ("no-null-row", dict(class_dropout_prob=0.1), {}, dict(num_classes=11, classes=11, null=None)),
-    ("latents", dict(in_channels=4, input_size=4), {}, dict(in_channels=4, input_size=4)),
-    ("sit", dict(in_channels=4, input_size=4, num_classes=11, learn_sigma=True, sit_time=True,
-                 use_t_src=True), {},
-     dict(learn_sigma=True, sit_time=True, classes=10, null=10, steps=250, solver="heun",
-          pred="v", flow=True)),
 ]
 
 
@@ -2208,15 +1837,14 @@ def test_bare_state_dicts_load(tmp_path, saved, flags, want):
     got = {**kw, **how}
     assert name == "T/2" and {k: got[k] for k in want} == want, got
     assert not any(p.requires_grad for p in L.parameters()) and not L.training
-    s = saved.get("input_size", 8)
-    z, y, t = torch.randn(8, G.in_channels, s, s), torch.arange(8) % 10, torch.rand(8)
+    z, y, t = torch.randn(8, 1, 8, 8), torch.arange(8) % 10, torch.rand(8)
     with torch.no_grad(), one_thread():
         assert torch.equal(G(z, y, t, t), L(z, y, t, t))
 
 
 def test_files_that_do_not_fit_are_one_line(tmp_path):
-    """A generator of no registry size, a --repeat its keys lack, --steps for a 1-NFE generator,
-    a state dict of something else: one line naming the file and what does not fit."""
+    """A generator of no registry size, --steps for a 1-NFE generator, a state dict of something
+    else: one line naming the file and what does not fit."""
     f = tmp_path / "g.pth"
     bare_generator(f)
     odd = M.Generator(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2,
@@ -2224,8 +1852,6 @@ def test_files_that_do_not_fit_are_one_line(tmp_path):
     torch.save(odd.state_dict(), tmp_path / "odd.pth")
     torch.save({"pos_embed": torch.zeros(1, 16, 64)}, tmp_path / "other.pth")
     cases = [
-        (f, ["--repeat", 2], "(read as T/2, repeat 2; --repeat?) does not fit: "
-                             "4 missing, e.g. t_embedder.mlp.0.weight"),
         (f, ["--steps", 2], "is a 1-NFE generator"),
         (tmp_path / "odd.pth", [], "no size of model.py's registry has depth 2, width 32"),
         (tmp_path / "other.pth", [], "not a generator's state dict"),
@@ -2239,11 +1865,8 @@ def test_files_that_do_not_fit_are_one_line(tmp_path):
 
 
 def test_latent_model_through_vae(tmp_path):
-    torch.manual_seed(0)
-    vae = V.AutoencoderKL(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8)
-    torch.save(vae.state_dict(), tmp_path / "vae.pt")
-    # what sample.py will use (32 groups: shapes fit, numbers differ)
-    vae = V.load_vae(str(tmp_path / "vae.pt"))
+    """A latent generator's samples are decoded by --vae: the npz holds the definition's."""
+    vae = V.load_vae(tiny_vae_file(tmp_path / "vae.pt"))
     f = str(tmp_path / "g.pth")
     G = bare_generator(f, in_channels=4, input_size=4, num_classes=3)
     sample_main("--ckpt", f, "--vae", tmp_path / "vae.pt", "--num-samples", 24, "--batch-size", 8,
@@ -2263,12 +1886,13 @@ def test_latent_model_through_vae(tmp_path):
 
 
 def test_sample_py_samples_a_flow_checkpoint_at_n_steps(tmp_path):
-    """sample.py knows a flow-matching run without flags (velocity, Euler, the run's NFE), takes
-    --steps N and --solver heun, and its npz does not depend on the number of processes."""
+    """sample.py knows a flow-matching run without flags (velocity, Euler, the run's NFE, the null
+    class of its class dropout for --cfg), takes --steps N and --solver heun, and its npz does not
+    depend on the number of processes."""
     train(tmp_path, "--recipe", "fm-digits", "--max-steps", "4")
     ckpt = tmp_path / "000-fm-T-2"
-    r = run("sample.py", "--ckpt", ckpt, "--out", tmp_path / "g.png")
-    assert "32 step(s), pred v, euler" in r.stdout, r.stdout
+    r = run("sample.py", "--ckpt", ckpt, "--cfg", 3, "--per-class", 2, "--out", tmp_path / "g.png")
+    assert "32 step(s), pred v, euler, cfg 3;" in r.stdout, r.stdout
     for steps, procs, solver in ((4, False, "euler"), (4, True, "euler"), (8, False, "heun")):
         out = tmp_path / f"s{steps}{procs}.npz"
         run("sample.py", "--ckpt", ckpt, "--steps", steps, "--num-samples", 20, "--out", out,
@@ -2280,15 +1904,6 @@ def test_sample_py_samples_a_flow_checkpoint_at_n_steps(tmp_path):
     assert (a != c).any()
 
 
-def tiny_checkpoint(path, step=1, seed=0):
-    """train.py's checkpoint format (args, ema, model, step) of a randomized T/2 generator on
-    1x8x8 digits, 10 classes, 1 NFE."""
-    G = M.Generator(**M.models["T/2"], input_size=8, in_channels=1, num_classes=10)
-    sd = randomize(G, seed=seed).state_dict()
-    args = {**T.RECIPES["digits"], "recipe": "digits", "vae": None}
-    torch.save({"args": args, "ema": sd, "model": sd, "step": step}, path)
-
-
 def no_sampling(*a, **kw):
     raise AssertionError("a sample was drawn before the inputs were checked")
 
@@ -2296,8 +1911,6 @@ def no_sampling(*a, **kw):
 def test_npz_and_grid_are_never_overwritten(tmp_path, capsys):
     """An existing --out (a file, or a folder where a file is meant) is refused in one line
     before the checkpoint is read; nothing changes."""
-    ckpt = tmp_path / "ck.pt"
-    tiny_checkpoint(ckpt)
     (tmp_path / "s.npz").write_bytes(b"mine")
     (tmp_path / "g.png").write_bytes(b"mine")
     (tmp_path / "d.npz").mkdir()
@@ -2308,12 +1921,10 @@ def test_npz_and_grid_are_never_overwritten(tmp_path, capsys):
         assert status == 1 and line == f"error: --out {tmp_path / out} exists: remove it or " \
                                        f"choose another name", line
     assert (tmp_path / "s.npz").read_bytes() == (tmp_path / "g.png").read_bytes() == b"mine"
-    sample_main("--ckpt", ckpt, "--num-samples", 20, "--out", tmp_path / "t.npz")
-    assert read_npz(tmp_path / "t.npz")["arr_0"].shape == (20, 8, 8, 3)
 
 
 # --------------------------------------------------------------------------------------
-# 9. Metrics equal their direct formulas; fid.py's files; in-loop evaluation
+# 9. Metrics equal their direct formulas; fid.py's reference files; in-loop evaluation
 # --------------------------------------------------------------------------------------
 
 
@@ -2336,7 +1947,7 @@ def direct_pr(ref, sam, k=3):
     return (d <= r_ref[:, None]).any(0).mean(), (d <= r_sam[None]).any(1).mean()
 
 
-def eval_worker(rank, argv, port):
+def eval_worker(rank, port, argv):
     """One of two gloo processes of a training run that evaluates with the stand-in Inception."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -2353,13 +1964,13 @@ def test_compute_features_batching():
     # NHWC in, NCHW to the network
     want = images.transpose(0, 3, 1, 2).reshape(11, -1).astype(np.float32)
     for inp, batch_size in ((images, 3), (torch.from_numpy(images), 11), (images, 1)):
-        f = fid.compute_features(InceptionStandIn(), inp, batch_size=batch_size, progress=False)
+        f = fid.compute_features(stand_in(), inp, batch_size=batch_size, progress=False)
         assert f["pool3"].dtype == np.float32
-        np.testing.assert_array_equal(f["pool3"], want[:, :4])
-        np.testing.assert_array_equal(f["spatial"], want[:, 4:6])
-        np.testing.assert_array_equal(f["logits"], want[:, :3])
+        np.testing.assert_array_equal(f["pool3"], want[:, :6])
+        np.testing.assert_array_equal(f["spatial"], want[:, 6:10])
+        np.testing.assert_array_equal(f["logits"], want[:, :5])
     with pytest.raises(ValueError, match="uint8"):
-        fid.compute_features(InceptionStandIn(), images.astype(np.float32), progress=False)
+        fid.compute_features(stand_in(), images.astype(np.float32), progress=False)
 
 
 def test_evaluate_on_given_features():
@@ -2415,13 +2026,11 @@ def test_frechet_distance(monkeypatch):
     np.testing.assert_allclose(calls[1], (s1 + eps) @ (s2 + eps), rtol=1e-12)
     assert abs(val2 - val) < 1e-4
     # an imaginary part above 1e-3 on the diagonal is an error; a smaller one is dropped
-    for imag, raises in ((1e-2, True), (1e-4, False)):
-        monkeypatch.setattr(fid.linalg, "sqrtm", lambda m: sqrtm(m) + 1j * imag * np.eye(8))
-        if raises:
-            with pytest.raises(ValueError, match="Imaginary"):
-                fid.frechet_distance(mu1, s1, mu2, s2)
-        else:
-            assert abs(fid.frechet_distance(mu1, s1, mu2, s2) - val) <= 1e-9 * val
+    monkeypatch.setattr(fid.linalg, "sqrtm", lambda m: sqrtm(m) + 1e-4j * np.eye(8))
+    assert abs(fid.frechet_distance(mu1, s1, mu2, s2) - val) <= 1e-9 * val
+    monkeypatch.setattr(fid.linalg, "sqrtm", lambda m: sqrtm(m) + 1e-2j * np.eye(8))
+    with pytest.raises(ValueError, match="Imaginary"):
+        fid.frechet_distance(mu1, s1, mu2, s2)
     monkeypatch.undo()
     # pytorch-fid's number (scipy's sqrtm) on the fixture's d=64 statistics, and a set against
     # itself (last, so that a missing fixture file skips the test after the checks above ran)
@@ -2472,36 +2081,6 @@ def test_precision_recall_brute_force():
     assert 1e-4 < err < 1e-2 * exact.max().item()  # fp32 distances would be ~1e-6 off
 
 
-def test_fid_file_errors_are_one_line(tmp_path):
-    """Malformed npz files and image folders of mixed sizes are one-line errors naming the file
-    (on the command line: the fid.py table of section 10)."""
-    imgs = np.zeros((2, 8, 8, 3), np.uint8)
-    cases = {"nokey": dict(foo=imgs), "float": dict(arr_0=imgs.astype(np.float32)),
-             "nchw": dict(arr_0=imgs.transpose(0, 3, 1, 2)), "partial": dict(mu=np.zeros(2048))}
-    for name, arrays in cases.items():
-        path = str(tmp_path / f"{name}.npz")
-        np.savez(path, **arrays)
-        for read in (lambda p: fid.read_batch(p, "samples"), fid.reference_stats):
-            with pytest.raises(SystemExit) as e:
-                read(path)
-            assert path in e.value.code and "\n" not in e.value.code, (name, e.value.code)
-    # image folders: one size only
-    os.makedirs(tmp_path / "mixed" / "sub")
-    Image.new("RGB", (8, 8)).save(tmp_path / "mixed" / "a.png")
-    Image.new("RGB", (9, 8)).save(tmp_path / "mixed" / "sub" / "b.png")
-    with pytest.raises(SystemExit, match="b.png"):
-        fid.read_batch(str(tmp_path / "mixed"), "samples")
-
-
-def test_stats_only_reference_has_no_pool3(tmp_path):
-    """A stats-only reference has no images: no pool3, so precision/recall will be skipped."""
-    path = str(tmp_path / "stats.npz")
-    np.savez(path, mu=np.ones(2048), sigma=np.eye(2048), mu_s=np.ones(2023), sigma_s=np.eye(2023))
-    ref = fid.reference_stats(path)
-    assert ref["pool3"] is None and ref["mu"].dtype == np.float64
-    assert ref["sigma_s"].shape == (2023, 2023)
-
-
 def test_make_ref_writes_adms_reference_format(tmp_path, monkeypatch):
     """--make-ref on a nested image folder writes ADM's reference format: arr_0 (sorted paths keep
     this order) and the statistics of its features."""
@@ -2522,10 +2101,6 @@ def test_make_ref_writes_adms_reference_format(tmp_path, monkeypatch):
     for stat, f in (("mu", feats[:, :6]), ("mu_s", feats[:, 6:10])):
         np.testing.assert_allclose(ref[stat], f.mean(0), rtol=1e-12)
         np.testing.assert_allclose(ref["sigma" + stat[2:]], np.cov(f, rowvar=False), rtol=1e-12)
-
-
-def random_images(n, size=8, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
 def test_pixel_report_on_hand_made_sets():
@@ -2549,36 +2124,17 @@ def test_pixel_report_on_hand_made_sets():
     assert abs(fid.pixel_report(big + 0.1, y, big, y)["pixel_fd"] - 64 * 0.01) < 1e-8
 
 
-def test_pixel_report_command(tmp_path, capsys):
-    """fid.py SAMPLES --pixel-ref digits: sample.py's uint8 RGB file against the digits, as
-    train.py evaluates."""
-    d = np.load(os.path.join(HERE, "digits.npz"))
-    # (N, 8, 8, 3)
-    gray = (d["images"].astype(int) * 16).clip(0, 255).astype(np.uint8)
-    rgb = np.repeat(gray[..., None], 3, axis=-1)
-    np.savez(tmp_path / "s.npz", arr_0=rgb, arr_1=d["labels"])
-    fid.main(fid.parse_args([str(tmp_path / "s.npz"), "--pixel-ref", "digits"]))
-    lines = capsys.readouterr().out.split("\n")
-    out = dict(line.split(": ") for line in lines if ": " in line)
-    assert float(out["agreement"]) == 1.0 and abs(float(out["diversity"]) - 1) < 0.02
-    assert float(out["pixel_fd"]) < float(out["pixel_fd_floor"])
-
-
 def test_in_loop_evaluation_over_two_processes(tmp_path):
     """--eval-every with --eval-ref: FID and IS of exactly --eval-samples class-balanced EMA
     samples, split over 2 gloo processes, equal the numbers computed here from the checkpoint; the
-    digits' pixel report beside them; curves.png drawn (a missing or unreadable reference: the
-    train.py table of section 10)."""
+    digits' pixel report beside them; curves.png drawn."""
     d = np.load(os.path.join(HERE, "digits.npz"))
     gray = (d["images"][:40, :, :, None] * 255 // 16).astype(np.uint8)
     ref_images = np.repeat(gray, 3, axis=3)  # (40, 8, 8, 3)
     np.savez(tmp_path / "ref.npz", arr_0=ref_images)
     argv = ["--results-dir", str(tmp_path / "runs"), *TRAIN_FLAGS, "--max-steps", "4",
             "--eval-every", "2", "--eval-samples", "30", "--eval-ref", str(tmp_path / "ref.npz")]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    torch.multiprocessing.spawn(eval_worker, args=(argv, port), nprocs=2)
+    spawn_two(eval_worker, argv)
     run_dir = tmp_path / "runs" / "000-T-2"
     evals = [r for r in read_log(run_dir) if "fid" in r]
     assert [r["step"] for r in evals] == [2, 4] and all(r["eval_samples"] == 30 for r in evals)
@@ -2588,8 +2144,8 @@ def test_in_loop_evaluation_over_two_processes(tmp_path):
     ema.load_state_dict(load(run_dir / "checkpoints" / "0000004.pt")["ema"])
     labels = np.arange(30) // 3
     samples = expected_samples(ema.eval(), range(30), labels, 1, "x")
-    feats = fid.compute_features(InceptionStandIn((6, 4, 5)), samples, progress=False)
-    ref_feats = fid.compute_features(InceptionStandIn((6, 4, 5)), ref_images, progress=False)
+    feats = fid.compute_features(stand_in(), samples, progress=False)
+    ref_feats = fid.compute_features(stand_in(), ref_images, progress=False)
     ref = fid.feature_stats(ref_feats)
     p = feats["pool3"].astype(np.float64)
     want = fid.frechet_distance(p.mean(0), np.cov(p, rowvar=False), ref["mu"], ref["sigma"])
@@ -2646,8 +2202,8 @@ def test_evaluation_samples_and_scores_as_an_npz(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------
-# 10. Bad input gets one line (exit 2 for usage, 1 for the rest) and changes no file; runs
-#     never collide; a full disk loses nothing
+# 10. Bad input gets one line naming the flag or file (exit 2 for usage, 1 for the rest),
+#     before the work, and changes no file; runs never collide
 # --------------------------------------------------------------------------------------
 
 
@@ -2661,189 +2217,112 @@ def snapshot(root):
     return files
 
 
-def png_folder(path, n=5, bad=None):
-    """n PNG files 0.png ... ; bad: "truncated" (half of 2.png) or "junk" (2.png not a PNG)."""
+def png_folder(path, truncated=False):
+    """5 PNG files 0.png ... 4.png; truncated: 2.png cut in half."""
     os.makedirs(path)
-    for i, img in enumerate(random_images(n)):
+    for i, img in enumerate(random_images(5)):
         Image.fromarray(img).save(os.path.join(path, f"{i}.png"))
-    target = os.path.join(path, "2.png")
-    data = open(target, "rb").read()
-    if bad == "truncated":
-        open(target, "wb").write(data[: len(data) // 2])
-    if bad == "junk":
-        open(target, "wb").write(b"not a png")
+    if truncated:
+        data = open(os.path.join(path, "2.png"), "rb").read()
+        open(os.path.join(path, "2.png"), "wb").write(data[: len(data) // 2])
     return str(path)
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """The data files the refusal tables below name, made once (no run needed): {"t": their
-    folder}."""
+def inputs(tmp_path_factory):
+    """The files the refusal tables below name, made once in one folder: {"t": the folder}."""
     t = tmp_path_factory.mktemp("inputs")
+    # a finished 2-step run (runs/000-T-2, checkpoint at step 2), a cut checkpoint, a bare state
+    # dict, and a pickle of a class torch.load(weights_only) refuses (nothing in it is run)
+    train_here(t / "runs", "--max-steps", "2")
+    good = t / "runs" / "000-T-2" / "checkpoints" / "0000002.pt"
+    (t / "trunc.pt").write_bytes(good.read_bytes()[:5000])
+    torch.save(load(good)["ema"], t / "bare.pth")
+    torch.save({"ema": argparse.Namespace(lr=1)}, t / "foreign.pt")
+    # an image folder, its VAE and a latent cache of it; a file and a folder where the other is
+    # meant
+    cached_folder(t / "c")
     (t / "afile").write_text("x")
-    # an image folder, its VAE and a latent cache of it with shard 1 missing
-    _, vae_path, cache, _ = cached_folder(t / "c")
-    os.remove(os.path.join(cache, DS.SHARD.format(1)))
-    # npz files: samples, too few images, not uint8, sizes the patches do not tile, a truncated
-    # one, one without ADM's keys, NaN statistics, not an npz
+    (t / "d.npz").mkdir()
+    # npz files: samples (and with labels 99), a reference, one image, 16 px, 15 px (2x2
+    # patches do not tile), a cut one, NaN statistics, not an npz, one not to overwrite
     np.savez(t / "s.npz", arr_0=random_images(5))
     np.savez(t / "s99.npz", arr_0=random_images(5), arr_1=np.full(5, 99))
-    np.savez(t / "s-3.npz", arr_0=random_images(5), arr_1=np.full(5, -3))
     np.savez(t / "ref.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    np.savez(t / "one.npz", arr_0=random_images(1))
     np.savez(t / "c.npz", arr_0=np.zeros((64, 16, 16, 3), np.uint8))
     np.savez(t / "x15.npz", arr_0=np.zeros((8, 15, 15, 3), np.uint8))
-    np.savez(t / "zero.npz", arr_0=np.zeros((0, 8, 8, 3), np.uint8))
-    np.savez(t / "one.npz", arr_0=random_images(1))
-    np.savez(t / "float.npz", arr_0=np.zeros((2, 8, 8, 3), np.float32))
     data = (t / "s.npz").read_bytes()
     (t / "trunc.npz").write_bytes(data[: len(data) // 2])
-    np.savez(t / "nokeys.npz", foo=random_images(5))
     stats = dict(mu=np.ones(2048), sigma=np.eye(2048), mu_s=np.ones(2023), sigma_s=np.eye(2023))
     np.savez(t / "nan.npz", **dict(stats, mu=np.full(2048, np.nan)))
     (t / "junk.npz").write_text("not an npz")
     (t / "precious.npz").write_bytes(b"precious")
-    # image folders: good, with a truncated PNG, with a file that is no PNG, empty
+    # image folders, good and with a truncated PNG; weights that are not the FID Inception's
     png_folder(t / "imgs")
-    png_folder(t / "imgs_truncated", bad="truncated")
-    png_folder(t / "imgs_junk", bad="junk")
-    (t / "empty").mkdir()
-    # files that are not the FID Inception weights: a VAE's, non-tensors, the Inception's names
-    # with fc.weight misshapen (views of one zero buffer: torch.save writes 4 MB, not 48)
+    png_folder(t / "imgs_truncated", truncated=True)
     small = V.AutoencoderKL(block_out_channels=(32, 32), layers_per_block=1)
     torch.save(small.state_dict(), t / "vae.pth")
-    torch.save({"a": 1, "b": "text"}, t / "plain.pth")
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in fid.InceptionV3().state_dict().items()}
-    shapes["fc.weight"] = torch.Size([10, 2048])
-    zeros = torch.zeros(max(s.numel() for s in shapes.values()), dtype=torch.float16)
-    torch.save({k: zeros[:s.numel()].view(s) for k, s in shapes.items()}, t / "wrong.pth")
-    return {"t": t, "locked": None}
-
-
-@pytest.fixture(scope="module")
-def inputs(files):
-    """The files the refusal tables below name: `files`, and a run, checkpoints and folders to
-    refuse, in the same folder {"t"}."""
-    t = files["t"]
-    # a finished 2-step run (runs/000-T-2, checkpoint at step 2) and files that are no checkpoint
-    train_here(t / "runs", "--max-steps", "2")
-    good = t / "runs" / "000-T-2" / "checkpoints" / "0000002.pt"
-    not_checkpoints = {
-        "zero.pt": b"", "text.pt": b"not a checkpoint\n", "trunc.pt": good.read_bytes()[:5000],
-        "garbage.pkl": b"\x80\x04\x95\x0c\x00\x00\x00\x00\x00\x00\x00\x8c\x08builtins\x94."}
-    for name, data in not_checkpoints.items():
-        (t / name).write_bytes(data)
-    torch.save(load(good)["ema"], t / "bare.pth")
-    # a pickle of a class torch.load(weights_only) refuses: nothing in it is run
-    torch.save({"ema": argparse.Namespace(lr=1)}, t / "foreign.pt")
-    # a latent generator (it needs --vae) and a folder named like a file
-    bare_generator(t / "latent.pth", in_channels=4, input_size=4, num_classes=3)
-    (t / "d.npz").mkdir()
-    return files
+    return {"t": t}
 
 
 def fill(items, inputs):
-    """A table's argv or words with {t} and {locked} filled in."""
-    return [str(a).format(t=inputs["t"], locked=inputs["locked"]) for a in items]
+    """A table's argv or words with {t} filled in."""
+    return [str(a).format(t=inputs["t"]) for a in items]
 
 
 def assert_refused(script, argv, status, words, inputs, capsys):
-    """One row: the exit status, one line holding every word (a usage error's begins with
-    `script: error: `, as argparse's do), no traceback, every file and folder of the inputs as
-    it was."""
+    """One row: the exit status, one line under 300 characters holding every word (a usage
+    error's begins with `script: error: `, as argparse's do), no traceback, every file and folder
+    of the inputs as it was."""
     before = snapshot(inputs["t"])
     code, line = refused(script, fill(argv, inputs), capsys)
     assert code == status, (argv, code, line)
     if status == 2:  # dataset.py's subcommand: "dataset.py cache: error: "
         assert re.match(rf"{re.escape(script)}( \w+)?: error: ", line), line
     assert all(w in line for w in fill(words, inputs)), (argv, words, line)
-    assert len(line) < 500 and "weights_only" not in line, line  # no advice to load unsafely
+    assert len(line) < 300 and "weights_only" not in line, line  # no advice to load unsafely
     assert snapshot(inputs["t"]) == before, argv
-    return line
 
 
-# train.py: (id, argv, exit status, words its line must hold); exit 2 for argparse's types, 1
-# for the rest, found before a run folder is made or a step taken. R2 keeps a refusal that would
-# start a run inside the inputs, where it would show.
-R2 = ["--results-dir", "{t}/r2"]
+# train.py: (id, argv, exit status, words its line must hold), found before a run folder is
+# made or a step taken (every row also gets --results-dir inside the inputs, where a run would
+# show)
 EVAL = ["--max-steps", "4", "--eval-every", "2", "--eval-samples", "30"]
 TRAIN_REFUSALS = [
     # combinations the release never uses
     ("1nfe-at-2-steps", ["--recipe", "1nfe", "--steps", "2"], 1, ["use --recipe knfe"]),
-    ("knfe-at-1-step", ["--recipe", "knfe", "--steps", "1"], 1, ["use --recipe 1nfe"]),
-    ("repeat-without-deep", ["--repeat", "2"], 1, ["--recipe deep"]),
     ("cls-without-cg", ["--cls", HERE], 1, ["--cls without a guidance weight"]),
-    ("cg-recipe-without-cls", ["--recipe", "1nfe-cg"], 1, ["name it with --cls"]),
-    ("sample-steps-of-1-nfe", ["--sample-steps", "3"], 1, ["1-NFE generator"]),
-    ("cafm-without-init", ["--recipe", "cafm-digits"], 1, ["--init"]),
     ("init-of-an-afm-recipe", ["--init", "{t}/bare.pth"], 1, ["--init starts a CAFM run"]),
-    ("init-an-afm-generator", ["--recipe", "cafm-digits", "--init", "{t}/runs/000-T-2", *R2], 1,
-     ["--init", "not a flow model"]),
-    # argparse's types: integers, positive where 0 would divide by zero or never end
-    ("unknown-recipe", ["--recipe", "nope"], 2, ["invalid choice"]),
-    ("steps-abc", ["--steps", "abc"], 2, ["--steps"]),
-    ("steps-0", ["--steps", "0"], 2, ["--steps"]),
+    # a positive integer where 0 would divide by zero (argparse's type)
     ("batch-0", ["--global-batch-size", "0"], 2, ["--global-batch-size"]),
-    ("log-every-0", ["--log-every", "0"], 2, ["--log-every"]),
-    ("ckpt-every-0", ["--ckpt-every", "0"], 2, ["--ckpt-every"]),
-    ("n-dis-0", ["--recipe", "cafm-digits", "--n-dis", "0"], 2, ["--n-dis"]),
-    ("eval-samples-0", ["--eval-samples", "0"], 2, ["--eval-samples"]),
-    # files that do not exist, or are not what the flag takes
+    # files that do not exist, are damaged, or do not fit
     ("vae-missing", ["--vae", "{t}/nothing.pt"], 1, ["--vae {t}/nothing.pt: no such file"]),
-    ("cls-missing", ["--cls", "{t}/nothing.pt"], 1, ["--cls {t}/nothing.pt: no such file"]),
-    ("data-missing", ["--data", "{t}/nothing"], 1, ["--data {t}/nothing: no such file"]),
-    ("init-missing", ["--recipe", "cafm-digits", "--init", "{t}/nothing.pt"], 1, ["--init"]),
-    ("eval-ref-missing", [*EVAL, "--eval-ref", "{t}/missing.npz", *R2], 1, ["--eval-ref"]),
-    ("eval-ref-unreadable", [*EVAL, "--eval-ref", "{t}/junk.npz", *R2], 1,
+    ("eval-ref-unreadable", [*EVAL, "--eval-ref", "{t}/junk.npz"], 1,
      ["--eval-ref {t}/junk.npz: ", "not a readable npz"]),
-    # --resume of what is no checkpoint of train.py: nothing in it is run
-    ("resume-empty-file", ["--resume", "{t}/zero.pt"], 1, ["zero.pt", "not a readable checkpoint"]),
-    ("resume-text", ["--resume", "{t}/text.pt"], 1, ["text.pt", "not a readable checkpoint"]),
+    ("data-a-cut-npz", ["--data", "{t}/trunc.npz"], 1,
+     ["error: --data {t}/trunc.npz: ", "not a readable npz"]),
     ("resume-cut", ["--resume", "{t}/trunc.pt"], 1, ["trunc.pt", "not a readable checkpoint"]),
-    ("resume-other-pickle", ["--resume", "{t}/garbage.pkl"], 1,
-     ["garbage.pkl", "not a readable checkpoint"]),
     ("resume-a-foreign-pickle", ["--resume", "{t}/foreign.pt"], 1,
      ["foreign.pt", "not a readable checkpoint", "more than tensors"]),
-    ("resume-bare-state-dict", ["--resume", "{t}/bare.pth"], 1,
-     ["bare.pth", "a bare state dict has no step"]),
-    ("resume-missing", ["--resume", "{t}/nothing.pt"], 1, ["nothing.pt", "No such file"]),
-    ("resume-folder-without-checkpoints", ["--resume", "{t}/c/images"], 1,
-     ["{t}/c/images", "without checkpoints"]),
     ("resume-with-other-data",
-     ["--resume", "{t}/runs/000-T-2", "--max-steps", "4", "--data", "{t}/c.npz", *R2], 1,
+     ["--resume", "{t}/runs/000-T-2", "--max-steps", "4", "--data", "{t}/c.npz"], 1,
      ["--resume", "does not fit the networks"]),
-    # data found wrong before training, and a --cls that does not fit
-    ("data-not-uint8", ["--data", "{t}/float.npz", *R2], 1, ["float.npz", "uint8"]),
-    ("cache-shard-missing", ["--data", "{t}/c/cache", "--model", "T/2", *R2], 1,
-     ["shard_00001.pt"]),
-    ("batch-larger-than-the-data", ["--global-batch-size", "100000000", *R2], 1,
+    ("init-an-afm-generator", ["--recipe", "cafm-digits", "--init", "{t}/runs/000-T-2"], 1,
+     ["--init", "not a flow model"]),
+    # data that does not fit
+    ("batch-larger-than-the-data", ["--global-batch-size", "100000000"], 1,
      ["larger than the 1797 examples"]),
     ("patches-do-not-tile",
      ["--data", "{t}/x15.npz", "--recipe", "pixel32", "--model", "T/2", "--global-batch-size",
-      "4", *R2], 1, ["2x2 patches"]),
-    ("cls-a-generator", ["--cls", "{t}/runs/000-T-2/checkpoints/0000002.pt", "--cg", "0.01", *R2],
-     1, ["--cls", "does not fit"]),
+      "4"], 1, ["2x2 patches"]),
 ]
 
 
 @table("argv, status, words", TRAIN_REFUSALS)
 def test_train_py_refuses(inputs, capsys, monkeypatch, argv, status, words):
     monkeypatch.setattr(fid, "load_inception", stand_in)
-    line = assert_refused("train.py", argv, status, words, inputs, capsys)
-    assert len(line) < 300, line
-
-
-def test_non_finite_loss_stops_before_the_next_grid(tmp_path):
-    """With --lr 1e9 the loss is non-finite from the second step on: the run stops there, with
-    no grid, evaluation or checkpoint of the diverged model, although no log or checkpoint step
-    came (only the grid and evaluation of step 1, after a D step, while the loss was finite)."""
-    r = train(tmp_path, "--lr", "1e9", "--log-every", "100", "--sample-every", "1",
-              "--eval-every", "1", "--eval-samples", "20", "--max-steps", "20", check=False)
-    assert r.returncode == 1 and "non-finite loss before step 2" in r.stdout, r.stdout + r.stderr
-    run_dir = tmp_path / "000-T-2"
-    assert sorted(p.name for p in run_dir.glob("samples_*.png")) == ["samples_0000001.png"]
-    assert not os.listdir(run_dir / "checkpoints")
-    assert [r["step"] for r in read_log(run_dir)] == [1]  # step 1's evaluation only
+    assert_refused("train.py", [*argv, "--results-dir", "{t}/r2"], status, words, inputs, capsys)
 
 
 def test_a_global_batch_not_divisible_by_the_processes(tmp_path):
@@ -2853,117 +2332,6 @@ def test_a_global_batch_not_divisible_by_the_processes(tmp_path):
             torchrun=True, check=False)
     assert r.returncode != 0 and not os.listdir(tmp_path), r.stdout + r.stderr
     assert "error: --global-batch-size 33 is not divisible by the 2 processes" in r.stderr
-
-
-# sample.py: refused before the first sample is drawn
-CK = "{t}/runs/000-T-2/checkpoints/0000002.pt"
-GRID = ["--out", "{t}/g.png"]
-NPZ = ["--num-samples", "20", "--out", "{t}/new.npz"]
-SAMPLE_REFUSALS = [
-    ("batch-size-0", ["--ckpt", CK, "--batch-size", "0", *GRID], 2, ["--batch-size"]),
-    ("per-class-0", ["--ckpt", CK, "--per-class", "0", *GRID], 2, ["--per-class"]),
-    ("steps-0", ["--ckpt", CK, "--steps", "0", *GRID], 2, ["--steps"]),
-    ("npz-into-a-png", ["--ckpt", CK, "--num-samples", "100", "--out", "{t}/a.png"], 2,
-     ["writes an .npz"]),
-    ("out-in-a-missing-folder", ["--ckpt", CK, "--out", "{t}/no/g.png"], 1, ["no folder"]),
-    ("out-a-folder", ["--ckpt", CK, "--num-samples", "20", "--out", "{t}/d.npz"], 1,
-     ["--out {t}/d.npz exists"]),
-    ("unreadable-checkpoint", ["--ckpt", "{t}/zero.pt", *GRID], 1,
-     ["zero.pt", "not a readable checkpoint"]),
-    ("samples-not-divisible", ["--ckpt", CK, "--num-samples", "125", "--out", "{t}/new.npz"], 1,
-     ["not divisible"]),
-    ("latent-model-without-vae", ["--ckpt", "{t}/latent.pth", *GRID], 1, ["needs --vae"]),
-    ("class-out-of-range", ["--ckpt", CK, "--classes", "10", *GRID], 1, ["--classes", "0 to 9"]),
-    ("fid-missing", ["--ckpt", CK, *NPZ, "--fid", "{t}/empty"], 2, ["--fid", "no such file"]),
-    ("inception-missing", ["--ckpt", CK, *NPZ, "--fid", "{t}/ref.npz", "--inception",
-                           "{t}/empty"], 2, ["--inception", "no such file"]),
-]
-
-
-@table("argv, status, words", SAMPLE_REFUSALS)
-def test_sample_py_refuses(inputs, capsys, monkeypatch, argv, status, words):
-    monkeypatch.setattr(S, "generate", no_sampling)
-    line = assert_refused("sample.py", argv, status, words, inputs, capsys)
-    assert len(line) < 300, line
-
-
-# sample.py --fid: (id, argv, Inception a stand-in?, words); each exits 1 before the first
-# sample, with no weights in the cache and no download
-FID_FLAGS = ["--ckpt", CK, "--num-samples", "20", "--out", "{t}/new.npz", "--fid"]
-SAMPLE_FID_REFUSALS = [
-    ("unreadable-reference", [*FID_FLAGS, "{t}/junk.npz"], True,
-     ["error: --fid {t}/junk.npz: not a readable npz"]),
-    ("non-finite-reference", [*FID_FLAGS, "{t}/nan.npz"], True,
-     ["error: --fid {t}/nan.npz: ", "NaN"]),
-    ("another-networks-weights", [*FID_FLAGS, "{t}/ref.npz", "--inception", "{t}/vae.pth"], False,
-     ["error: --inception {t}/vae.pth does not fit"]),
-    ("no-weights-offline", [*FID_FLAGS, "{t}/ref.npz"], False,
-     ["error: --inception: no weights in", "download failed"]),
-]
-
-
-@table("argv, inception_stand_in, words", SAMPLE_FID_REFUSALS)
-def test_sample_py_refuses_fid_inputs(inputs, capsys, monkeypatch, tmp_path, argv,
-                                      inception_stand_in, words):
-    monkeypatch.setattr(S, "generate", no_sampling)
-    monkeypatch.setenv("AFM_CACHE", str(tmp_path / "cache"))
-
-    def offline(url, dst, *a, **kw):
-        raise OSError("network unreachable")
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    if inception_stand_in:
-        monkeypatch.setattr(fid, "load_inception", stand_in)
-    line = assert_refused("sample.py", argv, 1, words, inputs, capsys)
-    assert len(line) < 330, line
-
-
-# fid.py: the files are read and checked before the Inception loads, and it never runs over
-# images before the bad input is found (id, argv, exit status, words its line must hold)
-FID_REFUSALS = [
-    ("samples-not-an-npz", ["{t}/junk.npz", "{t}/s.npz"], 1,
-     ["error: samples {t}/junk.npz: ", "not a readable npz"]),
-    ("samples-missing", ["{t}/missing.npz", "{t}/s.npz"], 1,
-     ["error: samples {t}/missing.npz: ", "No such file"]),
-    ("cut-reference", ["{t}/s.npz", "{t}/trunc.npz"], 1,
-     ["error: ref {t}/trunc.npz: ", "not a readable npz"]),
-    ("reference-of-no-images", ["{t}/s.npz", "{t}/zero.npz"], 1,
-     ["error: ref {t}/zero.npz: ", "2 or more"]),
-    ("reference-of-one-image", ["{t}/s.npz", "{t}/one.npz"], 1, ["{t}/one.npz", "2 or more"]),
-    ("one-sample", ["{t}/one.npz", "{t}/s.npz"], 1, ["error: samples {t}/one.npz", "2 or more"]),
-    ("empty-reference-folder", ["{t}/s.npz", "{t}/empty"], 1, ["{t}/empty", "no images"]),
-    ("reference-without-adm-keys", ["{t}/s.npz", "{t}/nokeys.npz"], 1,
-     ["{t}/nokeys.npz", "found ['foo']"]),
-    ("non-finite-reference", ["{t}/s.npz", "{t}/nan.npz"], 1, ["{t}/nan.npz", "NaN"]),
-    # a corrupt image among the samples, the reference or the --make-ref images: refused by
-    # name, not skipped
-    ("truncated-image-in-samples", ["{t}/imgs_truncated", "{t}/s.npz"], 1,
-     ["error: samples {t}/imgs_truncated/2.png: ", "not a readable image"]),
-    ("junk-image-in-reference", ["{t}/s.npz", "{t}/imgs_junk"], 1,
-     ["error: ref {t}/imgs_junk/2.png: ", "not a readable image"]),
-    ("truncated-image-for-make-ref", ["--make-ref", "{t}/imgs_truncated", "--out", "{t}/r.npz"],
-     1, ["error: --make-ref {t}/imgs_truncated/2.png: "]),
-    # labels the reference has no images of: agreement 0 and diversity NaN, said to be fine
-    ("pixel-labels-above-the-classes", ["{t}/s99.npz", "--pixel-ref", "digits"], 1,
-     ["error: samples {t}/s99.npz: ", "arr_1", "0 to 9"]),
-    ("pixel-labels-negative", ["{t}/s-3.npz", "--pixel-ref", "digits"], 1, ["s-3.npz", "0 to 9"]),
-    ("pixel-ref-cut", ["{t}/s.npz", "--pixel-ref", "{t}/trunc.npz"], 1,
-     ["error: --pixel-ref {t}/trunc.npz: "]),
-    # --out: a new file in a folder that exists, and only with --make-ref
-    ("make-ref-into-a-missing-folder", ["--make-ref", "{t}/imgs", "--out", "{t}/nodir/ref.npz"],
-     1, ["error: --out {t}/nodir/ref.npz", "no folder"]),
-    ("make-ref-onto-a-file", ["--make-ref", "{t}/imgs", "--out", "{t}/precious.npz"], 1,
-     ["error: --out {t}/precious.npz", "exists"]),
-    ("out-without-make-ref", ["{t}/s.npz", "{t}/s.npz", "--out", "{t}/precious.npz"], 2, ["--out"]),
-    # files that are not the FID Inception weights: loaded, never run
-    ("inception-a-vae", ["{t}/s.npz", "{t}/s.npz", "--inception", "{t}/vae.pth"], 1,
-     ["error: --inception {t}/vae.pth does not fit"]),
-    ("inception-not-tensors", ["{t}/s.npz", "{t}/s.npz", "--inception", "{t}/plain.pth"], 1,
-     ["error: --inception {t}/plain.pth does not fit"]),
-    ("inception-misshapen", ["{t}/s.npz", "{t}/s.npz", "--inception", "{t}/wrong.pth"], 1,
-     ["error: --inception {t}/wrong.pth does not fit", "fc.weight"]),
-    ("inception-a-folder", ["{t}/s.npz", "{t}/s.npz", "--inception", "{t}/empty"], 1,
-     ["error: --inception {t}/empty"]),
-]
 
 
 @pytest.fixture
@@ -2977,7 +2345,7 @@ def inception_calls(monkeypatch):
         calls.append(path)
         if path:
             return load(path, device)
-        return InceptionStandIn((6, 4, 5))
+        return stand_in()
 
     def ran(*args, **kwargs):
         raise AssertionError("Inception ran before the bad input was found")
@@ -2986,10 +2354,54 @@ def inception_calls(monkeypatch):
     return calls
 
 
+# sample.py: refused before the first sample is drawn (--fid's reference and the --inception
+# weights read first)
+CK = "{t}/runs/000-T-2/checkpoints/0000002.pt"
+FID = ["--ckpt", CK, "--num-samples", "20", "--out", "{t}/new.npz", "--fid"]
+SAMPLE_REFUSALS = [
+    ("batch-size-0", ["--ckpt", CK, "--batch-size", "0", "--out", "{t}/g.png"], 2,
+     ["--batch-size"]),
+    ("unreadable-checkpoint", ["--ckpt", "{t}/trunc.pt", "--out", "{t}/g.png"], 1,
+     ["trunc.pt", "not a readable checkpoint"]),
+    ("unreadable-reference", [*FID, "{t}/junk.npz"], 1,
+     ["error: --fid {t}/junk.npz: not a readable npz"]),
+    ("non-finite-reference", [*FID, "{t}/nan.npz"], 1, ["error: --fid {t}/nan.npz: ", "NaN"]),
+    ("another-networks-weights", [*FID, "{t}/ref.npz", "--inception", "{t}/vae.pth"], 1,
+     ["error: --inception {t}/vae.pth does not fit"]),
+]
+
+
+@table("argv, status, words", SAMPLE_REFUSALS)
+def test_sample_py_refuses(inputs, capsys, monkeypatch, inception_calls, argv, status, words):
+    monkeypatch.setattr(S, "generate", no_sampling)
+    assert_refused("sample.py", argv, status, words, inputs, capsys)
+
+
+# fid.py: the files are read and checked before the Inception loads, and it never runs over
+# images before the bad input is found
+FID_REFUSALS = [
+    ("cut-reference", ["{t}/s.npz", "{t}/trunc.npz"], 1,
+     ["error: ref {t}/trunc.npz: ", "not a readable npz"]),
+    ("one-sample", ["{t}/one.npz", "{t}/s.npz"], 1, ["error: samples {t}/one.npz", "2 or more"]),
+    ("non-finite-reference", ["{t}/s.npz", "{t}/nan.npz"], 1, ["{t}/nan.npz", "NaN"]),
+    # a corrupt image is refused by name, not skipped
+    ("truncated-image-in-samples", ["{t}/imgs_truncated", "{t}/s.npz"], 1,
+     ["error: samples {t}/imgs_truncated/2.png: ", "not a readable image"]),
+    # labels the reference has no images of: agreement 0 and diversity NaN, said to be fine
+    ("pixel-labels-above-the-classes", ["{t}/s99.npz", "--pixel-ref", "digits"], 1,
+     ["error: samples {t}/s99.npz: ", "arr_1", "0 to 9"]),
+    ("make-ref-onto-a-file", ["--make-ref", "{t}/imgs", "--out", "{t}/precious.npz"], 1,
+     ["error: --out {t}/precious.npz", "exists"]),
+    ("make-ref-onto-a-folder", ["--make-ref", "{t}/imgs", "--out", "{t}/d.npz"], 1,
+     ["error: --out {t}/d.npz", "exists"]),
+    ("inception-a-vae", ["{t}/s.npz", "{t}/s.npz", "--inception", "{t}/vae.pth"], 1,
+     ["error: --inception {t}/vae.pth does not fit"]),
+]
+
+
 @table("argv, status, words", FID_REFUSALS)
-def test_fid_py_refuses(files, capsys, inception_calls, argv, status, words):
-    line = assert_refused("fid.py", argv, status, words, files, capsys)
-    assert len(line) < 300, line
+def test_fid_py_refuses(inputs, capsys, inception_calls, argv, status, words):
+    assert_refused("fid.py", argv, status, words, inputs, capsys)
     if "--inception" not in argv:  # the files are checked before the Inception loads
         assert inception_calls == []
 
@@ -2999,82 +2411,29 @@ CACHE = ["cache", "--data", "{t}/c/images", "--vae", "{t}/c/vae.pt"]
 DATASET_REFUSALS = [
     ("out-exists", [*CACHE, "--out", "{t}/c/cache"], 1, ["error: --out {t}/c/cache", "exists"]),
     ("out-a-file", [*CACHE, "--out", "{t}/afile"], 1, ["error: --out {t}/afile", "exists"]),
-    ("out-in-a-missing-folder", [*CACHE, "--out", "{t}/nodir/cache"], 1, ["--out", "no folder"]),
-    ("data-missing", ["cache", "--data", "{t}/missing", "--vae", "{t}/c/vae.pt", "--out",
-                      "{t}/new"], 1, ["error: --data {t}/missing: ", "no such file"]),
     ("data-a-cut-npz", ["cache", "--data", "{t}/trunc.npz", "--vae", "{t}/c/vae.pt", "--out",
                         "{t}/new"], 1, ["error: --data {t}/trunc.npz: ", "not a readable npz"]),
-    ("vae-missing", ["cache", "--data", "{t}/c/images", "--vae", "{t}/nothing.pt", "--out",
-                     "{t}/new"], 1, ["error: --vae {t}/nothing.pt: "]),
     ("batch-size-0", [*CACHE, "--out", "{t}/new", "--batch-size", "0"], 2, ["--batch-size"]),
-    ("image-size-0", [*CACHE, "--out", "{t}/new", "--image-size", "0"], 2, ["--image-size"]),
 ]
 
 
 @table("argv, status, words", DATASET_REFUSALS)
-def test_dataset_py_refuses(files, capsys, argv, status, words):
-    line = assert_refused("dataset.py", argv, status, words, files, capsys)
-    assert len(line) < 300, line
+def test_dataset_py_refuses(inputs, capsys, argv, status, words):
+    assert_refused("dataset.py", argv, status, words, inputs, capsys)
 
 
-# npz files whose labels (arr_1) or bytes cannot be read: (id, arr_1 or the file's bytes,
-# words). One reader, ArrayImages, serves training and the cache builder.
-N_IMAGES = 4
-BAD_NPZ = [
-    ("negative-label", np.array([0, -3, 1, 2]), ["arr_1", "integer labels >= 0"]),
-    ("float-labels", np.zeros(N_IMAGES, np.float32), ["arr_1", "integer labels", "float32"]),
-    ("a-label-short", np.arange(N_IMAGES - 1), ["arr_1", f"{N_IMAGES} integer labels", "(3,)"]),
-    ("zero-bytes", b"", ["not a readable npz"]),
-]
-
-
-@table("content, words", BAD_NPZ)
-def test_bad_npz_files_are_refused_in_one_line(tmp_path, capsys, content, words):
-    """Training's reader and `dataset.py cache` refuse at once, in one line naming the file."""
-    path = tmp_path / "bad.npz"
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    else:
-        np.savez(path, arr_0=np.zeros((N_IMAGES, 8, 8, 3), np.uint8), arr_1=content)
-    with pytest.raises(SystemExit) as e:
-        DS.build_dataset(str(path))
-    one_line(e.value.code, f"error: --data {path}: ", *words)
-    argv = ["cache", "--data", path, "--vae", tmp_path / "vae.pt", "--out", tmp_path / "cache"]
-    code, line = refused("dataset.py", argv, capsys)
-    assert code == 1 and line == e.value.code and not (tmp_path / "cache").exists()
-
-
-def test_16_bit_pngs_are_scaled_to_8_bits(tmp_path):
-    """A 16-bit grayscale PNG (PIL mode "I;16" or "I") was read as pure white: PIL clips it at
-    255. It is scaled, 65535 -> 255, as an 8-bit image of the same shades."""
-    root = tmp_path / "gray16"
-    root.mkdir()
-    for value in (0, 257 * 100, 65535):
-        img = Image.fromarray(np.full((8, 8), value, np.uint16))
-        img.save(root / f"{value:05d}.png")
-        with Image.open(root / f"{value:05d}.png") as back:
-            assert back.mode in ("I;16", "I"), back.mode
-    ds = DS.ImageFolder(str(root), 8, flip=False)
-    shades = [np.unique(ds.load(i)).tolist() for i in range(len(ds))]
-    assert shades == [[0], [100], [255]], shades
-
-
-# The same refusals from real processes: the exit status and one stderr line, no traceback,
-# within seconds; no Inception weights in the cache, so nothing is downloaded
+# One refusal per script from a real process: the exit status and one stderr line, no
+# traceback; no Inception weights in the cache, so nothing is downloaded
 PROCESS_REFUSALS = [
-    ("train.py", "train.py", ["--resume", "{t}/garbage.pkl"], 1,
-     ["garbage.pkl", "not a readable checkpoint"]),
-    ("sample.py", "sample.py", ["--ckpt", CK, "--batch-size", "0"], 2, ["--batch-size"]),
-    ("fid.py", "fid.py", ["{t}/s.npz", "{t}/zero.npz"], 1, ["error: ref {t}/zero.npz: "]),
-    ("fid.py-weights", "fid.py",
-     ["--make-ref", "{t}/s.npz", "--out", "{t}/r.npz", "--inception", "{t}/vae.pth"], 1,
-     ["error: --inception {t}/vae.pth does not fit"]),
-    ("dataset.py", "dataset.py", ["cache", "--data", "{t}/c/images", "--vae", "{t}/c/vae.pt",
-                                  "--out", "{t}/c/cache"], 1, ["error: --out {t}/c/cache"]),
+    ("train.py", ["--resume", "{t}/trunc.pt"], 1, ["trunc.pt", "not a readable checkpoint"]),
+    ("sample.py", ["--ckpt", CK, "--batch-size", "0"], 2, ["--batch-size"]),
+    ("fid.py", ["{t}/s.npz", "{t}/one.npz"], 1, ["error: ref {t}/one.npz: "]),
+    ("dataset.py", [*CACHE, "--out", "{t}/c/cache"], 1, ["error: --out {t}/c/cache"]),
 ]
 
 
-@table("script, argv, status, words", PROCESS_REFUSALS)
+@pytest.mark.parametrize("script, argv, status, words", PROCESS_REFUSALS,
+                         ids=[row[0] for row in PROCESS_REFUSALS])
 def test_refusals_as_processes(inputs, tmp_path, script, argv, status, words):
     before = snapshot(inputs["t"])
     env = dict(ENV, AFM_CACHE=str(tmp_path / "cache"))
@@ -3085,43 +2444,31 @@ def test_refusals_as_processes(inputs, tmp_path, script, argv, status, words):
     assert snapshot(inputs["t"]) == before
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Three 2-step runs, the first deleted, a stray file, then a 4-step run: (results folder,
-    its files before the 4-step run)."""
-    results = tmp_path_factory.mktemp("runs")
-    for _ in range(3):
-        train_here(results, "--max-steps", "2")
-    assert sorted(os.listdir(results)) == ["000-T-2", "001-T-2", "002-T-2"]
-    shutil.rmtree(results / "000-T-2")
-    (results / "notes.txt").write_text("a stray file")
-    kept = snapshot(results)
-    train_here(results, "--max-steps", "4")
-    return results, kept
-
-
-def test_runs_never_collide(runs):
-    """The next run takes a new index (never a deleted run's) and the other folders stay
+def test_runs_never_collide(tmp_path):
+    """The next run takes a new index (never a deleted run's) and the other files stay
     byte-identical."""
-    results, kept = runs
-    assert sorted(os.listdir(results)) == ["001-T-2", "002-T-2", "003-T-2", "notes.txt"]
-    assert {k: v for k, v in snapshot(results).items() if "003-T-2" not in k} == kept
-
+    for _ in range(2):
+        train_here(tmp_path, "--max-steps", "2")
+    shutil.rmtree(tmp_path / "000-T-2")
+    (tmp_path / "notes.txt").write_text("a stray file")
+    kept = snapshot(tmp_path)
+    train_here(tmp_path, "--max-steps", "2")
+    assert sorted(os.listdir(tmp_path)) == ["001-T-2", "002-T-2", "notes.txt"]
+    assert {k: v for k, v in snapshot(tmp_path).items() if "002-T-2" not in k} == kept
 
 
 # --------------------------------------------------------------------------------------
-# Continuous AFM (CAFM)
+# 11. Continuous AFM (CAFM)
 # --------------------------------------------------------------------------------------
-# fixtures/cafm.pt holds tiny random networks and their numbers, made with the release's CAFM
-# (arXiv 2604.11521; ByteDance-Seed/Adversarial-Flow-Models, commit 519601d:
-# models/cafm/sit/{generator,discriminator}.py, models/cafm/jvp/discriminator.py and
+# fixtures/cafm.pt: tiny random networks and their numbers, made with the release's CAFM (arXiv
+# 2604.11521; ByteDance-Seed/Adversarial-Flow-Models at 519601d, models/cafm/ and
 # train_continuous_adversarial_flow_imagenet.py's training_step) over SiT's models.py
-# (willisma/SiT): a SiT generator, the CAFM discriminator, their outputs and JVPs, and one D step
-# and one G step with every gradient. Its `about` key documents every entry.
+# (willisma/SiT): outputs, JVPs, one D and one G step with every gradient (see its `about` key).
 
 # Tolerance, relative to the reference's largest magnitude, for every output, loss, log and
 # gradient. Measured with this code: 2e-7 to 1.1e-6 (the largest: a D gradient). Each wrong
-# detail tried is 10^3 to 10^6 times larger: see test_cafm_wrong_details_are_caught.
+# detail tried (time not flipped, DiT's t x 1000, no sign flip, LayerNorm, RMSNorm's eps) is
+# 10^3 to 10^6 times larger.
 CAFM_TOL = 1e-5
 
 # the release's log names -> ours (AdversarialFlowLoss's style)
@@ -3136,17 +2483,14 @@ def cafm_error(out, ref):
     return ((out - ref).abs().max() / ref.abs().max()).item()
 
 
-def cafm_networks(fx, **changes):
+def cafm_networks(fx):
     """The fixture's SiT generator and CAFM discriminator, as our Generator and Discriminator
-    with SiT's conventions, weights loaded strictly. `changes` replaces constructor keywords."""
-    c = fx["config"]
+    with SiT's conventions, weights loaded strictly."""
     names = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads",
              "mlp_ratio", "num_classes", "learn_sigma")
-    kw = {k: c[k] for k in names}
-    kw["sit_time"] = True
-    kw.update(changes)
-    G = M.Generator(**kw, use_t_src=True)
-    D = M.Discriminator(**{"norm": "rms", **kw}, use_t=True)
+    kw = {k: fx["config"][k] for k in names}
+    G = M.Generator(**kw, sit_time=True, use_t_src=True)
+    D = M.Discriminator(**kw, sit_time=True, norm="rms", use_t=True)
     G.load_state_dict(fx["sit_state"], strict=True)
     D.load_state_dict(fx["dis_state"], strict=True)
     return G, D
@@ -3162,9 +2506,10 @@ def cafm_loss(fx, step_inputs):
     return loss
 
 
-def cafm_step(fx, G, D, kind):
-    """One D step ("d") or G step ("g") on the fixture's batch: (loss, logs, grads by name)."""
-    si = fx["step_inputs"]
+def cafm_step_errors(fx, G, D, kind):
+    """One D step ("d") or G step ("g") on the fixture's batch, as relative errors against the
+    fixture: {"loss": e, log name: e, param: e}."""
+    si, ref = fx["step_inputs"], fx[f"{kind}_step"]
     loss = cafm_loss(fx, si)
     if kind == "d":
         value, logs = loss.d_loss(G, A.FlowDerivative(D), si["latents"], si["labels"], 1)
@@ -3178,13 +2523,6 @@ def cafm_step(fx, G, D, kind):
         for name, p in net.named_parameters():
             if p.grad is not None:
                 grads[prefix + name] = p.grad
-    return value, logs, grads
-
-
-def cafm_step_errors(fx, G, D, kind):
-    """Relative errors of one step against the fixture: {"loss": e, log name: e, param: e}."""
-    ref = fx[f"{kind}_step"]
-    value, logs, grads = cafm_step(fx, G, D, kind)
     # Only the network that learns gets gradients: G runs without grad in the D step, and D is
     # frozen in the G step.
     owner = {"d": "D.", "g": "G."}[kind]
@@ -3198,10 +2536,8 @@ def cafm_step_errors(fx, G, D, kind):
 
 
 def test_cafm_weights_load_strictly():
-    """The fixture's SiT state loads strictly into our Generator with SiT's conventions and its
-    CAFM discriminator into our Discriminator (equal key sets); the discriminator starts from
-    the SiT state as the release's does (strict=False, only dis_embed and final_layer.1.weight
-    new), and a state dict of another kind is a one-line error."""
+    """The fixture's SiT and CAFM states load strictly (equal key sets); the discriminator starts
+    from the SiT state as the release's does (only dis_embed and final_layer.1.weight new)."""
     fx = fixture("cafm.pt")
     G, D = cafm_networks(fx)
     assert set(G.state_dict()) == set(fx["sit_state"])
@@ -3214,17 +2550,12 @@ def test_cafm_weights_load_strictly():
             assert torch.equal(v, before[k]), k
         else:
             assert torch.equal(v, fx["sit_state"][k]), k
-    with pytest.raises(ValueError, match="not a flow model's state dict") as e:
-        M.discriminator_from_flow(fresh, {**fx["sit_state"], "extra.weight": torch.zeros(1)})
-    assert "\n" not in str(e.value)
 
 
 def test_cafm_real_size_keys_sit_xl2():
-    """At XL/2 (meta device, no memory): the SiT-convention generator has SiT-XL-2-256.pt's
-    layout, which is DiT's with learn_sigma (the AFM release's XL/2 generator with t_src, here
-    read from fixtures/release_keys.txt, with 2C output channels and the null class row; 675M
-    parameters as SiT's paper); CAFM's discriminator has the AFM release's XL/2 discriminator
-    layout (with the null row), and starts from the SiT state."""
+    """At XL/2 (meta device): the SiT-convention generator has SiT-XL-2-256.pt's layout (the AFM
+    release's XL/2 generator with t_src, 2C output channels and a null row; 675M parameters as
+    DiT's and SiT's papers); CAFM's discriminator the release's XL/2 one with the null row."""
     sections = release_keys()
     sit = dict(sections["Generator XL/2 use_t_src=True use_t_tgt=True"])
     for k in [k for k in sit if k.startswith("t_tgt_embedder.")]:
@@ -3269,56 +2600,14 @@ def test_cafm_jvp_single_and_paired_match():
     assert cafm_error(d, fx["d"].expand(2, -1)) <= CAFM_TOL
 
 
-def test_cafm_d_step_matches():
-    """One discriminator step of the release's training_step: loss, the five logs and every D
-    gradient; G gets none."""
+@pytest.mark.parametrize("kind", ["d", "g"])
+def test_cafm_step_matches(kind):
+    """One step of the release's training_step, D's (G gets no gradient) or G's (D frozen,
+    gradients through D's JVP into G): loss, logs and every gradient (measured: 1.1e-6, 4.4e-7)."""
     fx = fixture("cafm.pt")
-    errors = cafm_step_errors(fx, *cafm_networks(fx), "d")
+    errors = cafm_step_errors(fx, *cafm_networks(fx), kind)
     worst = max(errors, key=errors.get)
-    assert errors[worst] <= CAFM_TOL, (worst, errors[worst])  # measured 1.1e-6
-
-
-def test_cafm_g_step_matches():
-    """One generator step (D frozen, gradients through D's JVP into G): loss, the three logs
-    and every G gradient; D gets none."""
-    fx = fixture("cafm.pt")
-    errors = cafm_step_errors(fx, *cafm_networks(fx), "g")
-    worst = max(errors, key=errors.get)
-    assert errors[worst] <= CAFM_TOL, (worst, errors[worst])  # measured 4.4e-7
-
-
-def test_cafm_wrong_details_are_caught():
-    """The tolerance is far below what a wrong detail gives. Largest relative error over v, D,
-    the JVP, the D step and the G step (measured when this was written; the correct code:
-    1.1e-6): G's time not flipped 5e-3 (v), D's 0.31 (JVP); DiT's t x 1000 1.3e3 (JVP); no sign
-    flip 2.0 (v); LayerNorm instead of RMSNorm in D 0.5 (JVP); RMSNorm eps 1e-5 1.4e-3 (D step)."""
-    fx = fixture("cafm.pt")
-    x, y, t = fx["x"], fx["y"], fx["t"]
-
-    G, D = cafm_networks(fx)
-    G.embed_time = lambda t: t  # SiT's time not flipped
-    D.embed_time = lambda t: t
-    with torch.no_grad():
-        assert cafm_error(G(x, y, t, t), fx["v"]) > 100 * CAFM_TOL
-    assert cafm_error(A.flow_derivative(D, x, y, t, fx["dx"])[1], fx["jvp"]) > 100 * CAFM_TOL
-
-    G, D = cafm_networks(fx)
-    D.embed_time = lambda t: (1 - t) * 1000  # DiT's scale
-    assert cafm_error(A.flow_derivative(D, x, y, t, fx["dx"])[1], fx["jvp"]) > 100 * CAFM_TOL
-
-    G, D = cafm_networks(fx)
-    with torch.no_grad():
-        assert cafm_error(-G(x, y, t, t), fx["v"]) > 100 * CAFM_TOL  # the sign not flipped
-
-    _, D = cafm_networks(fx, norm="layer")
-    assert cafm_error(A.flow_derivative(D, x, y, t, fx["dx"])[1], fx["jvp"]) > 100 * CAFM_TOL
-
-    G, D = cafm_networks(fx)
-    for m in D.modules():
-        if isinstance(m, nn.RMSNorm):
-            m.eps = 1e-5
-    errors = cafm_step_errors(fx, G, D, "d")
-    assert max(errors.values()) > 100 * CAFM_TOL
+    assert errors[worst] <= CAFM_TOL, (worst, errors[worst])
 
 
 def cafm_ddp_worker(rank, port, out):
@@ -3354,11 +2643,8 @@ def test_cafm_under_ddp_two_processes(tmp_path):
     """The JVP under DDP, as the release runs it: two processes with half the fixture's batch
     each average to the fixture's gradients (every loss term is a mean over equal halves)."""
     fx = fixture("cafm.pt")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     out = str(tmp_path / "grads.pt")
-    torch.multiprocessing.spawn(cafm_ddp_worker, args=(port, out), nprocs=2)
+    spawn_two(cafm_ddp_worker, out)
     grads = torch.load(out, weights_only=True)
     for kind in ("d", "g"):
         ref = fx[f"{kind}_step"]["grads"]
@@ -3369,8 +2655,7 @@ def test_cafm_under_ddp_two_processes(tmp_path):
 
 def test_cafm_schedule():
     """The release's is_dis_step: steps up to `warmup` train D; after it, of every 1 + N steps,
-    N train D and one trains G. The fixture's G step was step 16 (N 16, warmup 0), its D step
-    step 1."""
+    N train D and one trains G (the fixture's G step was step 16, its D step step 1)."""
     assert A.cafm_is_g_step(16, 16, 0) and not A.cafm_is_g_step(1, 16, 0)
     g_steps = [s for s in range(10_000 + 3 * 17 + 1) if A.cafm_is_g_step(s, 16, 10_000)]
     assert g_steps == [10_012, 10_029, 10_046]  # 10_012 = 588 * 17 + 16
@@ -3429,24 +2714,10 @@ def test_cafm_loss_by_hand_and_class_dropout():
     assert w.grad is not None and w.grad.abs().sum() > 0
 
 
-def test_gradnorm_state_follows_the_gradient_device():
-    """afm.py lifts into any trainer: the gradient normalization's running scale moves to the
-    gradient's device by itself (here the meta device stands for a GPU), keeping its name and
-    dtype in the state dict."""
-    loss = A.AdversarialFlowLoss()
-    assert {k: (v.dtype, v.shape) for k, v in loss.state_dict().items()} == {
-        "square_avg": (torch.float32, torch.Size([]))}
-    x = torch.ones(4, 3, device="meta", requires_grad=True)
-    loss.gradnorm(x).sum().backward()
-    assert loss.gradnorm.square_avg.device.type == "meta"
-    assert loss.state_dict()["square_avg"].dtype == torch.float32
-
-
 def test_cafm_toy_sends_noise_to_the_right_modes():
     """toy.py's CAFM toy (the release's continuous_adversarial_flow_models.ipynb, scaled to a
-    CPU): trained from scratch, its 64-step Euler map sends noise to the mode the monotone map
-    does (measured: 2.3% misassigned, RMS 0.265 from the exact map; the untrained start: 17.6%,
-    RMS 0.39). The modes stay wider than the data's at this budget: RMS is not near zero."""
+    CPU): its 64-step Euler map sends noise to the monotone map's mode (measured: 2.3% wrong,
+    RMS 0.265; the untrained start: 17.6%, RMS 0.39; the modes stay wider than the data's)."""
     with one_thread():
         torch.manual_seed(0)  # the start train_toy_cafm draws with its seed 0
         start = toy.map_error(toy.ToyNet(use_t=True), 64, "v", n=5000)
@@ -3458,7 +2729,7 @@ def test_cafm_toy_sends_noise_to_the_right_modes():
 
 
 # --------------------------------------------------------------------------------------
-# Sampling flow and CAFM checkpoints
+# 12. Sampling flow and CAFM checkpoints
 # --------------------------------------------------------------------------------------
 
 
@@ -3479,10 +2750,9 @@ class LabelVelocity(nn.Module):
 
 
 def test_generate_with_cfg_is_the_guidance_formula():
-    """afm.generate's classifier-free guidance: each evaluation is one call on the batch and its
-    null-label copy, and steps with v_null + s (v_cond - v_null), by hand here for one Euler
-    step and one Heun interval; cfg_channels 3 guides channels 0-2 and keeps channel 3
-    conditional (SiT's forward_with_cfg); cfg 1 is the unguided sampler."""
+    """afm.generate's classifier-free guidance: one call on the batch and its null-label copy,
+    v_null + s (v_cond - v_null) by hand for an Euler step and a Heun interval; cfg_channels 3
+    keeps channel 3 conditional (SiT's forward_with_cfg); cfg 1 is the unguided sampler."""
     G = LabelVelocity()
     z = torch.randn(3, 4, 2, 2)
     y = torch.tensor([0, 4, 9])
@@ -3521,7 +2791,7 @@ def sit_layout_file(path, seed=0):
 def test_sample_py_recognises_a_sit_file_and_guides_it(tmp_path):
     """A SiT-layout file (SiT-XL-2-256.pt, the release's CAFM checkpoints) is a velocity network
     with SiT's time and a null class, sampled by default with Heun at 250 NFE; sample.py's npz
-    with and without --cfg, Euler or Heun, are afm.generate's samples decoded by the VAE."""
+    with and without --cfg are afm.generate's samples decoded by the VAE."""
     f = tmp_path / "sit.pt"
     G = sit_layout_file(f)
     L, how = S.load_generator(str(f))
@@ -3531,14 +2801,10 @@ def test_sample_py_recognises_a_sit_file_and_guides_it(tmp_path):
     z, y, t = torch.randn(4, 4, 4, 4), torch.tensor([0, 3, 9, 10]), torch.rand(4)
     with torch.no_grad():
         assert torch.equal(G(z, y, t, t), L(z, y, t, t))
-    torch.manual_seed(0)
-    vae = V.AutoencoderKL(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8)
-    torch.save(vae.state_dict(), tmp_path / "vae.pt")
-    vae = V.load_vae(str(tmp_path / "vae.pt"))
+    vae = V.load_vae(tiny_vae_file(tmp_path / "vae.pt"))
     perm = np.random.RandomState(42).permutation(10)
     runs = {  # name: (flags, solver, steps, guidance)
         "heun": ([], "heun", 4, {}),
-        "euler": (["--solver", "euler"], "euler", 3, {}),
         "heun-cfg": (["--cfg", 2], "heun", 4, dict(cfg=2.0, null=10)),
         "euler-cfg3": (["--solver", "euler", "--cfg", 2, "--cfg-channels", 3], "euler", 3,
                        dict(cfg=2.0, null=10, cfg_channels=3)),
@@ -3553,37 +2819,15 @@ def test_sample_py_recognises_a_sit_file_and_guides_it(tmp_path):
                                 **guidance)
         np.testing.assert_array_equal(files[name], want[perm])
     assert (files["heun"] != files["heun-cfg"]).any()
-    assert (files["euler"] != files["euler-cfg3"]).any()
 
 
-def test_sample_py_refuses_guidance_it_cannot_give(tmp_path, capsys):
-    """--cfg needs a velocity model with a null class: else one line naming the file, before
-    any sample."""
-    afm, bare = tmp_path / "afm.pt", tmp_path / "v.pth"
-    tiny_checkpoint(afm)  # our 1-NFE AFM generator: x-prediction
-    bare_generator(bare, use_t_src=True)  # a velocity network without a null row
-    for ckpt in (afm, bare):
-        status, line = refused("sample.py", ["--ckpt", ckpt, "--cfg", 2, "--out",
-                                             tmp_path / "g.png"], capsys)
-        assert status == 1 and str(ckpt) in line and "class dropout (a null class)" in line
-    assert not (tmp_path / "g.png").exists()
-
-
-def test_sample_py_reads_flow_matching_and_cafm_runs(tmp_path):
-    """train.py's flow-matching and CAFM runs are velocity networks sampled as their args say
-    (NFE, solver), with the null class of their class dropout; a CAFM run started from SiT's
-    file keeps SiT's head and time. A real fm-digits run samples with --cfg."""
-    G = randomize(M.Generator(**M.models["T/2"], input_size=8, in_channels=1, num_classes=11,
-                              use_t_src=True))
-    args = {**T.RECIPES["cafm-digits"], "recipe": "cafm-digits", "sample_steps": 8, "vae": None}
-    sd = G.state_dict()
-    torch.save({"args": args, "model": sd, "ema": sd, "step": 3}, tmp_path / "cafm.pt")
-    L, how = S.load_generator(str(tmp_path / "cafm.pt"))
-    want = dict(flow=True, steps=8, solver="euler", pred="v", classes=10, null=10)
-    assert {k: how[k] for k in want} == want
+def test_sample_py_reads_a_cafm_run_from_sit(tmp_path):
+    """A CAFM run started from SiT's file keeps SiT's head and time and is sampled as its args
+    say (the solver; --steps wins over its NFE), with the null class of its class dropout."""
     sit = sit_layout_file(tmp_path / "sit.pt")
     sd = sit.state_dict()
-    args = dict(args, recipe="cafm", sit_time=True, sample_steps=256, sample_solver="heun")
+    args = {**T.RECIPES["cafm-digits"], "recipe": "cafm", "sit_time": True, "sample_steps": 256,
+            "sample_solver": "heun", "vae": None}
     torch.save({"args": args, "model": sd, "ema": sd, "step": 5}, tmp_path / "cafm-sit.pt")
     L, how = S.load_generator(str(tmp_path / "cafm-sit.pt"), steps=4)
     want = dict(flow=True, steps=4, solver="heun", classes=10, null=10)
@@ -3591,8 +2835,3 @@ def test_sample_py_reads_flow_matching_and_cafm_runs(tmp_path):
     z, y, t = torch.randn(4, 4, 4, 4), torch.tensor([0, 3, 9, 10]), torch.rand(4)
     with torch.no_grad():
         assert torch.equal(sit(z, y, t, t), L(z, y, t, t))
-    train(tmp_path, "--recipe", "fm-digits", "--max-steps", "2")
-    r = run("sample.py", "--ckpt", tmp_path / "000-fm-T-2", "--steps", 4, "--cfg", 3,
-            "--per-class", 2, "--out", tmp_path / "g.png")
-    assert "4 step(s), pred v, euler, cfg 3;" in r.stdout, r.stdout
-    assert (tmp_path / "g.png").exists()
